@@ -1,0 +1,338 @@
+"""The framebroker wire format: the only module that knows how bytes look on the wire.
+
+Every message is a ZeroMQ multipart message. On PUB/SUB it is
+``[topic, header, payload]``, everywhere else ``[header, payload]``. The header is a
+fixed 72-byte little-endian struct followed by the UTF-8 stream name; the payload is
+the raw C-order pixel buffer (empty for end-of-stream). ``docs/protocol.md`` is the
+language-neutral description of the same layout and must change with this file.
+
+Nothing here unpickles, evals or allocates from an unvalidated header: sizes are
+checked against the payload that already arrived and against ``max_bytes`` before
+any array is made, and the array is a read-only view of the received buffer.
+"""
+from __future__ import annotations
+
+import enum
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+MAGIC = b"FBRK"
+VERSION = 1
+MAX_DIMS = 4
+MAX_NAME = 255
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+#: magic, version, kind, dtype, ndim, frame_id, timestamp_ns, session,
+#: shape[4], worker_id, output, name_len, flags, total, compute_ns
+_FIXED = struct.Struct("<4sBBBBQQQ4IIBBHQQ")
+HEADER_SIZE = _FIXED.size  # 72
+
+
+class Kind(enum.IntEnum):
+    """What a message is; the second byte after the magic."""
+
+    FRAME = 1
+    END = 2
+    RESULT = 3
+
+
+class Output(enum.IntEnum):
+    """What a RESULT payload holds (see the FFT worker)."""
+
+    NONE = 0
+    SPECTRUM = 1
+    MAGNITUDE = 2
+    RADIAL = 3
+    PEAK = 4
+
+
+#: wire code -> numpy dtype; always little-endian on the wire.
+DTYPES: dict[int, np.dtype] = {
+    1: np.dtype("<u1"),
+    2: np.dtype("<u2"),
+    3: np.dtype("<u4"),
+    4: np.dtype("<u8"),
+    5: np.dtype("<i1"),
+    6: np.dtype("<i2"),
+    7: np.dtype("<i4"),
+    8: np.dtype("<i8"),
+    9: np.dtype("<f4"),
+    10: np.dtype("<f8"),
+    11: np.dtype("<c8"),
+    12: np.dtype("<c16"),
+}
+_CODES: dict[np.dtype, int] = {dt: code for code, dt in DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format. Subclasses say which rule broke."""
+
+    #: short stable name used as the key in reject counters
+    reason = "protocol"
+
+
+class BadPartCount(ProtocolError):
+    reason = "part_count"
+
+
+class TruncatedHeader(ProtocolError):
+    reason = "truncated_header"
+
+
+class BadMagic(ProtocolError):
+    reason = "bad_magic"
+
+
+class UnsupportedVersion(ProtocolError):
+    reason = "unsupported_version"
+
+
+class UnknownKind(ProtocolError):
+    reason = "unknown_kind"
+
+
+class UnknownDtype(ProtocolError):
+    reason = "unknown_dtype"
+
+
+class BadShape(ProtocolError):
+    reason = "bad_shape"
+
+
+class FrameTooLarge(ProtocolError):
+    reason = "too_large"
+
+
+class PayloadSizeMismatch(ProtocolError):
+    reason = "payload_size"
+
+
+class BadStreamName(ProtocolError):
+    reason = "bad_stream_name"
+
+
+class TopicMismatch(ProtocolError):
+    reason = "topic_mismatch"
+
+
+class BadControlMessage(ProtocolError):
+    reason = "bad_control"
+
+
+def dtype_code(dtype: Any) -> int:
+    """Wire code of a dtype; raises UnknownDtype for anything off the allow-list."""
+    dt = np.dtype(dtype)
+    code = _CODES.get(dt.newbyteorder("<") if dt.byteorder == ">" else dt)
+    if code is None:
+        raise UnknownDtype(f"dtype {np.dtype(dtype)} is not supported on the wire; "
+                           f"allowed: {', '.join(str(d) for d in DTYPES.values())}")
+    return code
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Decoded header. ``shape``/``dtype`` describe the payload; END has shape ()."""
+
+    kind: Kind
+    stream: str
+    frame_id: int
+    timestamp_ns: int
+    dtype: np.dtype = field(default_factory=lambda: np.dtype("u1"))
+    shape: tuple[int, ...] = ()
+    session: int = 0
+    worker_id: int = 0
+    output: Output = Output.NONE
+    total: int = 0
+    compute_ns: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size this header declares."""
+        return math.prod(self.shape) * self.dtype.itemsize if self.shape else 0
+
+
+def encode_header(h: Header) -> bytes:
+    """Pack a header. Raises ProtocolError for values the format cannot carry."""
+    name = h.stream.encode("utf-8")
+    if not 1 <= len(name) <= MAX_NAME:
+        raise BadStreamName(f"stream name must be 1-{MAX_NAME} UTF-8 bytes, got {len(name)}")
+    if h.kind == Kind.END:
+        code, dims = 0, ()
+    else:
+        code, dims = dtype_code(h.dtype), tuple(int(d) for d in h.shape)
+        _check_dims(dims)
+    shape4 = dims + (0,) * (MAX_DIMS - len(dims))
+    return _FIXED.pack(MAGIC, VERSION, int(h.kind), code, len(dims), h.frame_id,
+                       h.timestamp_ns, h.session, *shape4, h.worker_id, int(h.output),
+                       len(name), 0, h.total, h.compute_ns) + name
+
+
+def _check_dims(dims: tuple[int, ...]) -> None:
+    if not 1 <= len(dims) <= MAX_DIMS:
+        raise BadShape(f"frames have 1-{MAX_DIMS} dimensions, got {len(dims)}")
+    if any(d < 1 or d >= 2**32 for d in dims):
+        raise BadShape(f"every dimension must be 1..2^32-1, got {dims}")
+
+
+def decode_header(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -> Header:
+    """Unpack and validate a header (everything except the payload length)."""
+    n = len(buf)
+    if n < HEADER_SIZE:
+        raise TruncatedHeader(f"header is {n} bytes, the fixed part alone is {HEADER_SIZE}")
+    (magic, version, kind, code, ndim, frame_id, ts, session, s0, s1, s2, s3, worker,
+     output, name_len, _flags, total, compute_ns) = _FIXED.unpack_from(buf)
+    if magic != MAGIC:
+        raise BadMagic(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported (this is {VERSION})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise UnknownKind(f"unknown message kind {kind}") from None
+    if n != HEADER_SIZE + name_len or name_len == 0:
+        raise TruncatedHeader(f"header is {n} bytes but declares a {name_len}-byte stream "
+                              f"name (expected {HEADER_SIZE + name_len}, name at least 1 byte)")
+    try:
+        stream = bytes(buf[HEADER_SIZE:]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadStreamName(f"stream name is not UTF-8: {exc}") from None
+    try:
+        output = Output(output)
+    except ValueError:
+        raise UnknownKind(f"unknown result output code {output}") from None
+    shape4 = (s0, s1, s2, s3)
+    if kind == Kind.END:
+        if ndim != 0:
+            raise BadShape(f"end-of-stream must declare 0 dimensions, got {ndim}")
+        return Header(kind, stream, frame_id, ts, session=session, total=total)
+    dtype = DTYPES.get(code)
+    if dtype is None:
+        raise UnknownDtype(f"unknown dtype code {code}; known codes 1-{len(DTYPES)}")
+    if not 1 <= ndim <= MAX_DIMS:
+        raise BadShape(f"frames have 1-{MAX_DIMS} dimensions, got {ndim}")
+    dims = shape4[:ndim]
+    if any(d == 0 for d in dims) or any(shape4[ndim:]):
+        raise BadShape(f"shape {shape4} does not fit ndim={ndim} (dims must be >= 1, unused 0)")
+    nbytes = math.prod(dims) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise FrameTooLarge(f"declared frame of {nbytes} bytes ({dims} {dtype}) exceeds the "
+                            f"limit of {max_bytes} bytes")
+    return Header(kind, stream, frame_id, ts, dtype, dims, session, worker, output, total,
+                  compute_ns)
+
+
+def _nbytes(part: Any) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
+
+
+def _buffer(part: Any) -> Any:
+    """The bytes of a received part without copying (zmq.Frame, bytes or memoryview)."""
+    return getattr(part, "buffer", part)
+
+
+def decode(parts: Sequence[Any], *, topic: bool = False,
+           max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[Header, np.ndarray | None]:
+    """Validate a received multipart message and view its payload as a read-only array.
+
+    ``parts`` are ``zmq.Frame`` objects (from ``recv_multipart(copy=False)``) or bytes.
+    Returns ``(header, array)``; the array is None for end-of-stream. The array shares
+    memory with the received message and is read-only: copy it to keep or modify it.
+    """
+    expected = 3 if topic else 2
+    if len(parts) != expected:
+        raise BadPartCount(f"expected {expected} parts "
+                           f"({'[topic, header, payload]' if topic else '[header, payload]'}), "
+                           f"got {len(parts)}")
+    if topic:
+        parts = parts[1:]
+    hbuf = _buffer(parts[0])
+    if _nbytes(hbuf) > HEADER_SIZE + MAX_NAME:
+        raise TruncatedHeader(f"header is {_nbytes(hbuf)} bytes, at most "
+                              f"{HEADER_SIZE + MAX_NAME} are allowed")
+    header = decode_header(bytes(hbuf), max_bytes)
+    payload = _buffer(parts[1])
+    size = _nbytes(payload)
+    if size != header.nbytes:
+        raise PayloadSizeMismatch(f"payload is {size} bytes, header declares {header.nbytes} "
+                                  f"({header.shape} {header.dtype})")
+    if header.kind == Kind.END:
+        return header, None
+    array = np.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
+    if array.flags.writeable:
+        array.flags.writeable = False
+    return header, array
+
+
+def decode_topic(parts: Sequence[Any], max_bytes: int = DEFAULT_MAX_BYTES
+                 ) -> tuple[Header, np.ndarray | None]:
+    """``decode`` for PUB/SUB messages; also checks that the topic is the stream name."""
+    header, array = decode(parts, topic=True, max_bytes=max_bytes)
+    if bytes(_buffer(parts[0])) != header.stream.encode("utf-8"):
+        raise TopicMismatch(f"topic {bytes(_buffer(parts[0]))!r} is not the stream name "
+                            f"{header.stream!r}")
+    return header, array
+
+
+def frame_header(stream: str, frame_id: int, timestamp_ns: int, array: np.ndarray,
+                 session: int = 0) -> bytes:
+    """Encoded FRAME header for ``array`` (which must be C-contiguous)."""
+    return encode_header(Header(Kind.FRAME, stream, frame_id, timestamp_ns, array.dtype,
+                                array.shape, session))
+
+
+def end_header(stream: str, total: int, timestamp_ns: int, session: int = 0) -> bytes:
+    """Encoded END header: ``total`` frames were sent in this session (ids 0..total-1)."""
+    return encode_header(Header(Kind.END, stream, total, timestamp_ns, session=session,
+                                total=total))
+
+
+def result_header(stream: str, frame_id: int, timestamp_ns: int, array: np.ndarray,
+                  output: Output, worker_id: int, compute_ns: int, session: int = 0) -> bytes:
+    """Encoded RESULT header: ``array`` was computed from frame ``frame_id``."""
+    return encode_header(Header(Kind.RESULT, stream, frame_id, timestamp_ns, array.dtype,
+                                array.shape, session, worker_id, output, 0, compute_ns))
+
+
+# --- control channel (REQ/REP, JSON) ---------------------------------------------
+
+MAX_CONTROL_BYTES = 64 * 1024
+
+
+def encode_request(cmd: str, **args: Any) -> bytes:
+    """A control request: ``{"cmd": ..., **args}`` as UTF-8 JSON."""
+    return json.dumps({"cmd": cmd, **args}).encode()
+
+
+def decode_request(data: bytes) -> dict[str, Any]:
+    """Parse a control request; raises BadControlMessage with what was wrong."""
+    if len(data) > MAX_CONTROL_BYTES:
+        raise BadControlMessage(f"control request of {len(data)} bytes exceeds "
+                                f"{MAX_CONTROL_BYTES}")
+    try:
+        req = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadControlMessage(f"control request is not JSON: {exc}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+        raise BadControlMessage('control request must be a JSON object with a string "cmd"')
+    return req
+
+
+def encode_reply(ok: bool, **fields: Any) -> bytes:
+    """A control reply: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``."""
+    return json.dumps({"ok": ok, **fields}).encode()
+
+
+def decode_reply(data: bytes) -> dict[str, Any]:
+    """Parse a control reply; raises BadControlMessage if it is not a JSON object."""
+    try:
+        rep = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadControlMessage(f"control reply is not JSON: {exc}") from None
+    if not isinstance(rep, dict) or "ok" not in rep:
+        raise BadControlMessage('control reply must be a JSON object with "ok"')
+    return rep
