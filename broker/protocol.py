@@ -308,17 +308,24 @@ def encode_request(cmd: str, **args: Any) -> bytes:
     return json.dumps({"cmd": cmd, **args}).encode()
 
 
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """Parse a bounded JSON object; raises BadControlMessage naming ``what`` was wrong."""
+    if len(data) > MAX_CONTROL_BYTES:
+        raise BadControlMessage(f"{what} of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadControlMessage(f"{what} is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadControlMessage(f"{what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def decode_request(data: bytes) -> dict[str, Any]:
     """Parse a control request; raises BadControlMessage with what was wrong."""
-    if len(data) > MAX_CONTROL_BYTES:
-        raise BadControlMessage(f"control request of {len(data)} bytes exceeds "
-                                f"{MAX_CONTROL_BYTES}")
-    try:
-        req = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadControlMessage(f"control request is not JSON: {exc}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-        raise BadControlMessage('control request must be a JSON object with a string "cmd"')
+    req = _json_object(data, "control request")
+    if not isinstance(req.get("cmd"), str):
+        raise BadControlMessage('control request must have a string "cmd"')
     return req
 
 
@@ -328,11 +335,74 @@ def encode_reply(ok: bool, **fields: Any) -> bytes:
 
 
 def decode_reply(data: bytes) -> dict[str, Any]:
-    """Parse a control reply; raises BadControlMessage if it is not a JSON object."""
-    try:
-        rep = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadControlMessage(f"control reply is not JSON: {exc}") from None
-    if not isinstance(rep, dict) or "ok" not in rep:
-        raise BadControlMessage('control reply must be a JSON object with "ok"')
+    """Parse a control reply; raises BadControlMessage if it is not a JSON object with "ok"."""
+    rep = _json_object(data, "control reply")
+    if "ok" not in rep:
+        raise BadControlMessage('control reply must have "ok"')
     return rep
+
+
+# --- work channel (DEALER consumers -> broker ROUTER) -----------------------------
+#
+# Consumers (FFT workers, lossless recorders, result sinks) send one of these as a
+# multipart message; the broker's replies are ordinary ``[header, payload]`` frames
+# and END messages. Ids are packed little-endian u64.
+
+class WorkCmd(bytes, enum.Enum):
+    """First part of a consumer -> broker message on the work channel."""
+
+    READY = b"READY"  # [READY, json {group, window, acks, name}] join a group
+    DONE = b"DONE"    # [DONE, ids] finished these frames: the credit comes back
+    ACK = b"ACK"      # [ACK, ids] results safely received (the group's acker)
+    HB = b"HB"        # [HB] still alive
+    BYE = b"BYE"      # [BYE] leaving cleanly
+
+
+MAX_IDS_PER_MESSAGE = 65536
+MAX_WINDOW = 1024
+_GROUP_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def encode_ids(ids: Sequence[int]) -> bytes:
+    """Pack frame ids for DONE/ACK."""
+    return struct.pack(f"<{len(ids)}Q", *ids)
+
+
+def decode_ids(buf: bytes) -> tuple[int, ...]:
+    """Unpack frame ids; raises BadControlMessage unless a whole number of u64s."""
+    if len(buf) % 8 or not 0 < len(buf) <= 8 * MAX_IDS_PER_MESSAGE:
+        raise BadControlMessage(f"id list of {len(buf)} bytes is not 1-{MAX_IDS_PER_MESSAGE} "
+                                f"little-endian u64s")
+    return struct.unpack(f"<{len(buf) // 8}Q", buf)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A consumer's join request: which group, how many frames it may hold, who acks."""
+
+    group: str
+    window: int
+    acks: str  # "self": DONE also acknowledges; "sink": a separate acker sends ACK
+    name: str
+    role: str  # "consumer" takes frames; "acker" only sends ACKs for the group
+
+
+def encode_ready(r: Ready) -> bytes:
+    return json.dumps({"group": r.group, "window": r.window, "acks": r.acks, "name": r.name,
+                       "role": r.role}).encode()
+
+
+def decode_ready(buf: bytes) -> Ready:
+    """Validate a READY body; every field is checked before the broker trusts it."""
+    req = _json_object(buf, "READY body")
+    group, window = req.get("group"), req.get("window", 1)
+    acks, name, role = req.get("acks", "self"), req.get("name", ""), req.get("role", "consumer")
+    if not isinstance(group, str) or not 1 <= len(group) <= 32 or set(group) - _GROUP_RE_CHARS:
+        raise BadControlMessage("READY group must be 1-32 chars of [a-z0-9_-]")
+    if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_WINDOW:
+        raise BadControlMessage(f"READY window must be an integer 1-{MAX_WINDOW}")
+    if acks not in ("self", "sink") or role not in ("consumer", "acker"):
+        raise BadControlMessage('READY acks must be "self"|"sink", role "consumer"|"acker"')
+    if not isinstance(name, str) or len(name) > 128:
+        raise BadControlMessage("READY name must be a string of at most 128 chars")
+    return Ready(group, window, acks, name, role)

@@ -1,0 +1,415 @@
+"""The broker server: one source, one thread, three sockets.
+
+* XPUB at ``pub``: every frame, fanned out as ``[topic, header, payload]``. XPUB
+  (not PUB) so the broker sees subscriptions arrive and can hold the stream until
+  ``wait_subscribers`` have joined, instead of sleeping and hoping.
+* REP at ``control``: JSON requests (endpoints, status, snapshot, pause, resume, stop).
+* ROUTER at ``work``: credit-based dispatch to consumer groups (see dispatch.py).
+
+Payloads go out zero-copy from a pool of recycled buffers. A buffer is reused only
+when libzmq has released every message that points into it (a MessageTracker per
+send) and no group still needs it, so a frame on the wire is never overwritten. A
+poll loop serves all sockets between frames; nothing blocks on a slow peer.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from . import __version__
+from . import protocol as proto
+from .dispatch import Dispatcher
+from .sources import Pacer, Source, SourceError, format_shape
+
+COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop")
+
+
+@dataclass
+class BrokerConfig:
+    """Everything ``framebroker serve`` can tune (see the CLI for the flags)."""
+
+    stream: str = "cam"
+    pub: str = "tcp://127.0.0.1:5555"
+    work: str = "tcp://127.0.0.1:5556"
+    control: str = "tcp://127.0.0.1:5557"
+    results: str = "tcp://127.0.0.1:5558"
+    advertise: str = ""
+    fps: float = 0.0
+    frames: int = 0  # 0 = until stopped or the source ends
+    sndhwm: int = 64
+    wait_subscribers: int = 0
+    wait_workers: int = 0
+    wait_recorders: int = 0
+    max_pending: int = 256
+    worker_timeout: float = 2.0
+    drain_timeout: float = 10.0
+    end_linger: float = 1.0
+    linger_ms: int = 500
+    max_bytes: int = proto.DEFAULT_MAX_BYTES
+    progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
+    pool_keep: int = 64
+
+
+@dataclass(eq=False)
+class Slot:
+    """One frame buffer and what still refers to it."""
+
+    array: np.ndarray
+    trackers: list[zmq.MessageTracker] = field(default_factory=list)
+    holds: int = 0
+
+    def free(self) -> bool:
+        if self.holds:
+            return False
+        if self.trackers and all(t.done for t in self.trackers):
+            self.trackers.clear()
+        return not self.trackers
+
+
+class BufferPool:
+    """Frame buffers recycled once zmq and the work groups are done with them.
+
+    A busy slot is never waited for: a new buffer is allocated instead, so a slow
+    subscriber (whose queue pins buffers up to its HWM) costs memory up to that
+    bound, never capture time. At most ``keep`` idle buffers are retained.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int) -> None:
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self._busy: deque[Slot] = deque()
+        self.allocated = 0
+
+    def acquire(self) -> Slot:
+        for _ in range(len(self._busy)):
+            slot = self._busy.popleft()
+            if slot.free():
+                self._busy.append(slot)
+                return slot
+            self._busy.append(slot)
+        slot = Slot(np.empty(self.shape, self.dtype))
+        self.allocated += 1
+        self._busy.append(slot)
+        while len(self._busy) > self.keep and self._busy[0].free():
+            self._busy.popleft()
+        return slot
+
+    def __len__(self) -> int:
+        return len(self._busy)
+
+
+def advertised(endpoint: str, host: str) -> str:
+    """The address a client should connect to for a bound ``endpoint``.
+
+    A wildcard bind (``*`` or ``0.0.0.0``) is not connectable; ``host`` (from
+    ``--advertise``) replaces it, and loopback is the default.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return endpoint
+    addr, _, port = rest.rpartition(":")
+    if addr in ("*", "0.0.0.0", "[::]", "::"):
+        addr = host or "127.0.0.1"
+    return f"{scheme}://{addr}:{port}"
+
+
+class Broker:
+    """Runs one stream from ``source`` until stopped, the frame limit, or the source ends."""
+
+    def __init__(self, source: Source, cfg: BrokerConfig, log: Callable[[str], None] | None = None,
+                 ctx: zmq.Context | None = None) -> None:
+        self.source, self.cfg = source, cfg
+        self.log = log or (lambda msg: print(f"framebroker serve: {msg}", file=sys.stderr,
+                                              flush=True))
+        self.session = int.from_bytes(os.urandom(8), "little") >> 1
+        self.ctx = ctx or zmq.Context.instance()
+        self.pool = BufferPool(source.shape, source.dtype, cfg.pool_keep)
+        self.topic = cfg.stream.encode()
+        self.frame_bytes = int(np.prod(source.shape)) * source.dtype.itemsize
+        self.sent = 0
+        self.bytes_sent = 0
+        self.subscribers = 0
+        self.peak_subscribers = 0
+        self.paused = False
+        self.state = "starting"
+        self.error = ""
+        self.control_rejected: dict[str, int] = {}
+        self.backpressure_waits = 0
+        self.latest: tuple[bytes, Slot] | None = None
+        self._stop_requested = False
+        self._t_start = time.monotonic()
+        self._t_first = 0.0
+        self._t_last = 0.0
+        self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self._bind()
+
+    # --- sockets ------------------------------------------------------------------
+    def _bind(self) -> None:
+        cfg = self.cfg
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self.pub.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+        self.control = self.ctx.socket(zmq.REP)
+        self.control.setsockopt(zmq.MAXMSGSIZE, proto.MAX_CONTROL_BYTES)
+        self.work = self.ctx.socket(zmq.ROUTER)
+        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.work.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        socks = ((self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work))
+        try:
+            for sock, ep in socks:
+                sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+                sock.bind(ep)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise SourceError(f"cannot bind {ep}: {exc.strerror}") from None
+        self.dispatcher = Dispatcher(self.work, max_pending=cfg.max_pending,
+                                     timeout=cfg.worker_timeout, send=self._send_work,
+                                     release=self._release, log=self.log)
+        self.poller = zmq.Poller()
+        for sock in (self.pub, self.control, self.work):
+            self.poller.register(sock, zmq.POLLIN)
+
+    def endpoints(self) -> dict[str, Any]:
+        host = self.cfg.advertise
+        return {"pub": advertised(self.cfg.pub, host), "work": advertised(self.cfg.work, host),
+                "control": advertised(self.cfg.control, host),
+                "results": advertised(self.cfg.results, host), "stream": self.cfg.stream,
+                "session": self.session}
+
+    def close(self) -> None:
+        for name in ("pub", "control", "work"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                sock.close(linger=self.cfg.linger_ms)
+
+    # --- buffers ------------------------------------------------------------------
+    def _hold(self, slot: Slot) -> None:
+        slot.holds += 1
+
+    def _release(self, slot: Slot) -> None:
+        slot.holds -= 1
+
+    def _send_work(self, ident: bytes, header: bytes, slot: Slot) -> None:
+        tracker = self.work.send_multipart([ident, header, slot.array], copy=False, track=True,
+                                           flags=zmq.NOBLOCK)
+        slot.trackers.append(tracker)
+
+    # --- the loop -------------------------------------------------------------------
+    def request_stop(self, *_: Any) -> None:
+        """Finish the stream cleanly (signal handler and ``stop`` command)."""
+        self._stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        """Stream until done; returns the final status."""
+        pacer = Pacer(self.cfg.fps)
+        next_progress = time.monotonic() + self.cfg.progress if self.cfg.progress else None
+        try:
+            while not self._stop_requested:
+                waiting = self._waiting()
+                self.state = "paused" if self.paused else "waiting" if waiting else "streaming"
+                if self.paused or waiting:
+                    self._serve(100)
+                    pacer.reset()
+                    continue
+                if not self.dispatcher.has_room():
+                    self.backpressure_waits += 1
+                    self._serve(50)
+                    continue
+                delay = pacer.wait_time()
+                self._serve(delay * 1000 if delay > 0.0005 else 0)
+                if delay > 0.0005 or self._stop_requested:
+                    continue
+                if not self._capture_and_send():
+                    break
+                pacer.tick()
+                if self.cfg.frames and self.sent >= self.cfg.frames:
+                    break
+                if next_progress is not None and time.monotonic() >= next_progress:
+                    self.log(self.progress_line())
+                    next_progress += self.cfg.progress
+        except SourceError as exc:
+            self.error = str(exc)
+            self.log(f"error: {exc}")
+        self._finish()
+        return self.status()
+
+    def _waiting(self) -> bool:
+        cfg = self.cfg
+        return (self.subscribers < cfg.wait_subscribers
+                or self.dispatcher.members("fft") < cfg.wait_workers
+                or self.dispatcher.members("record") < cfg.wait_recorders)
+
+    def _serve(self, timeout_ms: float) -> None:
+        """Handle whatever arrived on any socket, waiting at most ``timeout_ms``."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.control in events:
+            self._handle_control()
+        if self.pub in events:
+            self._handle_subscriptions()
+        if self.work in events:
+            for _ in range(256):
+                try:
+                    parts = self.work.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.dispatcher.handle(parts)
+        self.dispatcher.reap()
+
+    def _capture_and_send(self) -> bool:
+        slot = self.pool.acquire()
+        if not self.source.read_into(slot.array):
+            return False
+        ts = time.time_ns()
+        fid = self.sent
+        header = proto.frame_header(self.cfg.stream, fid, ts, slot.array, self.session)
+        tracker = self.pub.send_multipart([self.topic, header, slot.array], copy=False,
+                                          track=True)
+        slot.trackers.append(tracker)
+        self.dispatcher.submit(fid, header, slot, self._hold)
+        if self.latest is not None:
+            self._release(self.latest[1])
+        self._hold(slot)
+        self.latest = (header, slot)
+        self.sent += 1
+        self.bytes_sent += slot.array.nbytes
+        now = time.monotonic()
+        if not self._t_first:
+            self._t_first = now
+        self._t_last = now
+        self._rate_window.append((now, self.sent))
+        return True
+
+    def _finish(self) -> None:
+        """End of stream: END on PUB, drain the work groups, END to every consumer."""
+        self.state = "draining"
+        end = proto.end_header(self.cfg.stream, self.sent, time.time_ns(), self.session)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while not self.dispatcher.idle() and time.monotonic() < deadline:
+            self._serve(20)
+        if not self.dispatcher.idle():
+            self.log(f"drain timeout: {sum(len(g.pending) for g in self.dispatcher.groups.values())}"
+                     f" frames were never acknowledged")
+        self.dispatcher.end_of_stream(end)
+        # PUB drops when a subscriber's queue is full, so END is repeated until every
+        # subscriber has gone (they unsubscribe when they close) or end_linger passes.
+        linger_end = time.monotonic() + self.cfg.end_linger
+        while True:
+            self.pub.send_multipart([self.topic, end, b""])
+            if self.subscribers <= 0 or time.monotonic() >= linger_end:
+                break
+            self._serve(50)
+        self.state = "stopped"
+
+    # --- subscriptions and control ------------------------------------------------
+    def _handle_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg or msg[0] not in (0, 1) or not self.topic.startswith(msg[1:]):
+                continue
+            self.subscribers += 1 if msg[0] == 1 else -1
+            self.peak_subscribers = max(self.peak_subscribers, self.subscribers)
+
+    def _handle_control(self) -> None:
+        try:
+            raw = self.control.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            if len(raw) != 1:
+                raise proto.BadPartCount(f"control request must be 1 part, got {len(raw)}")
+            req = proto.decode_request(raw[0])
+            cmd = req["cmd"]
+            if cmd not in COMMANDS:
+                raise proto.BadControlMessage(f"unknown command {cmd[:40]!r}; known: "
+                                              f"{', '.join(COMMANDS)}")
+            if set(req) != {"cmd"}:
+                raise proto.BadControlMessage(f"command {cmd!r} takes no arguments, got "
+                                              f"{sorted(set(req) - {'cmd'})}")
+        except proto.ProtocolError as exc:
+            self.control_rejected[exc.reason] = self.control_rejected.get(exc.reason, 0) + 1
+            self.control.send(proto.encode_reply(False, error=str(exc)))
+            return
+        if cmd == "snapshot":
+            self._reply_snapshot()
+            return
+        if cmd == "endpoints":
+            reply = self.endpoints()
+        elif cmd == "status":
+            reply = self.status()
+        elif cmd == "pause":
+            self.paused = True
+            reply = {"paused": True}
+        elif cmd == "resume":
+            self.paused = False
+            reply = {"paused": False}
+        else:
+            self.request_stop()
+            reply = {"stopping": True, "frames": self.sent}
+        self.control.send(proto.encode_reply(True, **reply))
+
+    def _reply_snapshot(self) -> None:
+        if self.latest is None:
+            self.control.send(proto.encode_reply(False, error="no frame captured yet"))
+            return
+        header, slot = self.latest
+        tracker = self.control.send_multipart([proto.encode_reply(True), header, slot.array],
+                                              copy=False, track=True)
+        slot.trackers.append(tracker)
+
+    # --- reporting -------------------------------------------------------------------
+    def rate(self) -> float:
+        """Frames per second over the recent window (the live rate, not the average)."""
+        if len(self._rate_window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def status(self) -> dict[str, Any]:
+        elapsed = self._t_last - self._t_first
+        avg = (self.sent - 1) / elapsed if elapsed > 0 else 0.0
+        return {"version": __version__, "stream": self.cfg.stream, "session": self.session,
+                "state": self.state, "source": self.source.description,
+                "shape": list(self.source.shape), "dtype": str(self.source.dtype),
+                "frames_sent": self.sent, "bytes_sent": self.bytes_sent,
+                "rate_fps": round(self.rate(), 2), "avg_fps": round(avg, 2),
+                "mb_per_s": round(avg * self.frame_bytes / 1e6, 2),
+                "uptime_s": round(time.monotonic() - self._t_start, 3),
+                "subscribers": self.subscribers, "peak_subscribers": self.peak_subscribers,
+                "paused": self.paused, "sndhwm": self.cfg.sndhwm,
+                "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
+                "backpressure_waits": self.backpressure_waits,
+                "control_rejected": dict(self.control_rejected), "error": self.error,
+                "endpoints": self.endpoints(), "work": self.dispatcher.status()}
+
+    def progress_line(self) -> str:
+        s = self.status()
+        groups = " ".join(f"{n}:{g['acked']}/{g['dispatched']}"
+                          for n, g in s["work"]["groups"].items())
+        mbps = s["rate_fps"] * self.frame_bytes / 1e6
+        return (f"{s['frames_sent']} frames, {s['rate_fps']:.0f} fps, {mbps:.1f} MB/s, "
+                f"{s['subscribers']} subscribers {groups}").rstrip()
+
+    def summary_line(self) -> str:
+        s = self.status()
+        redis = sum(g["redispatched"] for g in s["work"]["groups"].values())
+        return (f"stream {s['stream']!r} ({format_shape(self.source.shape)} {s['dtype']}): "
+                f"sent {s['frames_sent']} frames in {self._t_last - self._t_first:.2f} s, "
+                f"{s['avg_fps']:.1f} fps, {s['mb_per_s']:.1f} MB/s, peak subscribers "
+                f"{s['peak_subscribers']}, re-dispatched {redis}"
+                + (f", error: {self.error}" if self.error else ""))
+
+
+def install_signal_handlers(broker: Broker) -> None:
+    """SIGINT/SIGTERM end the stream cleanly: END is sent, sockets close with a linger."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, broker.request_stop)

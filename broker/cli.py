@@ -1,0 +1,401 @@
+"""``framebroker``: the command line. One subcommand per role, every tunable a flag.
+
+Client subcommands take ``--broker`` (the control endpoint) and learn the data
+endpoints from it; explicit endpoint flags override. Errors a user can cause (bad
+flags, an absent camera, an unreachable broker) end in one clear line and a
+non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from . import protocol as proto
+from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, Subscriber
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- argument types: bad values fail at parse time with a clear message ----------
+
+def _positive_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
+        raise argparse.ArgumentTypeError(f"endpoint {text!r} must look like "
+                                         f"tcp://127.0.0.1:5555 or ipc:///tmp/fb.sock")
+    return text
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    from .sources import parse_shape
+
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dtype(text: str) -> str:
+    try:
+        proto.dtype_code(np.dtype(text))
+    except (TypeError, proto.ProtocolError):
+        raise argparse.ArgumentTypeError(f"dtype {text!r} is not one of "
+                                         f"{', '.join(str(d) for d in proto.DTYPES.values())}"
+                                         ) from None
+    return np.dtype(text).name
+
+
+def _source(text: str):
+    from .sources import SourceSpec
+
+    try:
+        return SourceSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _stream(text: str) -> str:
+    if not 1 <= len(text.encode()) <= proto.MAX_NAME:
+        raise argparse.ArgumentTypeError(f"stream name must be 1-{proto.MAX_NAME} bytes")
+    return text
+
+
+def _mib(text: str) -> int:
+    return int(_nonneg_float(text) * 1024 * 1024)
+
+
+# --- subcommands ----------------------------------------------------------------------
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", type=_endpoint, default=DEFAULT_BROKER,
+                   help="the broker's control endpoint (default %(default)s)")
+    p.add_argument("--timeout", type=_nonneg_float, default=5.0,
+                   help="seconds to wait for the broker or for data (default %(default)s)")
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run a broker: capture frames and publish them",
+                       description="Capture frames from a source and serve them on PUB "
+                                   "(fan-out), work (load-balanced) and control sockets.")
+    p.add_argument("--source", type=_source, default="synthetic",
+                   help="synthetic | video:PATH | camera:INDEX (default synthetic)")
+    p.add_argument("--shape", type=_shape, default=(480, 640, 3),
+                   help="synthetic frame shape, e.g. 480x640x3 (default 480x640x3)")
+    p.add_argument("--dtype", type=_dtype, default="uint8",
+                   help="synthetic frame dtype (default uint8)")
+    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    p.add_argument("--width", type=_nonneg_int, default=0, help="camera: requested width")
+    p.add_argument("--height", type=_nonneg_int, default=0, help="camera: requested height")
+    p.add_argument("--camera-fps", type=_nonneg_float, default=0.0,
+                   help="camera: requested frame rate")
+    p.add_argument("--fps", type=_nonneg_float, default=0.0,
+                   help="pace the stream at this rate, drift-free (0 = as fast as possible)")
+    p.add_argument("--frames", type=_nonneg_int, default=0,
+                   help="stop after this many frames (0 = until stopped)")
+    p.add_argument("--stream", type=_stream, default="cam", help="stream name and PUB topic")
+    p.add_argument("--pub", type=_endpoint, default="tcp://127.0.0.1:5555",
+                   help="PUB endpoint to bind (default %(default)s)")
+    p.add_argument("--work", type=_endpoint, default="tcp://127.0.0.1:5556",
+                   help="work-dispatch endpoint to bind (default %(default)s)")
+    p.add_argument("--control", type=_endpoint, default="tcp://127.0.0.1:5557",
+                   help="control endpoint to bind (default %(default)s)")
+    p.add_argument("--results", type=_endpoint, default="tcp://127.0.0.1:5558",
+                   help="results endpoint the sink binds, handed to workers "
+                        "(default %(default)s)")
+    p.add_argument("--advertise", default="",
+                   help="host to hand out for wildcard binds (default 127.0.0.1)")
+    p.add_argument("--sndhwm", type=_positive_int, default=64,
+                   help="frames queued per subscriber before PUB drops for that subscriber "
+                        "(default %(default)s)")
+    p.add_argument("--wait-subscribers", type=_nonneg_int, default=0,
+                   help="hold the stream until this many subscribers have subscribed")
+    p.add_argument("--wait-workers", type=_nonneg_int, default=0,
+                   help="hold the stream until this many FFT workers have joined")
+    p.add_argument("--wait-recorders", type=_nonneg_int, default=0,
+                   help="hold the stream until this many lossless recorders have joined")
+    p.add_argument("--max-pending", type=_positive_int, default=256,
+                   help="unacknowledged frames per work group before the source waits "
+                        "(default %(default)s)")
+    p.add_argument("--worker-timeout", type=_nonneg_float, default=2.0,
+                   help="seconds of silence before a work consumer is declared dead")
+    p.add_argument("--drain-timeout", type=_nonneg_float, default=10.0,
+                   help="seconds to wait at the end for work groups to acknowledge")
+    p.add_argument("--end-linger", type=_nonneg_float, default=1.0,
+                   help="seconds to keep repeating end-of-stream for subscribers")
+    p.add_argument("--max-frame-mib", type=_mib, default=proto.DEFAULT_MAX_BYTES,
+                   help="largest frame accepted from a source, MiB (default 256)")
+    p.add_argument("--progress", type=_nonneg_float, default=5.0,
+                   help="seconds between progress lines on stderr (0 = none)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .broker import Broker, BrokerConfig, install_signal_handlers
+    from .sources import SourceError, open_source
+
+    try:
+        source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
+                             width=args.width, height=args.height, camera_fps=args.camera_fps)
+    except (SourceError, proto.ProtocolError) as exc:
+        raise CliError(str(exc)) from None
+    nbytes = int(np.prod(source.shape)) * source.dtype.itemsize
+    if nbytes > args.max_frame_mib:
+        source.close()
+        raise CliError(f"frames of {nbytes} bytes exceed --max-frame-mib "
+                       f"({args.max_frame_mib / 2**20:g} MiB)")
+    cfg = BrokerConfig(stream=args.stream, pub=args.pub, work=args.work, control=args.control,
+                       results=args.results, advertise=args.advertise, fps=args.fps,
+                       frames=args.frames, sndhwm=args.sndhwm,
+                       wait_subscribers=args.wait_subscribers, wait_workers=args.wait_workers,
+                       wait_recorders=args.wait_recorders, max_pending=args.max_pending,
+                       worker_timeout=args.worker_timeout, drain_timeout=args.drain_timeout,
+                       end_linger=args.end_linger, max_bytes=args.max_frame_mib,
+                       progress=0.0 if args.quiet else args.progress)
+    try:
+        broker = Broker(source, cfg)
+    except SourceError as exc:
+        source.close()
+        raise CliError(str(exc)) from None
+    install_signal_handlers(broker)
+    broker.log(f"serving {source.description} as {args.stream!r} on {args.pub} "
+               f"(control {args.control}, work {args.work})")
+    try:
+        status = broker.run()
+    finally:
+        broker.close()
+        source.close()
+    print(f"framebroker serve: {broker.summary_line()}", flush=True)
+    return EXIT_ERROR if status["error"] else EXIT_OK
+
+
+def _add_watch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("watch", help="subscribe and show live fps, MB/s, gaps, latency",
+                       description="Subscribe to a stream and report rate, gaps and capture "
+                                   "latency; ends with a summary at end-of-stream or Ctrl-C.")
+    _add_client_args(p)
+    p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (overrides --broker)")
+    p.add_argument("--stream", type=_stream, default=None,
+                   help="stream to subscribe to (default: the broker's)")
+    p.add_argument("--frames", type=_nonneg_int, default=0,
+                   help="stop after this many frames (0 = until end-of-stream)")
+    p.add_argument("--rcvhwm", type=_positive_int, default=64,
+                   help="frames queued locally before zmq drops (default %(default)s)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every frame against the synthetic source (content and id)")
+    p.add_argument("--interval", type=_nonneg_float, default=1.0,
+                   help="seconds between progress lines (0 = none)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_watch)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .sources import check_synthetic
+
+    try:
+        sub = Subscriber(args.pub, broker=args.broker,
+                         topics=(args.stream,) if args.stream else None,
+                         timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout)
+    except BrokerUnavailable as exc:
+        raise CliError(str(exc)) from None
+    latencies: list[float] = []
+    corrupt = 0
+    t0 = time.monotonic()
+    next_line = t0 + args.interval if args.interval else None
+    last_n, last_t = 0, t0
+    try:
+        while not args.frames or sub.received < args.frames:
+            frame = sub.recv()
+            if frame is None:
+                break
+            latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
+            if args.verify and check_synthetic(frame.array, frame.frame_id) >= 0:
+                corrupt += 1
+            now = time.monotonic()
+            if next_line is not None and now >= next_line:
+                rate = (sub.received - last_n) / (now - last_t)
+                print(f"watch: {sub.received} frames, {rate:.1f} fps, "
+                      f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
+                      f"latency {np.median(latencies[-256:]):.2f} ms", file=sys.stderr,
+                      flush=True)
+                last_n, last_t, next_line = sub.received, now, now + args.interval
+    except ReceiveTimeout as exc:
+        if sub.received == 0:
+            sub.close()
+            raise CliError(str(exc)) from None
+        print(f"watch: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close()
+    elapsed = time.monotonic() - t0
+    summary: dict[str, Any] = {**sub.stats(), "seconds": round(elapsed, 3),
+                               "fps": round(sub.received / elapsed, 2) if elapsed else 0.0,
+                               "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
+                               "latency_ms_p50": _pct(latencies, 50),
+                               "latency_ms_p99": _pct(latencies, 99)}
+    if args.verify:
+        summary["corrupt"] = corrupt
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"watch: {summary['received']} frames in {elapsed:.2f} s ({summary['fps']} fps, "
+              f"{summary['mb_per_s']} MB/s), gaps {sub.gaps}, missed {summary['missed']}, "
+              f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
+              f"ms p99 {summary['latency_ms_p99']} ms"
+              + (f", corrupt {corrupt}" if args.verify else ""))
+    lost = sub.gaps or (summary["missed"] or 0) or corrupt
+    return EXIT_LOST if lost else EXIT_OK
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+def _control(args: argparse.Namespace) -> Control:
+    return Control(args.broker, timeout=args.timeout)
+
+
+def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
+                func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    _add_client_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = _request(args, "status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
+                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused"):
+        print(f"{key:>12}: {status[key]}")
+    for name, g in status["work"]["groups"].items():
+        print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "
+              f"acked {g['acked']}, re-dispatched {g['redispatched']}")
+    return EXIT_OK
+
+
+def _request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
+    ctl = _control(args)
+    try:
+        return ctl.request(cmd)
+    except (BrokerUnavailable, RuntimeError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        ctl.close()
+
+
+def cmd_simple(args: argparse.Namespace) -> int:
+    reply = _request(args, args.command)
+    reply.pop("ok", None)
+    print(json.dumps(reply))
+    return EXIT_OK
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise CliError(f"--out {out}: use a .png or .npy file name", EXIT_USAGE)
+    ctl = _control(args)
+    try:
+        frame = ctl.snapshot()
+    except (BrokerUnavailable, RuntimeError, proto.ProtocolError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        ctl.close()
+    try:
+        if out.suffix.lower() == ".npy":
+            np.save(out, frame.array)
+        else:
+            _write_png(out, frame.array)
+    except OSError as exc:
+        raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
+    print(f"snapshot: frame {frame.frame_id} {frame.array.shape} {frame.array.dtype} -> {out}")
+    return EXIT_OK
+
+
+def _write_png(out: Path, array: np.ndarray) -> None:
+    from .sources import _cv2
+
+    if array.dtype not in (np.uint8, np.uint16) or array.ndim not in (2, 3):
+        raise CliError(f"PNG holds 2-D/3-D uint8 or uint16 frames, this is {array.shape} "
+                       f"{array.dtype}: use .npy", EXIT_USAGE)
+    if not _cv2().imwrite(str(out), array):
+        raise CliError(f"cannot write {out} (does the directory exist?)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="framebroker", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"framebroker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub)
+    _add_watch(sub)
+    p = _add_simple(sub, "status", "show the broker's status", cmd_status)
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
+    p.add_argument("--out", required=True, help="output file, .png (OpenCV) or .npy")
+    for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
+                        ("pause", "pause capture"), ("resume", "resume capture")):
+        _add_simple(sub, name, help_, cmd_simple)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as exc:
+        print(f"framebroker {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

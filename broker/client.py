@@ -1,0 +1,329 @@
+"""Client API: subscribe to frames, consume work, and control a broker.
+
+A client needs one address, the broker's control endpoint; it asks ``endpoints``
+for the data sockets. Every receive has a timeout and every request recovers from a
+broker that went away (the REQ socket is recreated: the "lazy pirate" pattern), so
+no client hangs forever on a dead peer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import zmq
+
+from . import protocol as proto
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5557"
+
+
+class BrokerUnavailable(TimeoutError):
+    """The broker did not answer in time."""
+
+
+class ReceiveTimeout(TimeoutError):
+    """No message arrived within the receive timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A received frame: the header fields and a read-only array over the message buffer.
+
+    The array shares memory with the zmq message: it is read-only and stays valid as
+    long as you hold the Frame. ``array.copy()`` if you need to modify it.
+    """
+
+    header: proto.Header
+    array: np.ndarray
+
+    @property
+    def frame_id(self) -> int:
+        return self.header.frame_id
+
+    @property
+    def timestamp_ns(self) -> int:
+        return self.header.timestamp_ns
+
+    @property
+    def stream(self) -> str:
+        return self.header.stream
+
+
+class Control:
+    """REQ client for the broker's control socket, with timeouts and reconnects."""
+
+    def __init__(self, endpoint: str = DEFAULT_BROKER, timeout: float = 2.0,
+                 ctx: zmq.Context | None = None) -> None:
+        self.endpoint, self.timeout = endpoint, timeout
+        self.ctx = ctx or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self.ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
+            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+            sock.setsockopt(zmq.MAXMSGSIZE, proto.DEFAULT_MAX_BYTES + 4096)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def request_parts(self, cmd: str) -> tuple[dict[str, Any], list[zmq.Frame]]:
+        """Send ``cmd``; returns the decoded reply and any further parts (zero-copy)."""
+        sock = self._socket()
+        try:
+            sock.send(proto.encode_request(cmd))
+            parts = sock.recv_multipart(copy=False)
+        except zmq.Again:
+            self._reset()
+            raise BrokerUnavailable(f"broker at {self.endpoint} did not answer {cmd!r} within "
+                                    f"{self.timeout:g} s") from None
+        reply = proto.decode_reply(parts[0].bytes)
+        if not reply["ok"]:
+            raise RuntimeError(f"broker refused {cmd!r}: {reply.get('error', 'no reason given')}")
+        return reply, parts[1:]
+
+    def request(self, cmd: str) -> dict[str, Any]:
+        return self.request_parts(cmd)[0]
+
+    def endpoints(self) -> dict[str, Any]:
+        return self.request("endpoints")
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")
+
+    def pause(self) -> dict[str, Any]:
+        return self.request("pause")
+
+    def resume(self) -> dict[str, Any]:
+        return self.request("resume")
+
+    def stop(self) -> dict[str, Any]:
+        return self.request("stop")
+
+    def snapshot(self, max_bytes: int = proto.DEFAULT_MAX_BYTES) -> Frame:
+        """The broker's latest frame (header + payload, validated like any frame)."""
+        _, parts = self.request_parts("snapshot")
+        header, array = proto.decode(parts, max_bytes=max_bytes)
+        if array is None:
+            raise proto.UnknownKind("snapshot reply carried an end-of-stream message")
+        return Frame(header, array)
+
+    def wait(self, deadline_s: float) -> dict[str, Any]:
+        """Ask for ``endpoints`` until the broker answers or ``deadline_s`` passes.
+
+        This is what makes "client first, broker later" work without sleeps in user code.
+        """
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                return self.endpoints()
+            except BrokerUnavailable:
+                if time.monotonic() >= end:
+                    raise
+
+    def close(self) -> None:
+        self._reset()
+
+
+def resolve(broker: str, override: str | None, key: str, wait_s: float = 10.0,
+            ctx: zmq.Context | None = None) -> tuple[str, dict[str, Any]]:
+    """The endpoint for ``key`` ("pub", "work", "results"): ``override`` if given, else
+    asked from the broker's control socket (waiting up to ``wait_s`` for it)."""
+    if override:
+        return override, {}
+    ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx)
+    try:
+        eps = ctl.wait(wait_s)
+    finally:
+        ctl.close()
+    return eps[key], eps
+
+
+class _Receiver:
+    """Stream bookkeeping shared by subscribers and work consumers: gaps, rejects, END."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.bytes = 0
+        self.gaps = 0  # frame ids skipped between received frames
+        self.rejected: Counter[str] = Counter()
+        self.last_error = ""
+        self.sessions = 0
+        self.session: int | None = None
+        self.last_id: int | None = None
+        self.first_id: int | None = None
+        self.ended = False
+        self.total: int | None = None
+        self.end_header: proto.Header | None = None
+
+    def _reject(self, exc: proto.ProtocolError) -> None:
+        self.rejected[exc.reason] += 1
+        self.last_error = str(exc)
+
+    def _account(self, header: proto.Header) -> None:
+        if header.session != self.session:
+            self.session = header.session
+            self.sessions += 1
+            self.last_id = None
+            self.ended = False
+        if header.kind == proto.Kind.END:
+            self.ended, self.total, self.end_header = True, header.total, header
+            return
+        if self.first_id is None:
+            self.first_id = header.frame_id
+        if self.last_id is not None and header.frame_id > self.last_id + 1:
+            self.gaps += header.frame_id - self.last_id - 1
+        self.last_id = header.frame_id
+        self.received += 1
+        self.bytes += header.nbytes
+
+    @property
+    def missed(self) -> int | None:
+        """Frames of the stream this receiver never got (known once END arrived)."""
+        return None if self.total is None else self.total - self.received
+
+    def stats(self) -> dict[str, Any]:
+        return {"received": self.received, "bytes": self.bytes, "gaps": self.gaps,
+                "rejected": dict(self.rejected), "ended": self.ended, "total": self.total,
+                "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error}
+
+
+class Subscriber(_Receiver):
+    """SUB client: iterate to get ``Frame`` objects until end-of-stream.
+
+    Invalid messages are counted in ``rejected`` (by reason) and skipped; gaps in
+    frame ids are counted in ``gaps``. ``timeout`` (seconds) bounds every wait and
+    raises ReceiveTimeout.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
+                 topics: tuple[str, ...] | None = None, timeout: float = 5.0,
+                 rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
+                 connect_wait: float = 10.0, ctx: zmq.Context | None = None) -> None:
+        super().__init__(max_bytes)
+        self.ctx = ctx or zmq.Context.instance()
+        self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx)
+        if topics is None:
+            topics = (eps["stream"],) if eps else ("",)
+        self.timeout = timeout
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
+        for t in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self.sock.connect(self.endpoint)
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next valid frame, or None at end-of-stream; raises ReceiveTimeout."""
+        wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
+        while True:
+            if not self.sock.poll(wait_ms):
+                raise ReceiveTimeout(f"no frame from {self.endpoint} within {wait_ms / 1000:g} s")
+            parts = self.sock.recv_multipart(copy=False)
+            try:
+                header, array = proto.decode_topic(parts, self.max_bytes)
+            except proto.ProtocolError as exc:
+                self._reject(exc)
+                continue
+            if header.kind == proto.Kind.END:
+                if self.ended and header.session == self.session:
+                    continue  # the broker repeats END; one is enough
+                self._account(header)
+                return None
+            if header.kind != proto.Kind.FRAME:
+                self._reject(proto.UnknownKind(f"{header.kind.name} on a frame stream"))
+                continue
+            self._account(header)
+            return Frame(header, array)
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            frame = self.recv()
+            if frame is None:
+                return
+            yield frame
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+    def __enter__(self) -> "Subscriber":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class WorkConsumer(_Receiver):
+    """DEALER member of a work group: frames arrive only while we have credit.
+
+    Call ``done(frame_id)`` when a frame is finished; that returns the credit (and,
+    in an ``acks="self"`` group, acknowledges it so the broker can forget it).
+    While idle it heartbeats and repeats READY, so a broker that declared it dead or
+    restarted takes it back.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
+                 group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
+                 heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
+                 connect_wait: float = 10.0, ctx: zmq.Context | None = None) -> None:
+        super().__init__(max_bytes)
+        self.ctx = ctx or zmq.Context.instance()
+        self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx)
+        self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
+                                 "consumer")
+        self.heartbeat = heartbeat
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
+        self.sock.connect(self.endpoint)
+        self._last_sent = 0.0
+        self._join()
+
+    def _join(self) -> None:
+        self.sock.send_multipart([proto.WorkCmd.READY.value, proto.encode_ready(self.ready)])
+        self._last_sent = time.monotonic()
+
+    def recv(self, timeout: float = 5.0) -> Frame | None:
+        """Next frame, or None at end-of-stream; raises ReceiveTimeout after ``timeout``."""
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise ReceiveTimeout(f"no work from {self.endpoint} within {timeout:g} s")
+            if self.sock.poll(int(min(left, self.heartbeat) * 1000) + 1):
+                parts = self.sock.recv_multipart(copy=False)
+                try:
+                    header, array = proto.decode(parts, max_bytes=self.max_bytes)
+                except proto.ProtocolError as exc:
+                    self._reject(exc)
+                    continue
+                self._account(header)
+                if header.kind == proto.Kind.END:
+                    return None
+                return Frame(header, array)
+            if time.monotonic() - self._last_sent >= self.heartbeat:
+                self._join()  # doubles as heartbeat: idempotent at the broker
+
+    def done(self, *frame_ids: int) -> None:
+        self.sock.send_multipart([proto.WorkCmd.DONE.value, proto.encode_ids(frame_ids)])
+        self._last_sent = time.monotonic()
+
+    def close(self) -> None:
+        try:
+            self.sock.send_multipart([proto.WorkCmd.BYE.value], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(linger=500)

@@ -1,0 +1,294 @@
+"""Credit-based, at-least-once work dispatch over a ROUTER socket.
+
+Consumers (FFT workers, lossless recorders) join a *group* with a credit window and
+are sent a frame only while they hold fewer than ``window`` unfinished frames, so a
+slow consumer gets fewer frames and nothing piles up in a dead consumer's queue.
+Every group gets every frame once. The broker keeps each frame until it is
+acknowledged: by the consumer itself (``acks="self"``, e.g. the recorder) or by the
+group's acker (``acks="sink"``: the FFT sink acknowledges results it holds). A
+consumer that stays silent past the timeout, or that ROUTER can no longer reach, is
+declared dead and its unacknowledged frames are dispatched again; the sink removes
+the duplicates this can cause.
+
+The number of unacknowledged frames per group is bounded (``max_pending``). A
+lossless source waits while any group is full, which is also what bounds how far
+out of order results can arrive: a sink whose reorder window is at least
+``max_pending`` always emits in order.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol as proto
+
+
+@dataclass(eq=False)
+class Pending:
+    """A frame a group has not acknowledged yet."""
+
+    frame_id: int
+    header: bytes
+    slot: Any  # the broker's buffer slot; held until acknowledged
+    consumer: bytes | None = None  # identity it was last sent to
+    done: bool = False  # the consumer finished it; waiting for the acker
+
+
+@dataclass(eq=False)
+class Consumer:
+    ident: bytes
+    name: str
+    window: int
+    last_seen: float
+    inflight: set[int] = field(default_factory=set)
+    dispatched: int = 0
+
+
+@dataclass(eq=False)
+class Group:
+    name: str
+    acks: str
+    members: dict[bytes, Consumer] = field(default_factory=dict)
+    ackers: dict[bytes, float] = field(default_factory=dict)  # ident -> last seen
+    queue: deque[int] = field(default_factory=deque)  # ids waiting for a consumer
+    pending: dict[int, Pending] = field(default_factory=dict)
+    dispatched: int = 0
+    acked: int = 0
+    redispatched: int = 0
+    dead: int = 0
+    duplicate_acks: int = 0
+
+    def status(self) -> dict[str, Any]:
+        return {"members": {c.name or c.ident.hex(): {"inflight": len(c.inflight),
+                                                      "window": c.window,
+                                                      "dispatched": c.dispatched}
+                            for c in self.members.values()},
+                "ackers": len(self.ackers), "acks": self.acks, "pending": len(self.pending),
+                "queued": len(self.queue), "dispatched": self.dispatched,
+                "acked": self.acked, "redispatched": self.redispatched,
+                "dead_consumers": self.dead}
+
+
+class Dispatcher:
+    """Owns the work ROUTER socket's bookkeeping; the broker calls it from its loop.
+
+    ``send`` is the broker's function that puts ``[ident, header, payload]`` on the
+    wire (it tracks zero-copy buffers); ``release`` gives a slot hold back.
+    """
+
+    def __init__(self, sock: zmq.Socket, *, max_pending: int, timeout: float,
+                 send: Callable[[bytes, bytes, Any], None],
+                 release: Callable[[Any], None], log: Callable[[str], None]) -> None:
+        self.sock = sock
+        self.max_pending = max_pending
+        self.timeout = timeout
+        self._send = send
+        self._release = release
+        self._log = log
+        self.groups: dict[str, Group] = {}
+        self._member_group: dict[bytes, Group] = {}
+        self._acker_group: dict[bytes, Group] = {}
+        self.rejected: dict[str, int] = {}
+
+    # --- frames in ---------------------------------------------------------------
+    def has_room(self) -> bool:
+        """True while every group can take one more unacknowledged frame."""
+        return all(len(g.pending) < self.max_pending for g in self.groups.values())
+
+    def members(self, group: str) -> int:
+        g = self.groups.get(group)
+        return len(g.members) if g else 0
+
+    def submit(self, frame_id: int, header: bytes, slot: Any, hold: Callable[[Any], None]) -> None:
+        """Queue a new frame for every group; ``hold`` pins the slot once per group."""
+        for g in self.groups.values():
+            hold(slot)
+            g.pending[frame_id] = Pending(frame_id, header, slot)
+            g.queue.append(frame_id)
+        self.pump()
+
+    def idle(self) -> bool:
+        """Nothing left unacknowledged in any group (used to finish draining)."""
+        return not any(g.pending for g in self.groups.values())
+
+    # --- the socket -------------------------------------------------------------
+    def handle(self, parts: list[bytes]) -> None:
+        """One message from a consumer: ``[ident, cmd, body?]``."""
+        ident, now = parts[0], time.monotonic()
+        try:
+            self._handle(ident, parts[1:], now)
+        except proto.ProtocolError as exc:
+            self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
+            self._log(f"work: rejected message from {ident.hex()}: {exc}")
+
+    def _handle(self, ident: bytes, parts: list[bytes], now: float) -> None:
+        if not parts:
+            raise proto.BadPartCount("work message has no command part")
+        try:
+            cmd = proto.WorkCmd(parts[0])
+        except ValueError:
+            raise proto.BadControlMessage(f"unknown work command {parts[0][:16]!r}") from None
+        self._touch(ident, now)
+        if cmd is proto.WorkCmd.READY:
+            self._join(ident, proto.decode_ready(_body(parts)), now)
+        elif cmd is proto.WorkCmd.DONE:
+            self._done(ident, proto.decode_ids(_body(parts)))
+        elif cmd is proto.WorkCmd.ACK:
+            self._ack(ident, proto.decode_ids(_body(parts)))
+        elif cmd is proto.WorkCmd.BYE:
+            self._drop(ident, "left")
+        self.pump()
+
+    def _touch(self, ident: bytes, now: float) -> None:
+        c = self._consumer(ident)
+        if c is not None:
+            c.last_seen = now
+        g = self._acker_group.get(ident)
+        if g is not None:
+            g.ackers[ident] = now
+
+    def _consumer(self, ident: bytes) -> Consumer | None:
+        g = self._member_group.get(ident)
+        return g.members.get(ident) if g else None
+
+    def _join(self, ident: bytes, r: proto.Ready, now: float) -> None:
+        """Join, or re-join: consumers repeat READY while idle, so that a broker that
+        lost them (declared dead, or restarted) takes them back without a handshake."""
+        known = self._member_group.get(ident) or self._acker_group.get(ident)
+        if known is not None:
+            if known.name != r.group:
+                raise proto.BadControlMessage(f"READY for {r.group!r} from a peer already in "
+                                              f"{known.name!r}")
+            c = known.members.get(ident)
+            if c is not None:
+                c.window = r.window
+            return
+        g = self.groups.get(r.group)
+        if g is None:
+            g = self.groups[r.group] = Group(r.group, r.acks)
+        elif g.acks != r.acks:
+            raise proto.BadControlMessage(f"group {r.group!r} acknowledges with {g.acks!r}, "
+                                          f"READY said {r.acks!r}")
+        if r.role == "acker":
+            g.ackers[ident] = now
+            self._acker_group[ident] = g
+            self._redispatch(g, [p for p in g.pending.values() if p.done], "new acker")
+        else:
+            g.members[ident] = Consumer(ident, r.name, r.window, now)
+            self._member_group[ident] = g
+        self._log(f"work: {r.role} {r.name or ident.hex()} joined group {r.group!r}")
+
+    def _done(self, ident: bytes, ids: tuple[int, ...]) -> None:
+        g = self._member_group.get(ident)
+        if g is None:
+            raise proto.BadControlMessage("DONE from a peer that is not a group member")
+        c = g.members[ident]
+        for fid in ids:
+            c.inflight.discard(fid)
+            p = g.pending.get(fid)
+            if p is None or p.consumer != ident:
+                continue
+            if g.acks == "self":
+                self._settle(g, fid)
+            else:
+                p.done = True
+
+    def _ack(self, ident: bytes, ids: tuple[int, ...]) -> None:
+        g = self._acker_group.get(ident)
+        if g is None:
+            raise proto.BadControlMessage("ACK from a peer that is not a group acker")
+        for fid in ids:
+            if fid in g.pending:
+                c = self._consumer(g.pending[fid].consumer or b"")
+                if c is not None:
+                    c.inflight.discard(fid)
+                self._settle(g, fid)
+            else:
+                g.duplicate_acks += 1
+
+    def _settle(self, g: Group, fid: int) -> None:
+        p = g.pending.pop(fid)
+        g.acked += 1
+        self._release(p.slot)
+
+    # --- sending ------------------------------------------------------------------
+    def pump(self) -> None:
+        """Send queued frames to the least-loaded members that have credit."""
+        for g in self.groups.values():
+            while g.queue and g.members:
+                c = min(g.members.values(), key=lambda m: len(m.inflight) / m.window)
+                if len(c.inflight) >= c.window:
+                    break
+                fid = g.queue.popleft()
+                p = g.pending.get(fid)
+                if p is None:  # acknowledged while queued for re-dispatch
+                    continue
+                try:
+                    self._send(c.ident, p.header, p.slot)
+                except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
+                    g.queue.appendleft(fid)
+                    self._drop(c.ident, f"unreachable ({exc})")
+                    continue
+                p.consumer, p.done = c.ident, False
+                c.inflight.add(fid)
+                c.dispatched += 1
+                g.dispatched += 1
+
+    def end_of_stream(self, header: bytes) -> None:
+        """Tell every member and acker that the stream ended (``header`` is an END)."""
+        for g in self.groups.values():
+            for ident in [*g.members, *g.ackers]:
+                try:
+                    self.sock.send_multipart([ident, header, b""], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+
+    # --- liveness -------------------------------------------------------------------
+    def reap(self) -> None:
+        """Declare silent members and ackers dead; re-dispatch what they held."""
+        limit = time.monotonic() - self.timeout
+        for g in list(self.groups.values()):
+            for c in [c for c in g.members.values() if c.last_seen < limit]:
+                self._drop(c.ident, f"silent for more than {self.timeout:g} s")
+            for ident in [i for i, seen in g.ackers.items() if seen < limit]:
+                del g.ackers[ident]
+                del self._acker_group[ident]
+                self._log(f"work: acker {ident.hex()} of {g.name!r} declared dead")
+
+    def _drop(self, ident: bytes, why: str) -> None:
+        g = self._member_group.pop(ident, None)
+        if g is None:
+            g = self._acker_group.pop(ident, None)
+            if g is not None:
+                g.ackers.pop(ident, None)
+            return
+        c = g.members.pop(ident)
+        if why != "left":
+            g.dead += 1
+        held = [p for p in g.pending.values() if p.consumer == ident]
+        self._redispatch(g, held, f"{c.name or ident.hex()} {why}")
+
+    def _redispatch(self, g: Group, held: list[Pending], why: str) -> None:
+        if not held:
+            return
+        for p in sorted(held, key=lambda p: p.frame_id, reverse=True):
+            p.consumer, p.done = None, False
+            g.queue.appendleft(p.frame_id)
+        g.redispatched += len(held)
+        self._log(f"work: group {g.name!r}: {why}; re-dispatching {len(held)} frames")
+        self.pump()
+
+    def status(self) -> dict[str, Any]:
+        return {"groups": {name: g.status() for name, g in self.groups.items()},
+                "rejected": dict(self.rejected), "max_pending": self.max_pending}
+
+
+def _body(parts: list[bytes]) -> bytes:
+    if len(parts) != 2:
+        raise proto.BadPartCount(f"work command {parts[0]!r} takes 1 body part, got "
+                                 f"{len(parts) - 1}")
+    return parts[1]

@@ -1,0 +1,105 @@
+"""Shared helpers: free loopback ports, real broker processes, the CLI as a subprocess."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+from broker.client import Control
+
+PY = sys.executable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Endpoints:
+    pub: str
+    work: str
+    control: str
+    results: str
+
+    def serve_args(self) -> list[str]:
+        return ["--pub", self.pub, "--work", self.work, "--control", self.control,
+                "--results", self.results]
+
+
+def make_endpoints(host: str = "127.0.0.1") -> Endpoints:
+    return Endpoints(*(f"tcp://{host}:{free_port(host)}" for _ in range(4)))
+
+
+@pytest.fixture
+def eps() -> Endpoints:
+    return make_endpoints()
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    """Start ``framebroker ARGS`` as a real process (stdout/stderr captured)."""
+    return subprocess.Popen([PY, "-m", "broker.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "broker.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class BrokerProc:
+    """A ``framebroker serve`` process; stopped (and reaped) when the test ends."""
+
+    def __init__(self, eps: Endpoints, *args: str) -> None:
+        self.eps = eps
+        self.proc = cli("serve", *eps.serve_args(), "--quiet", *args)
+
+    def wait_ready(self, timeout: float = 20) -> dict:
+        ctl = Control(self.eps.control, timeout=0.5)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"broker exited: {self.proc.communicate()}")
+                try:
+                    return ctl.endpoints()
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+        finally:
+            ctl.close()
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+@pytest.fixture
+def broker_factory(eps: Endpoints) -> Iterator:
+    procs: list[BrokerProc] = []
+
+    def start(*args: str, endpoints: Endpoints | None = None) -> BrokerProc:
+        b = BrokerProc(endpoints or eps, *args)
+        procs.append(b)
+        return b
+
+    yield start
+    for b in procs:
+        b.kill()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_opencv() -> None:
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
