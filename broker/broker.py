@@ -88,17 +88,19 @@ class BufferPool:
         self.allocated = 0
 
     def acquire(self) -> Slot:
-        for _ in range(len(self._busy)):
-            slot = self._busy.popleft()
+        """The most recently used free buffer (still in cache), else a new one."""
+        busy = self._busy
+        for i in range(len(busy) - 1, -1, -1):
+            slot = busy[i]
             if slot.free():
-                self._busy.append(slot)
+                del busy[i]
+                busy.append(slot)
                 return slot
-            self._busy.append(slot)
         slot = Slot(np.empty(self.shape, self.dtype))
         self.allocated += 1
-        self._busy.append(slot)
-        while len(self._busy) > self.keep and self._busy[0].free():
-            self._busy.popleft()
+        busy.append(slot)
+        while len(busy) > self.keep and busy[0].free():
+            busy.popleft()
         return slot
 
     def __len__(self) -> int:

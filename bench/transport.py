@@ -1,0 +1,253 @@
+"""Transport benchmark: framebroker PUB/SUB vs the naive pickle way vs raw pyzmq.
+
+Every cell is one sender and one receiver (separate processes for tcp and ipc,
+threads of one process for inproc) on the same PUB/SUB pattern, measured at the
+receiver over a fixed time after a warm-up, repeated (interleaved across methods)
+and reported as the median run, all in one run so the ratios compare like with like
+on a noisy machine:
+
+* ``pickle``: what users write first: ``send_pyobj({"id": i, "frame": array})`` and
+  ``recv_pyobj()``.
+* ``framebroker``: the real broker (synthetic source rendering every frame into a
+  recycled buffer, header + zero-copy payload) to the real ``Subscriber`` (which
+  validates each header and wraps the payload without a copy).
+* ``raw``: one prebuilt ``zmq.Frame`` of the same bytes sent again and again, and
+  received with ``copy=False``: the most pyzmq can do, with no per-frame work at all.
+
+Run ``python bench/transport.py`` (``--quick`` for a short run); prints a table and
+writes ``bench/results/transport.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from broker.broker import Broker, BrokerConfig  # noqa: E402
+from broker.client import Control, Subscriber  # noqa: E402
+from broker.sources import SyntheticSource, synthetic_frame  # noqa: E402
+
+SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
+         "1920x1080x3 u8": ((1080, 1920, 3), "uint8"),
+         "2048x2048 u16": ((2048, 2048), "uint16")}
+METHODS = ("pickle", "framebroker", "raw")
+TRANSPORTS = ("tcp", "ipc", "inproc")
+HWM = 16
+
+
+def _endpoints(transport: str, tag: str) -> dict[str, str]:
+    if transport == "tcp":
+        import socket
+
+        ports = []
+        for _ in range(3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        return {k: f"tcp://127.0.0.1:{p}" for k, p in zip(("pub", "control", "work"), ports)}
+    if transport == "ipc":
+        base = Path(tempfile.gettempdir()) / f"fb-bench-{os.getpid()}-{tag}"
+        return {k: f"ipc://{base}-{k}" for k in ("pub", "control", "work")}
+    return {k: f"inproc://bench-{tag}-{k}" for k in ("pub", "control", "work")}
+
+
+# --- senders: run until ``stop`` is set (or, for the broker, told to stop) -------
+
+def send_pickle(ep: dict, shape, dtype, stop, ctx=None) -> None:
+    ctx = ctx or zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, HWM)
+    pub.bind(ep["pub"])
+    frame = synthetic_frame(shape, dtype, 0)
+    i = 0
+    while not stop.is_set():
+        pub.send_pyobj({"id": i, "ts": time.time_ns(), "frame": frame})
+        i += 1
+    pub.close(linger=0)
+
+
+def send_raw(ep: dict, shape, dtype, stop, ctx=None) -> None:
+    ctx = ctx or zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, HWM)
+    pub.bind(ep["pub"])
+    payload = zmq.Frame(synthetic_frame(shape, dtype, 0), copy=False)
+    while not stop.is_set():
+        pub.send(payload, copy=False)
+    pub.close(linger=0)
+
+
+def send_framebroker(ep: dict, shape, dtype, stop, ctx=None) -> None:
+    cfg = BrokerConfig(pub=ep["pub"], control=ep["control"], work=ep["work"], sndhwm=HWM,
+                       wait_subscribers=1, end_linger=0.0, linger_ms=0)
+    broker = Broker(SyntheticSource(shape, dtype), cfg, log=lambda m: None, ctx=ctx)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+
+
+SENDERS: dict[str, Callable] = {"pickle": send_pickle, "raw": send_raw,
+                                "framebroker": send_framebroker}
+
+
+# --- receivers: warm up, then count frames for ``seconds`` -------------------------
+
+def _measure(recv_one: Callable[[], int], seconds: float, warmup: float) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    while time.perf_counter() - t_start < warmup:
+        recv_one()
+    n, nbytes = 0, 0
+    t0 = time.perf_counter()
+    while True:
+        nbytes += recv_one()
+        n += 1
+        t = time.perf_counter() - t0
+        if t >= seconds:
+            return {"frames": n, "seconds": t, "fps": n / t, "mb_per_s": nbytes / t / 1e6}
+
+
+def receive(method: str, ep: dict, seconds: float, warmup: float, ctx=None) -> dict[str, Any]:
+    ctx = ctx or zmq.Context.instance()
+    if method == "framebroker":
+        sub = Subscriber(ep["pub"], topics=("cam",), timeout=30, rcvhwm=HWM, ctx=ctx)
+
+        def one() -> int:
+            return sub.recv().array.nbytes
+
+        try:
+            return _measure(one, seconds, warmup)
+        finally:
+            sub.close()
+            Control(ep["control"], timeout=5, ctx=ctx).stop()
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    sock.setsockopt(zmq.RCVTIMEO, 30000)
+    sock.connect(ep["pub"])
+    if method == "pickle":
+        def one() -> int:
+            return sock.recv_pyobj()["frame"].nbytes
+    else:
+        def one() -> int:
+            return len(sock.recv(copy=False))
+    try:
+        return _measure(one, seconds, warmup)
+    finally:
+        sock.close(linger=0)
+
+
+def _receiver_proc(method, ep, seconds, warmup, queue) -> None:
+    queue.put(receive(method, ep, seconds, warmup))
+
+
+def _sender_proc(method, ep, shape, dtype, stop) -> None:
+    SENDERS[method](ep, shape, dtype, stop)
+
+
+def run_cell(method: str, transport: str, shape, dtype, seconds: float,
+             warmup: float) -> dict[str, Any]:
+    ep = _endpoints(transport, f"{method}-{shape[0]}")
+    if transport == "inproc":
+        ctx = zmq.Context()
+        stop = threading.Event()
+        sender = threading.Thread(target=SENDERS[method], args=(ep, shape, dtype, stop, ctx))
+        sender.start()
+        time.sleep(0.05)  # inproc needs the bind before the connect
+        try:
+            return receive(method, ep, seconds, warmup, ctx)
+        finally:
+            stop.set()
+            sender.join()
+            ctx.term()
+    spawn = mp.get_context("spawn")
+    stop, queue = spawn.Event(), spawn.Queue()
+    sender = spawn.Process(target=_sender_proc, args=(method, ep, shape, dtype, stop))
+    receiver = spawn.Process(target=_receiver_proc, args=(method, ep, seconds, warmup, queue))
+    sender.start()
+    receiver.start()
+    try:
+        return queue.get(timeout=120)
+    finally:
+        stop.set()
+        receiver.join(10)
+        sender.join(10)
+        for p in (sender, receiver):
+            if p.is_alive():
+                p.kill()
+        for path in ep.values():
+            if path.startswith("ipc://"):
+                Path(path[6:]).unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short cells (for CI and smoke runs)")
+    ap.add_argument("--seconds", type=float, default=None, help="measured seconds per cell")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="interleaved runs per cell; the median is reported (default 3)")
+    ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport.json")
+    args = ap.parse_args(argv)
+    seconds = args.seconds or (0.5 if args.quick else 2.0)
+    warmup = 0.2 if args.quick else 0.5
+    rows = []
+    for size in args.sizes:
+        shape, dtype = SIZES[size]
+        for transport in args.transports:
+            samples: dict[str, list[dict]] = {m: [] for m in METHODS}
+            for _ in range(args.repeat):  # interleaved, so drift hits every method alike
+                for method in METHODS:
+                    samples[method].append(run_cell(method, transport, shape, dtype, seconds,
+                                                    warmup))
+            for method, runs in samples.items():
+                best = sorted(runs, key=lambda r: r["fps"])[len(runs) // 2]  # the median run
+                rows.append({"size": size, "transport": transport, "method": method, **best,
+                             "fps_runs": [round(r["fps"], 1) for r in runs]})
+                print(f"  {size:>15} {transport:>6} {method:>12}: median {best['fps']:8.1f} fps "
+                      f"of {[round(r['fps']) for r in runs]}", file=sys.stderr, flush=True)
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": platform_info(), "seconds_per_cell": seconds,
+                                    "repeat": args.repeat, "hwm": HWM, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def platform_info() -> dict[str, Any]:
+    return {"python": platform.python_version(), "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(), "cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+def print_table(rows: list[dict]) -> None:
+    by = {(r["size"], r["transport"], r["method"]): r for r in rows}
+    print(f"\n| frame | transport | pickle fps | framebroker fps | raw pyzmq fps | "
+          f"framebroker MB/s | vs pickle | vs raw |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in dict.fromkeys(r["size"] for r in rows):
+        for transport in dict.fromkeys(r["transport"] for r in rows):
+            p, f, r = (by.get((size, transport, m)) for m in METHODS)
+            if not (p and f and r):
+                continue
+            print(f"| {size} | {transport} | {p['fps']:.0f} | {f['fps']:.0f} | {r['fps']:.0f} | "
+                  f"{f['mb_per_s']:.0f} | {f['fps'] / p['fps']:.2f}x | "
+                  f"{f['fps'] / r['fps']:.0%} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
