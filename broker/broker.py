@@ -48,7 +48,7 @@ class BrokerConfig:
     wait_subscribers: int = 0
     wait_workers: int = 0
     wait_recorders: int = 0
-    max_pending: int = 256
+    max_pending: int = 64
     worker_timeout: float = 2.0
     drain_timeout: float = 10.0
     end_linger: float = 1.0
@@ -220,7 +220,7 @@ class Broker:
                     self._serve(100)
                     pacer.reset()
                     continue
-                if not self.dispatcher.has_room():
+                if not self.dispatcher.has_room(self.sent):
                     self.backpressure_waits += 1
                     self._serve(50)
                     continue
@@ -243,7 +243,11 @@ class Broker:
         return self.status()
 
     def _waiting(self) -> bool:
+        """Hold the start until the awaited peers are there; once streaming, never again
+        (a consumer that dies later must not stop the camera)."""
         cfg = self.cfg
+        if self.sent:
+            return False
         return (self.subscribers < cfg.wait_subscribers
                 or self.dispatcher.members("fft") < cfg.wait_workers
                 or self.dispatcher.members("record") < cfg.wait_recorders)

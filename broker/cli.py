@@ -12,9 +12,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections import deque
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+import zmq
 
 from . import __version__
 from . import protocol as proto
@@ -155,7 +157,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="hold the stream until this many FFT workers have joined")
     p.add_argument("--wait-recorders", type=_nonneg_int, default=0,
                    help="hold the stream until this many lossless recorders have joined")
-    p.add_argument("--max-pending", type=_positive_int, default=256,
+    p.add_argument("--max-pending", type=_positive_int, default=64,
                    help="unacknowledged frames per work group before the source waits "
                         "(default %(default)s)")
     p.add_argument("--worker-timeout", type=_nonneg_float, default=2.0,
@@ -240,7 +242,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                          timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout)
     except BrokerUnavailable as exc:
         raise CliError(str(exc)) from None
-    latencies: list[float] = []
+    latencies: deque[float] = deque(maxlen=100_000)
     corrupt = 0
     t0 = time.monotonic()
     next_line = t0 + args.interval if args.interval else None
@@ -258,7 +260,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 rate = (sub.received - last_n) / (now - last_t)
                 print(f"watch: {sub.received} frames, {rate:.1f} fps, "
                       f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
-                      f"latency {np.median(latencies[-256:]):.2f} ms", file=sys.stderr,
+                      f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
                       flush=True)
                 last_n, last_t, next_line = sub.received, now, now + args.interval
     except ReceiveTimeout as exc:
@@ -290,8 +292,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     return EXIT_LOST if lost else EXIT_OK
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
+def _pct(values: Iterable[float], q: float) -> float | None:
+    arr = np.fromiter(values, dtype=np.float64)
+    return round(float(np.percentile(arr, q)), 3) if arr.size else None
 
 
 def _control(args: argparse.Namespace) -> Control:
@@ -369,12 +372,123 @@ def _write_png(out: Path, array: np.ndarray) -> None:
         raise CliError(f"cannot write {out} (does the directory exist?)")
 
 
+def _add_worker(sub: argparse._SubParsersAction) -> None:
+    from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
+
+    p = sub.add_parser("worker", help="FFT worker: frames from the broker, results to the sink",
+                       description="Join the broker's FFT work group: plan a 2-D real FFT once, "
+                                   "transform every frame it is given, send a result per frame "
+                                   "to the sink.")
+    _add_client_args(p)
+    p.set_defaults(timeout=30.0)
+    p.add_argument("--work", type=_endpoint, default=None,
+                   help="work endpoint (overrides --broker)")
+    p.add_argument("--results", type=_endpoint, default=None,
+                   help="sink's results endpoint (overrides --broker)")
+    p.add_argument("--output", choices=OUTPUTS, default="peak",
+                   help="what is sent back per frame (default %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="FFT library")
+    p.add_argument("--color", choices=COLORS, default="gray",
+                   help="BGR frames: to gray, or each channel (default %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="FFT threads in this worker (default 1: prefer more workers)")
+    p.add_argument("--planner", choices=list(PLANNERS), default="measure",
+                   help="FFTW planning effort (default %(default)s, kept as wisdom)")
+    p.add_argument("--wisdom", default=None,
+                   help="wisdom directory (default: the user cache dir)")
+    p.add_argument("--window", type=_positive_int, default=2,
+                   help="frames this worker may hold at once (its credit, default %(default)s)")
+    p.add_argument("--no-sink", action="store_true",
+                   help="count only: send no results, acknowledge frames directly")
+    p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
+    p.add_argument("--keep-running", action="store_true",
+                   help="stay up after end-of-stream and serve the next session")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import Worker, WorkerConfig
+
+    cfg = WorkerConfig(broker=args.broker, work=args.work, results=args.results,
+                       output=args.output, backend=args.backend, color=args.color,
+                       threads=args.threads, planner=args.planner, wisdom=args.wisdom,
+                       window=args.window, sink=not args.no_sink, worker_id=args.id,
+                       timeout=args.timeout, keep_running=args.keep_running)
+    try:
+        worker = Worker(cfg)
+    except (BrokerUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        summary = worker.run()
+    finally:
+        worker.close()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"framebroker worker: {summary['frames']} frames, {summary['fps']} fps, compute "
+              f"p50 {summary['compute_ms_p50']} ms, rejected {summary['rejected']}")
+    return EXIT_OK if summary["ended"] else EXIT_ERROR
+
+
+def _add_sink(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sink", help="collect FFT results in frame-id order",
+                       description="Bind the results endpoint, put worker results back in "
+                                   "frame-id order, drop duplicates, report gaps, and exit "
+                                   "with a summary at end-of-stream.")
+    _add_client_args(p)
+    p.set_defaults(timeout=30.0)
+    p.add_argument("--results", type=_endpoint, default=None,
+                   help="results endpoint to bind (default: what the broker hands out)")
+    p.add_argument("--work", type=_endpoint, default=None,
+                   help="broker work endpoint, for acknowledgements (overrides --broker)")
+    p.add_argument("--reorder", type=_positive_int, default=1024,
+                   help="results held back to restore order before a gap is declared "
+                        "(default %(default)s; keep it >= the broker's --max-pending)")
+    p.add_argument("--out", default=None, help="write results to a .npy or .h5 file")
+    p.add_argument("--keep-running", action="store_true",
+                   help="stay up after end-of-stream and collect the next session")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_sink)
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from .sink import Sink, SinkConfig
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in (".npy", ".h5"):
+        raise CliError(f"--out {out}: use a .npy or .h5 file name", EXIT_USAGE)
+    if out is not None and not out.parent.is_dir():
+        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
+                     reorder=args.reorder, out=args.out, timeout=args.timeout,
+                     keep_running=args.keep_running)
+    try:
+        sink = Sink(cfg)
+    except BrokerUnavailable as exc:
+        raise CliError(str(exc)) from None
+    except zmq.ZMQError as exc:
+        raise CliError(f"cannot bind the results endpoint: {exc}") from None
+    try:
+        summary = sink.run()
+        if out is not None:
+            sink.write(out)
+    finally:
+        sink.close()
+    print(json.dumps(summary) if args.json else f"framebroker sink: {sink.summary_line()}")
+    if summary["total"] is None:
+        return EXIT_ERROR
+    return EXIT_LOST if summary["gaps"] else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framebroker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"framebroker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
     _add_watch(sub)
+    _add_worker(sub)
+    _add_sink(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)

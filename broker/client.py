@@ -317,6 +317,11 @@ class WorkConsumer(_Receiver):
             if time.monotonic() - self._last_sent >= self.heartbeat:
                 self._join()  # doubles as heartbeat: idempotent at the broker
 
+    def heartbeat_now(self) -> None:
+        """Tell the broker we are alive while busy with something other than frames."""
+        self.sock.send_multipart([proto.WorkCmd.HB.value])
+        self._last_sent = time.monotonic()
+
     def done(self, *frame_ids: int) -> None:
         self.sock.send_multipart([proto.WorkCmd.DONE.value, proto.encode_ids(frame_ids)])
         self._last_sent = time.monotonic()

@@ -10,10 +10,11 @@ consumer that stays silent past the timeout, or that ROUTER can no longer reach,
 declared dead and its unacknowledged frames are dispatched again; the sink removes
 the duplicates this can cause.
 
-The number of unacknowledged frames per group is bounded (``max_pending``). A
-lossless source waits while any group is full, which is also what bounds how far
-out of order results can arrive: a sink whose reorder window is at least
-``max_pending`` always emits in order.
+The span of unacknowledged frame ids per group is bounded: no frame is dispatched
+while it is ``max_pending`` or more ids ahead of the group's oldest unacknowledged
+frame, and the source waits instead. That bounds memory, and it bounds how far out
+of order results can arrive: a sink whose reorder window is at least ``max_pending``
+always emits in order, even when a dead worker's frames are dispatched again.
 """
 from __future__ import annotations
 
@@ -95,9 +96,11 @@ class Dispatcher:
         self.rejected: dict[str, int] = {}
 
     # --- frames in ---------------------------------------------------------------
-    def has_room(self) -> bool:
-        """True while every group can take one more unacknowledged frame."""
-        return all(len(g.pending) < self.max_pending for g in self.groups.values())
+    def has_room(self, next_id: int) -> bool:
+        """True while frame ``next_id`` is within ``max_pending`` ids of every group's
+        oldest unacknowledged frame (``pending`` is in id order: dicts keep insertion)."""
+        return all(not g.pending or next_id - next(iter(g.pending)) < self.max_pending
+                   for g in self.groups.values())
 
     def members(self, group: str) -> int:
         g = self.groups.get(group)

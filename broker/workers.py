@@ -1,0 +1,181 @@
+"""FFT worker: takes frames from the broker's work group, sends results to the sink.
+
+A worker is its own process (started with spawn or as a CLI process, never forked:
+FFTW threads and fork do not mix). It plans once per frame shape when it starts
+(from the broker's status) so the first frame does not pay for planning, holds at
+most ``window`` frames, and reports each one DONE only after its result was handed
+to the results socket. While the sink is absent or slow, the result send waits in
+short slices and the worker keeps heartbeating, so it is not declared dead for
+being blocked by someone else.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from . import protocol as proto
+from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer
+from .fft import FFTProcessor, WisdomStore
+
+OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
+                "radial": proto.Output.RADIAL, "peak": proto.Output.PEAK}
+
+
+@dataclass
+class WorkerConfig:
+    broker: str = DEFAULT_BROKER
+    work: str | None = None
+    results: str | None = None
+    output: str = "peak"
+    backend: str = "pyfftw"
+    color: str = "gray"
+    threads: int = 1
+    planner: str = "measure"
+    wisdom: str | None = None  # directory; None = the user cache dir
+    window: int = 2
+    sink: bool = True  # False: no results socket, DONE acknowledges (count only)
+    worker_id: int = 0
+    timeout: float = 10.0  # seconds without work (and without END) before giving up
+    keep_running: bool = False  # survive END and wait for the next session
+    sndhwm: int = 64
+
+
+@dataclass
+class WorkerStats:
+    frames: int = 0
+    compute_ns: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
+    plans: list[dict[str, Any]] = field(default_factory=list)
+    rejected: int = 0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+    def summary(self, consumer: WorkConsumer) -> dict[str, Any]:
+        elapsed = self.t_last - self.t_first
+        comp = np.array(self.compute_ns or [0], dtype=np.float64) / 1e6
+        return {"frames": self.frames, "seconds": round(elapsed, 3),
+                "fps": round((self.frames - 1) / elapsed, 2) if elapsed > 0 else 0.0,
+                "compute_ms_p50": round(float(np.median(comp)), 3),
+                "plans": self.plans, "rejected": dict(consumer.rejected),
+                "ended": consumer.ended, "total": consumer.total}
+
+
+class Worker:
+    """One FFT worker; ``run()`` returns its summary."""
+
+    def __init__(self, cfg: WorkerConfig, log: Callable[[str], None] | None = None,
+                 ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.log = log or (lambda m: print(f"framebroker worker: {m}", file=sys.stderr,
+                                           flush=True))
+        self.worker_id = cfg.worker_id or os.getpid()
+        self.wisdom = WisdomStore(cfg.wisdom)
+        self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
+                                     window=cfg.window, acks="sink" if cfg.sink else "self",
+                                     name=f"worker-{self.worker_id}", connect_wait=cfg.timeout,
+                                     ctx=self.ctx)
+        self.push: zmq.Socket | None = None
+        if cfg.sink:
+            results = cfg.results or self.consumer.endpoints.get("results")
+            if not results:
+                raise ValueError("no results endpoint: give --results or --broker")
+            self.push = self.ctx.socket(zmq.PUSH)
+            self.push.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+            self.push.setsockopt(zmq.LINGER, 5000)
+            self.push.connect(results)
+        self.processors: dict[tuple, FFTProcessor] = {}
+        self.stats = WorkerStats()
+        self._plan_from_status()
+
+    def _plan_from_status(self) -> None:
+        """Plan for the broker's frame shape now, before any frame arrives."""
+        if not self.consumer.endpoints:
+            return
+        ctl = Control(self.cfg.broker, timeout=2.0, ctx=self.ctx)
+        try:
+            status = ctl.status()
+            self.processor(tuple(status["shape"]), np.dtype(status["dtype"]))
+        except (TimeoutError, RuntimeError, ValueError) as exc:
+            self.log(f"planning deferred to the first frame: {exc}")
+        finally:
+            ctl.close()
+
+    def processor(self, shape: tuple[int, ...], dtype: np.dtype) -> FFTProcessor:
+        key = (shape, dtype.str)
+        proc = self.processors.get(key)
+        if proc is None:
+            cfg = self.cfg
+            proc = FFTProcessor(shape, dtype, color=cfg.color, output=cfg.output,
+                                backend=cfg.backend, threads=cfg.threads, planner=cfg.planner,
+                                wisdom=self.wisdom)
+            info = {"shape": list(shape), "dtype": str(dtype), **proc.plan_info}
+            self.stats.plans.append(info)
+            self.log(f"planned {shape} {dtype} ({cfg.backend}/{cfg.planner}, {cfg.threads} "
+                     f"thread(s)) in {info['planning_seconds'] * 1e3:.1f} ms; wisdom imported: "
+                     f"{info['wisdom_imported']}, had plan: {info['wisdom_had_plan']}"
+                     + (f", wisdom error: {info['wisdom_error']}" if info["wisdom_error"] else ""))
+            self.processors[key] = proc
+        return proc
+
+    def run(self) -> dict[str, Any]:
+        c = self.consumer
+        while True:
+            try:
+                frame = c.recv(timeout=self.cfg.timeout)
+            except ReceiveTimeout as exc:
+                self.log(str(exc))
+                break
+            if frame is None:
+                if not self.cfg.keep_running:
+                    break
+                continue
+            self._handle(frame)
+        return self.stats.summary(c)
+
+    def _handle(self, frame: Frame) -> None:
+        h = frame.header
+        try:
+            proc = self.processor(h.shape, h.dtype)
+            result = proc.process(frame.array)
+        except ValueError as exc:  # a frame no FFT can take (1-D, 4-D, complex, ...)
+            self.stats.rejected += 1
+            self.log(f"frame {h.frame_id} rejected: {exc}")
+            self.consumer.done(h.frame_id)
+            return
+        if self.push is not None:
+            header = proto.result_header(h.stream, h.frame_id, h.timestamp_ns, result,
+                                         OUTPUT_CODES[self.cfg.output], self.worker_id,
+                                         proc.last_compute_ns, h.session)
+            self._send_result([header, result])
+        self.consumer.done(h.frame_id)
+        now = time.monotonic()
+        st = self.stats
+        if not st.frames:
+            st.t_first = now
+        st.t_last = now
+        st.frames += 1
+        st.compute_ns.append(proc.last_compute_ns)
+
+    def _send_result(self, parts: list[Any]) -> None:
+        """Hand a result to the sink, heartbeating while the sink applies back-pressure."""
+        assert self.push is not None
+        while True:
+            try:
+                # copied: spectrum/magnitude results are the processor's reused buffers
+                self.push.send_multipart(parts, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self.push.poll(int(self.consumer.heartbeat * 1000), zmq.POLLOUT)
+                self.consumer.heartbeat_now()
+
+    def close(self) -> None:
+        self.consumer.close()
+        if self.push is not None:
+            self.push.close()
