@@ -396,7 +396,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="FFTW planning effort (default %(default)s, kept as wisdom)")
     p.add_argument("--wisdom", default=None,
                    help="wisdom directory (default: the user cache dir)")
-    p.add_argument("--window", type=_positive_int, default=2,
+    p.add_argument("--window", type=_positive_int, default=4,
                    help="frames this worker may hold at once (its credit, default %(default)s)")
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")

@@ -39,7 +39,7 @@ class WorkerConfig:
     threads: int = 1
     planner: str = "measure"
     wisdom: str | None = None  # directory; None = the user cache dir
-    window: int = 2
+    window: int = 4
     sink: bool = True  # False: no results socket, DONE acknowledges (count only)
     worker_id: int = 0
     timeout: float = 10.0  # seconds without work (and without END) before giving up
