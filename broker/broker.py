@@ -26,6 +26,7 @@ import zmq
 
 from . import __version__
 from . import protocol as proto
+from .client import cpu_seconds
 from .dispatch import Dispatcher
 from .sources import Pacer, Source, SourceError, format_shape
 
@@ -150,6 +151,7 @@ class Broker:
         self._t_first = 0.0
         self._t_last = 0.0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self._pacer = Pacer(cfg.fps)
         self._bind()
 
     # --- sockets ------------------------------------------------------------------
@@ -210,7 +212,7 @@ class Broker:
 
     def run(self) -> dict[str, Any]:
         """Stream until done; returns the final status."""
-        pacer = Pacer(self.cfg.fps)
+        pacer = self._pacer
         next_progress = time.monotonic() + self.cfg.progress if self.cfg.progress else None
         try:
             while not self._stop_requested:
@@ -395,6 +397,7 @@ class Broker:
                 "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
                 "backpressure_waits": self.backpressure_waits,
                 "control_rejected": dict(self.control_rejected), "error": self.error,
+                "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
     def progress_line(self) -> str:

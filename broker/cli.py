@@ -171,6 +171,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p.set_defaults(func=cmd_serve)
 
 
@@ -209,7 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         broker.close()
         source.close()
-    print(f"framebroker serve: {broker.summary_line()}", flush=True)
+    print(json.dumps(status) if args.json else f"framebroker serve: {broker.summary_line()}",
+          flush=True)
     return EXIT_ERROR if status["error"] else EXIT_OK
 
 
@@ -481,6 +483,294 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return EXIT_LOST if summary["gaps"] else EXIT_OK
 
 
+COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")
+
+
+def _add_record_args(p: argparse.ArgumentParser) -> None:
+    """Recorder flags shared by ``record`` and ``run``."""
+    p.add_argument("--mode", choices=("lossless", "live"), default="lossless",
+                   help="lossless: credit-based, the source waits for the disk; live: PUB, "
+                        "drops are recorded as gaps (default %(default)s)")
+    p.add_argument("--compression", choices=COMPRESSIONS, default="none",
+                   help="chunk codec (hdf5plugin; default %(default)s)")
+    p.add_argument("--level", type=_nonneg_int, default=None, help="codec level")
+    p.add_argument("--chunk-frames", type=_positive_int, default=1,
+                   help="frames per HDF5 chunk (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("record", help="record the stream into HDF5",
+                       description="Record frames into a chunked, preallocated HDF5 file "
+                                   "with direct chunk writes; lossless by default.")
+    p.add_argument("path", help="output file, e.g. run.h5")
+    _add_client_args(p)
+    p.set_defaults(timeout=30.0)
+    p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
+    p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
+    _add_record_args(p)
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="expected frame count: preallocate exactly (default: grow)")
+    p.add_argument("--grow-frames", type=_positive_int, default=1024,
+                   help="growth step when the count is unknown (default %(default)s)")
+    p.add_argument("--window", type=_positive_int, default=16,
+                   help="lossless: frames held at once (default %(default)s)")
+    p.add_argument("--queue-frames", type=_positive_int, default=64,
+                   help="frames buffered between receive and disk (default %(default)s)")
+    p.add_argument("--flush-frames", type=_positive_int, default=64,
+                   help="flush at least every N frames (default %(default)s)")
+    p.add_argument("--flush-seconds", type=_nonneg_float, default=1.0,
+                   help="flush at least every S seconds (default %(default)s)")
+    p.add_argument("--no-swmr", action="store_true",
+                   help="plain HDF5 (readers cannot open it while recording)")
+    p.add_argument("--max-frames-per-file", type=_nonneg_int, default=0,
+                   help="rotate to OUT_00001.h5, ... after N frames (0 = never)")
+    p.add_argument("--max-bytes-per-file", type=_mib, default=0,
+                   help="rotate after this many MiB of frames (0 = never)")
+    p.add_argument("--compress-threads", type=_positive_int, default=2,
+                   help="threads compressing chunks (default %(default)s)")
+    p.add_argument("--throttle", type=_nonneg_float, default=0.0,
+                   help="sleep this many seconds per frame in the writer (simulates a "
+                        "slow disk; for tests)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_record)
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from .record import RecordConfig, Recording
+    from .recorder import RecorderError
+
+    cfg = RecordConfig(path=args.path, broker=args.broker, work=args.work, pub=args.pub,
+                       mode=args.mode, frames=args.frames, window=args.window,
+                       queue_frames=max(args.queue_frames, args.window),
+                       chunk_frames=args.chunk_frames, grow_frames=args.grow_frames,
+                       compression=args.compression, level=args.level, swmr=not args.no_swmr,
+                       flush_frames=args.flush_frames, flush_seconds=args.flush_seconds,
+                       max_frames_per_file=args.max_frames_per_file,
+                       max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
+                       compress_threads=args.compress_threads, throttle_s=args.throttle,
+                       timeout=args.timeout)
+    try:
+        rec = Recording(cfg)
+    except (RecorderError, BrokerUnavailable, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    try:
+        summary = rec.run()
+    except RecorderError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        rec.close()
+    print(json.dumps(summary) if args.json else
+          f"framebroker record: {summary['frames_written']} frames ({summary['fps']} fps, "
+          f"{summary['mb_per_s']} MB/s) to {', '.join(summary['files'])}; missed "
+          f"{summary['frames_missed']}, dropped {summary['dropped']}")
+    if not summary["ended"]:
+        return EXIT_ERROR
+    return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="describe a recording",
+                       description="Frames, dtype/shape, duration and rate, missing ids, "
+                                   "compression ratio and size of an HDF5 recording.")
+    p.add_argument("path", help="recording (.h5)")
+    p.add_argument("--png", default=None, help="write a contact sheet + interval plot PNG")
+    p.add_argument("--follow", action="store_true",
+                   help="SWMR: keep showing the frame count while it is recorded")
+    p.add_argument("--interval", type=_nonneg_float, default=0.5,
+                   help="--follow refresh interval in seconds")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import inspect as insp
+
+    path = Path(args.path)
+    if not path.is_file():
+        raise CliError(f"{path}: no such file")
+    try:
+        if args.follow:
+            for count in insp.follow(path, args.interval):
+                print(f"inspect: {path}: {count} frames", flush=True)
+        info = insp.inspect_file(path)
+        if args.png:
+            insp.contact_sheet(path, args.png)
+    except (OSError, KeyError, ValueError) as exc:
+        raise CliError(f"{path}: not a framebroker recording ({exc})") from None
+    print(json.dumps(info, default=str) if args.json else insp.format_report(info))
+    return EXIT_OK
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
+    from .run import default_workers
+
+    p = sub.add_parser("run", help="the whole pipeline in one command",
+                       description="Start a broker, FFT workers, the sink and optionally a "
+                                   "recorder; stream; stop everything in order; print a "
+                                   "summary. Flags can also come from --config FILE (TOML).")
+    p.add_argument("--config", default=None,
+                   help="TOML file of flags (keys as the long flags, - or _); flags override")
+    p.add_argument("--frames", type=_nonneg_int, default=None,
+                   help="frames to stream (default 1000; 0 with --seconds = unlimited)")
+    p.add_argument("--seconds", type=_nonneg_float, default=0.0,
+                   help="stop after this many seconds (Ctrl-C also stops cleanly)")
+    p.add_argument("--source", type=_source, default="synthetic",
+                   help="synthetic | video:PATH | camera:INDEX")
+    p.add_argument("--shape", type=_shape, default=(480, 640, 3),
+                   help="synthetic frame shape (default 480x640x3)")
+    p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
+    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max)")
+    p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
+                   help="FFT worker processes (default: one per core, %(default)s here)")
+    p.add_argument("--fft-output", choices=OUTPUTS, default="peak", help="worker --output")
+    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="worker --backend")
+    p.add_argument("--color", choices=COLORS, default="gray", help="worker --color")
+    p.add_argument("--threads", type=_positive_int, default=1, help="FFT threads per worker")
+    p.add_argument("--planner", choices=list(PLANNERS), default="measure",
+                   help="FFTW planner (wisdom is kept)")
+    p.add_argument("--wisdom", default=None, help="wisdom directory")
+    p.add_argument("--window", type=_positive_int, default=4, help="frames per worker credit")
+    p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
+    p.add_argument("--record", default=None, help="also record into this HDF5 file")
+    _add_record_args(p)
+    p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
+    p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
+    p.add_argument("--stream", type=_stream, default="cam", help="stream name")
+    for name, port in (("pub", 5555), ("work", 5556), ("control", 5557), ("results", 5558)):
+        p.add_argument(f"--{name}", type=_endpoint, default=f"tcp://127.0.0.1:{port}",
+                       help=f"{name} endpoint (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no live progress")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import RunPlan, Runner, exit_code, format_report
+
+    frames = args.frames if args.frames is not None else (0 if args.seconds else 1000)
+    if args.workers == 0 and args.record is None:
+        raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
+    if args.record and Path(args.record).exists() and not args.overwrite:
+        raise CliError(f"{args.record} exists; use --overwrite to replace it")
+    eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
+           "--results", args.results]
+    lossless = bool(args.record) and args.mode == "lossless"
+    source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
+    serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
+             "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
+             "--stream", args.stream, "--sndhwm", str(args.hwm),
+             "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
+             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json"]
+    if args.loop:
+        serve.append("--loop")
+    client = ["--broker", args.control, "--json"]
+    sink = ["sink", *client, "--reorder", str(args.reorder)] if args.workers else None
+    worker = ["worker", *client, "--output", args.fft_output, "--backend", args.backend,
+              "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
+              "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
+    record = None
+    if args.record:
+        record = ["record", args.record, *client, "--mode", args.mode, "--compression",
+                  args.compression, "--chunk-frames", str(args.chunk_frames)]
+        record += (["--frames", str(frames)] if frames else []) + (
+            ["--level", str(args.level)] if args.level is not None else []) + (
+            ["--overwrite"] if args.overwrite else [])
+    plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
+                   workers=[worker] * args.workers, record=record, seconds=args.seconds,
+                   frames=frames, lossless_record=lossless)
+    progress, finish = _progress(args, frames)
+    runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
+    if sink is None:
+        runner.parts = [p for p in runner.parts if p.name != "sink"]
+    try:
+        runner.run()
+    finally:
+        finish()
+    rep = runner.report()
+    print(json.dumps(rep) if args.json else format_report(rep), flush=True)
+    return exit_code(rep)
+
+
+def _progress(args: argparse.Namespace, frames: int):
+    """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
+    if args.quiet or args.json:
+        return (lambda status: None), (lambda: None)
+
+    def counts(status: dict[str, Any]) -> tuple[int, int, int]:
+        groups = status["work"]["groups"]
+        return (status["frames_sent"], groups.get("fft", {}).get("acked", 0),
+                groups.get("record", {}).get("acked", 0))
+
+    if sys.stdout.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
+                       TimeElapsedColumn(), transient=False)
+        tasks = {name: bar.add_task(name, total=frames or None, rate="")
+                 for name in ("published", "processed", "recorded")}
+        bar.start()
+
+        def show(status: dict[str, Any]) -> None:
+            for name, n in zip(tasks, counts(status)):
+                bar.update(tasks[name], completed=n,
+                           rate=f"{status['rate_fps']:.0f} fps" if name == "published" else "")
+
+        return show, bar.stop
+    last = [0.0]
+
+    def line(status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            sent, done, rec = counts(status)
+            print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
+                  f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
+                  file=sys.stderr, flush=True)
+
+    return line, (lambda: None)
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """``run --config FILE``: the file's keys become the defaults, so flags override."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "run" or "--config" not in args:
+        return
+    i = args.index("--config")
+    if i + 1 >= len(args):
+        return
+    path = Path(args[i + 1])
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        config = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"--config {path}: {exc}", EXIT_USAGE) from None
+    run_parser = parser._subparsers._group_actions[0].choices["run"]
+    known = {a.dest: a for a in run_parser._actions}
+    defaults = {}
+    for key, value in config.items():
+        dest = key.replace("-", "_")
+        if dest not in known or dest in ("help", "config"):
+            raise CliError(f"--config {path}: unknown key {key!r}", EXIT_USAGE)
+        action = known[dest]
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value) if not isinstance(value, str) else value)
+            except argparse.ArgumentTypeError as exc:
+                raise CliError(f"--config {path}: {key}: {exc}", EXIT_USAGE) from None
+        if action.choices is not None and value not in action.choices:
+            raise CliError(f"--config {path}: {key} must be one of {list(action.choices)}",
+                           EXIT_USAGE)
+        defaults[dest] = value
+    run_parser.set_defaults(**defaults)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framebroker", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"framebroker {__version__}")
@@ -489,6 +779,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch(sub)
     _add_worker(sub)
     _add_sink(sub)
+    _add_record(sub)
+    _add_inspect(sub)
+    _add_run(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
@@ -501,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        _apply_config(parser, argv)
+    except CliError as exc:
+        print(f"framebroker run: error: {exc}", file=sys.stderr)
+        return exc.code
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
-from .client import DEFAULT_BROKER, resolve
+from .client import DEFAULT_BROKER, cpu_seconds, resolve
 
 
 @dataclass
@@ -210,7 +210,7 @@ class Sink:
                 "per_worker": {str(k): v for k, v in self.per_worker.items()},
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
-                "rejected": dict(self.rejected)}
+                "rejected": dict(self.rejected), "cpu_s": cpu_seconds()}
 
     def summary_line(self) -> str:
         s = self.summary()

@@ -21,7 +21,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
-from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer
+from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer, cpu_seconds
 from .fft import FFTProcessor, WisdomStore
 
 OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
@@ -63,7 +63,7 @@ class WorkerStats:
                 "fps": round((self.frames - 1) / elapsed, 2) if elapsed > 0 else 0.0,
                 "compute_ms_p50": round(float(np.median(comp)), 3),
                 "plans": self.plans, "rejected": dict(consumer.rejected),
-                "ended": consumer.ended, "total": consumer.total}
+                "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds()}
 
 
 class Worker:

@@ -1,0 +1,197 @@
+"""``framebroker record``: frames from the broker into HDF5, lossless or live.
+
+* **lossless** (default): the recorder is a member of the broker's ``record`` work
+  group. It holds at most ``window`` frames and reports a frame DONE only once the
+  writer has taken it, so a slow disk slows the credit, the credit slows the
+  broker's dispatch, and the source waits: nothing is dropped anywhere. The queue
+  in front of the writer is at least as deep as the window, so the receive loop
+  never blocks and keeps heartbeating through a disk hiccup.
+* **live**: a PUB subscriber. A full queue drops the frame (counted); frames PUB
+  dropped show up as id jumps. Either way the file's ``/gaps`` lists every missing id.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zmq
+
+from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
+                     Subscriber, WorkConsumer, cpu_seconds)
+from .recorder import RecorderError, RecordingWriter, ThreadedRecorder
+
+
+@dataclass
+class RecordConfig:
+    path: str
+    broker: str = DEFAULT_BROKER
+    work: str | None = None
+    pub: str | None = None
+    mode: str = "lossless"
+    frames: int | None = None  # expected count: preallocate; None = grow
+    window: int = 16
+    queue_frames: int = 64
+    chunk_frames: int = 1
+    grow_frames: int = 1024
+    compression: str = "none"
+    level: int | None = None
+    swmr: bool = True
+    flush_frames: int = 64
+    flush_seconds: float = 1.0
+    max_frames_per_file: int = 0
+    max_bytes_per_file: int = 0
+    overwrite: bool = False
+    compress_threads: int = 2
+    throttle_s: float = 0.0  # per-frame sleep in the writer: simulates a slow disk
+    timeout: float = 30.0
+
+
+class Recording:
+    """One recording session; ``run()`` returns the summary."""
+
+    def __init__(self, cfg: RecordConfig, log: Callable[[str], None] | None = None,
+                 ctx: zmq.Context | None = None) -> None:
+        if cfg.mode not in ("lossless", "live"):
+            raise ValueError(f"mode must be lossless or live, got {cfg.mode!r}")
+        if cfg.queue_frames < cfg.window:
+            raise ValueError(f"queue_frames ({cfg.queue_frames}) must be >= window "
+                             f"({cfg.window}) so the receive loop never blocks")
+        self.cfg = cfg
+        self.ctx = ctx or zmq.Context.instance()
+        self.log = log or (lambda m: print(f"framebroker record: {m}", file=sys.stderr,
+                                           flush=True))
+        self.rec: ThreadedRecorder | None = None
+        self.status: dict[str, Any] = {}
+        self.latency_ms: deque[float] = deque(maxlen=100_000)
+        self._queued_ids: deque[int] = deque()
+        self._acked_written = 0
+        self._last_id = -1
+        self.duplicates = 0
+        self._t0 = 0.0
+        self._t1 = 0.0
+        self._open_from_status()
+        if cfg.mode == "lossless":
+            self.source: WorkConsumer | Subscriber = WorkConsumer(
+                cfg.work, broker=cfg.broker, group="record", window=cfg.window, acks="self",
+                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout, ctx=self.ctx)
+        else:
+            self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
+                                     rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
+                                     ctx=self.ctx)
+
+    def _open_from_status(self) -> None:
+        """Create the file before joining, so a bad path fails before any frame is held."""
+        ctl = Control(self.cfg.broker, timeout=min(2.0, self.cfg.timeout), ctx=self.ctx)
+        try:
+            ctl.wait(self.cfg.timeout)
+            self.status = ctl.status()
+        except BrokerUnavailable:
+            if not (self.cfg.work or self.cfg.pub):
+                raise
+            return  # explicit endpoints and no control: open on the first frame
+        finally:
+            ctl.close()
+        self._open(tuple(self.status["shape"]), np.dtype(self.status["dtype"]))
+
+    def _open(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        c = self.cfg
+        writer = RecordingWriter(
+            path=c.path, shape=shape, dtype=dtype, stream=self.status.get("stream", ""),
+            source=self.status.get("source", ""), frames_expected=c.frames,
+            chunk_frames=c.chunk_frames, grow_frames=c.grow_frames, compression=c.compression,
+            level=c.level, swmr=c.swmr, flush_frames=c.flush_frames,
+            flush_seconds=c.flush_seconds, max_frames_per_file=c.max_frames_per_file,
+            max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
+            compress_threads=c.compress_threads)
+        self.rec = ThreadedRecorder(writer, queue_frames=c.queue_frames,
+                                    throttle_s=c.throttle_s)
+
+    # --- the loop ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        lossless = self.cfg.mode == "lossless"
+        idle_since = time.monotonic()
+        try:
+            while True:
+                try:
+                    frame = self.source.recv(timeout=0.1)
+                except ReceiveTimeout:
+                    if time.monotonic() - idle_since > self.cfg.timeout:
+                        self.log(f"no frame and no end-of-stream for {self.cfg.timeout:g} s")
+                        break
+                    self._ack_written()
+                    continue
+                idle_since = time.monotonic()
+                if frame is None:
+                    break
+                self._take(frame, lossless)
+                self._ack_written()
+        finally:
+            self._finish()
+        return self.summary()
+
+    def _take(self, frame: Frame, lossless: bool) -> None:
+        h = frame.header
+        if h.frame_id <= self._last_id:  # at-least-once delivery: already have it
+            self.duplicates += 1
+            if lossless:
+                self.source.done(h.frame_id)
+            return
+        if self.rec is None:
+            self._open(h.shape, h.dtype)
+        assert self.rec is not None
+        if not self._t0:
+            self._t0 = time.monotonic()
+        self._t1 = time.monotonic()
+        if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless):
+            self._last_id = h.frame_id
+            if lossless:
+                self._queued_ids.append(h.frame_id)
+            self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
+
+    def _ack_written(self) -> None:
+        """DONE for the frames the writer has taken since the last call (in order)."""
+        if self.rec is None or self.cfg.mode != "lossless":
+            return
+        n = self.rec.writer.frames_written - self._acked_written
+        if n > 0:
+            ids = [self._queued_ids.popleft() for _ in range(n)]
+            self._acked_written += n
+            self.source.done(*ids)
+
+    def _finish(self) -> None:
+        if self.rec is None:
+            return
+        total = self.source.total
+        if total is not None and total > self._last_id + 1 and not self.rec.writer.closed:
+            self.rec.add_trailing_gap(self._last_id + 1, total - self._last_id - 1)
+        try:
+            self.rec.close()
+        finally:
+            self._ack_written()
+
+    def summary(self) -> dict[str, Any]:
+        w = self.rec.writer if self.rec else None
+        lat = np.fromiter(self.latency_ms, dtype=np.float64)
+        elapsed = self._t1 - self._t0
+        return {"mode": self.cfg.mode, "frames_written": w.frames_written if w else 0,
+                "frames_missed": w.frames_missed if w else 0,
+                "dropped": self.rec.dropped if self.rec else 0, "duplicates": self.duplicates,
+                "total": self.source.total, "ended": self.source.ended,
+                "files": [str(p) for p in w.files] if w else [],
+                "bytes_written": w.bytes_written if w else 0,
+                "bytes_stored": w.bytes_stored if w else 0,
+                "seconds": round(elapsed, 3),
+                "fps": round((w.frames_written - 1) / elapsed, 2) if w and elapsed > 0 else 0.0,
+                "mb_per_s": round(w.bytes_written / elapsed / 1e6, 2) if w and elapsed > 0 else 0,
+                "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+                "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
+                "rejected": dict(self.source.rejected),
+                "cpu_s": cpu_seconds()}
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,274 @@
+"""``framebroker run``: the whole pipeline in one command.
+
+Starts the broker, the FFT workers, the sink and (with ``--record``) the recorder as
+child processes on loopback, each the same ``framebroker`` subcommand a user could
+start by hand. Nothing sleeps to wait for readiness: the broker holds the stream
+until the workers and the recorder have joined (``--wait-workers``,
+``--wait-recorders``), and the sink can join late because the broker keeps every
+frame until the sink acknowledges it. Children run in their own session, so Ctrl-C
+reaches only this process, which then stops the broker and lets every part finish
+in order (the broker's END is what ends each of them).
+
+At the end it prints one table: frames per stage, rates, losses, latencies and CPU
+per process, and exits non-zero if a lossless path lost a frame or a part failed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .client import BrokerUnavailable, Control
+
+EXIT_OK, EXIT_FAILED, EXIT_LOST = 0, 1, 3
+
+
+@dataclass
+class Part:
+    """One child process and where its output goes (files, so no pipe can fill up)."""
+
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    out: Any = None
+    err: Any = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, workdir: Path) -> None:
+        self.out = open(workdir / f"{self.name}.out", "w+")
+        self.err = open(workdir / f"{self.name}.err", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "broker.cli", *self.argv],
+                                     stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    def tail(self, n: int = 5) -> str:
+        self.err.seek(0)
+        lines = [ln for ln in self.err.read().splitlines() if ln.strip()]
+        return "\n".join(f"    {ln}" for ln in lines[-n:])
+
+    def collect(self) -> None:
+        self.out.seek(0)
+        lines = self.out.read().strip().splitlines()
+        try:
+            self.summary = json.loads(lines[-1]) if lines else {}
+        except json.JSONDecodeError:
+            self.summary = {}
+
+    def stop(self, grace: float) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class RunPlan:
+    """Argument lists for every part (built by the CLI from its flags)."""
+
+    control: str
+    serve: list[str]
+    sink: list[str]
+    workers: list[list[str]]
+    record: list[str] | None
+    seconds: float
+    frames: int
+    lossless_record: bool
+
+
+class Runner:
+    def __init__(self, plan: RunPlan, progress: Callable[[dict[str, Any]], None],
+                 log: Callable[[str], None]) -> None:
+        self.plan, self.progress, self.log = plan, progress, log
+        self.parts = [Part("broker", plan.serve), Part("sink", plan.sink)]
+        self.parts += [Part(f"worker{i + 1}", argv) for i, argv in enumerate(plan.workers)]
+        if plan.record is not None:
+            self.parts.append(Part("recorder", plan.record))
+        self.failed: list[tuple[str, int, str]] = []
+        self.interrupted = False
+        self.t_start = 0.0
+        self.t_end = 0.0
+
+    @property
+    def broker(self) -> Part:
+        return self.parts[0]
+
+    def run(self) -> None:
+        workdir = Path(tempfile.mkdtemp(prefix="framebroker-run-"))
+        previous = signal.signal(signal.SIGINT, self._interrupt)
+        try:
+            for part in self.parts:
+                part.start(workdir)
+            self.t_start = time.monotonic()
+            self._monitor()
+            self._wait_all()
+            self.t_end = time.monotonic()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            for part in self.parts:
+                part.stop(grace=2.0)
+                part.collect()
+                part.out.close()
+                part.err.close()
+            for f in workdir.iterdir():
+                f.unlink()
+            workdir.rmdir()
+
+    def _interrupt(self, *_: Any) -> None:
+        self.interrupted = True
+
+    def _monitor(self) -> None:
+        """Until the broker exits: show progress, watch for failures, honour --seconds."""
+        ctl = Control(self.plan.control, timeout=1.0)
+        stop_sent = False
+        try:
+            while self.broker.returncode is None:
+                for part in self.parts[1:]:
+                    rc = part.returncode
+                    if rc not in (None, 0) and part.name not in (f[0] for f in self.failed):
+                        self.failed.append((part.name, rc, part.tail()))
+                elapsed = time.monotonic() - self.t_start
+                want_stop = (self.failed or self.interrupted
+                             or (self.plan.seconds and elapsed >= self.plan.seconds))
+                if want_stop and not stop_sent:
+                    stop_sent = self._stop(ctl)
+                try:
+                    self.progress(ctl.status())
+                except (BrokerUnavailable, RuntimeError):
+                    pass
+                time.sleep(0.25)
+        finally:
+            ctl.close()
+        if self.broker.returncode != 0:
+            self.failed.insert(0, ("broker", self.broker.returncode, self.broker.tail()))
+
+    def _stop(self, ctl: Control) -> bool:
+        try:
+            ctl.stop()
+            return True
+        except (BrokerUnavailable, RuntimeError):
+            self.broker.stop(grace=5.0)  # SIGTERM: the broker still ends the stream
+            return True
+
+    def _wait_all(self) -> None:
+        """Everyone ends at the broker's END; a part that does not is stopped."""
+        deadline = time.monotonic() + 30.0
+        for part in self.parts[1:]:
+            while part.returncode is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            rc = part.returncode
+            if rc is None:
+                self.failed.append((part.name, -1, "did not finish after end-of-stream"))
+            elif rc != 0 and part.name not in (f[0] for f in self.failed):
+                self.failed.append((part.name, rc, part.tail()))
+
+    # --- the report -------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        by = {p.name: p.summary for p in self.parts}
+        b, s = by.get("broker", {}), by.get("sink", {})
+        workers = [by[p.name] for p in self.parts if p.name.startswith("worker")]
+        rec = by.get("recorder")
+        fft = b.get("work", {}).get("groups", {}).get("fft", {})
+        frame_mb = _frame_mb(b)
+        published = b.get("frames_sent", 0)
+        stages = {
+            "captured": {"frames": published, "fps": b.get("avg_fps", 0.0)},
+            "published": {"frames": published, "fps": b.get("avg_fps", 0.0),
+                          "mb_per_s": b.get("mb_per_s", 0.0)},
+            "processed": {"frames": s.get("frames", 0), "fps": s.get("fps", 0.0),
+                          "mb_per_s": round(s.get("fps", 0.0) * frame_mb, 2),
+                          "latency_ms_p50": s.get("latency_ms_p50"),
+                          "latency_ms_p99": s.get("latency_ms_p99")},
+        }
+        if rec is not None:
+            stages["recorded"] = {"frames": rec.get("frames_written", 0),
+                                  "fps": rec.get("fps", 0.0), "mb_per_s": rec.get("mb_per_s", 0),
+                                  "latency_ms_p50": rec.get("latency_ms_p50"),
+                                  "latency_ms_p99": rec.get("latency_ms_p99")}
+        lost_processed = published - s.get("frames", 0)
+        lost_recorded = (published - rec.get("frames_written", 0)) if rec is not None else 0
+        lost = lost_processed > 0 or (self.plan.lossless_record and lost_recorded > 0)
+        return {
+            "ok": not self.failed and not lost,
+            "seconds": round(self.t_end - self.t_start, 3),
+            "stream": {"source": b.get("source"), "shape": b.get("shape"),
+                       "dtype": b.get("dtype")},
+            "stages": stages,
+            "dropped": {"processing": max(lost_processed, 0),
+                        "recording": max(lost_recorded, 0),
+                        "recorder_queue": rec.get("dropped", 0) if rec else 0},
+            "gaps": {"sink": s.get("gaps", 0), "recorder": rec.get("frames_missed", 0) if rec else 0},
+            "redispatched": fft.get("redispatched", 0),
+            "dead_workers": fft.get("dead_consumers", 0),
+            "duplicates": s.get("duplicates", 0),
+            "per_worker": s.get("per_worker", {}),
+            "cpu_s": {p.name: p.summary.get("cpu_s") for p in self.parts},
+            "recording": rec.get("files") if rec else None,
+            "failed": [{"part": n, "exit": rc, "stderr": tail} for n, rc, tail in self.failed],
+            "interrupted": self.interrupted,
+            "workers": workers and [{"fps": w.get("fps"), "frames": w.get("frames"),
+                                     "compute_ms_p50": w.get("compute_ms_p50")}
+                                    for w in workers],
+        }
+
+
+def _frame_mb(status: dict[str, Any]) -> float:
+    import numpy as np
+
+    shape, dtype = status.get("shape"), status.get("dtype")
+    if not shape or not dtype:
+        return 0.0
+    return float(np.prod(shape)) * np.dtype(dtype).itemsize / 1e6
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """The summary as a plain-text table (rich renders the same rows when on a tty)."""
+    lines = [f"framebroker run: {rep['stream']['source']} -> "
+             f"{'OK' if rep['ok'] else 'FAILED'} in {rep['seconds']} s"]
+    lines.append(f"  {'stage':<10} {'frames':>8} {'fps':>9} {'MB/s':>9} {'p50 ms':>9} "
+                 f"{'p99 ms':>9}")
+    for name, st in rep["stages"].items():
+        lines.append(f"  {name:<10} {st['frames']:>8} {st.get('fps', 0):>9.1f} "
+                     f"{st.get('mb_per_s', 0) or 0:>9.1f} {_ms(st.get('latency_ms_p50')):>9} "
+                     f"{_ms(st.get('latency_ms_p99')):>9}")
+    d, g = rep["dropped"], rep["gaps"]
+    lines.append(f"  dropped: processing {d['processing']}, recording {d['recording']} "
+                 f"(recorder queue {d['recorder_queue']}); gaps: sink {g['sink']}, recorder "
+                 f"{g['recorder']}; re-dispatched {rep['redispatched']} (dead workers "
+                 f"{rep['dead_workers']}), duplicates removed {rep['duplicates']}")
+    lines.append("  cpu s: " + ", ".join(f"{k} {v}" for k, v in rep["cpu_s"].items()))
+    if rep["recording"]:
+        lines.append(f"  recording: {', '.join(rep['recording'])}")
+    for f in rep["failed"]:
+        lines.append(f"  FAILED: {f['part']} exited {f['exit']}:\n{f['stderr']}")
+    if rep["interrupted"]:
+        lines.append("  interrupted by Ctrl-C: stopped cleanly")
+    return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def exit_code(rep: dict[str, Any]) -> int:
+    if rep["failed"]:
+        return EXIT_FAILED
+    return EXIT_OK if rep["ok"] else EXIT_LOST
+
+
+def default_workers() -> int:
+    """One FFT worker per core: the broker, sink and recorder are mostly waiting on I/O."""
+    return max(1, os.cpu_count() or 1)
