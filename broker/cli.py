@@ -170,15 +170,48 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest frame accepted from a source, MiB (default 256)")
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without encryption")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc/inproc and tcp on 127.0.0.0/8, ::1 or localhost."""
+    import ipaddress
+
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: reachable from outside
+        return False
+
+
+def check_exposure(endpoints: Sequence[str], insecure: bool) -> None:
+    """Refuse to expose frames and control to the network unencrypted unless asked."""
+    exposed = [ep for ep in endpoints if not is_loopback(ep)]
+    if not exposed:
+        return
+    if not insecure:
+        raise CliError(f"refusing to bind {', '.join(exposed)}: anyone who can reach it could "
+                       f"read every frame and stop the broker, and nothing is encrypted. Bind "
+                       f"127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
+                       EXIT_USAGE)
+    print(f"framebroker serve: warning: --insecure: {', '.join(exposed)} is reachable from "
+          f"the network without encryption or authentication", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
     from .sources import SourceError, open_source
 
+    check_exposure((args.pub, args.work, args.control), args.insecure)
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
                              width=args.width, height=args.height, camera_fps=args.camera_fps)

@@ -147,8 +147,9 @@ class Recording:
         if not self._t0:
             self._t0 = time.monotonic()
         self._t1 = time.monotonic()
+        self._last_id = h.frame_id  # received, whether queued or dropped (the recorder
+        # declares its own drops; _finish declares only ids never received)
         if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless):
-            self._last_id = h.frame_id
             if lossless:
                 self._queued_ids.append(h.frame_id)
             self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
@@ -167,8 +168,8 @@ class Recording:
         if self.rec is None:
             return
         total = self.source.total
-        if total is not None and total > self._last_id + 1 and not self.rec.writer.closed:
-            self.rec.add_trailing_gap(self._last_id + 1, total - self._last_id - 1)
+        if total is not None and total > self._last_id + 1:
+            self.rec.add_gap(self._last_id + 1, total - self._last_id - 1)
         try:
             self.rec.close()
         finally:

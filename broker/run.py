@@ -141,7 +141,7 @@ class Runner:
                     if rc not in (None, 0) and part.name not in (f[0] for f in self.failed):
                         self.failed.append((part.name, rc, part.tail()))
                 elapsed = time.monotonic() - self.t_start
-                want_stop = (self.failed or self.interrupted
+                want_stop = (self._fatal() or self.interrupted
                              or (self.plan.seconds and elapsed >= self.plan.seconds))
                 if want_stop and not stop_sent:
                     stop_sent = self._stop(ctl)
@@ -154,6 +154,13 @@ class Runner:
             ctl.close()
         if self.broker.returncode != 0:
             self.failed.insert(0, ("broker", self.broker.returncode, self.broker.tail()))
+
+    def _fatal(self) -> bool:
+        """A failed sink or recorder ends the run; a dead worker does not, while another
+        worker is left: the broker dispatches its frames again."""
+        names = {f[0] for f in self.failed}
+        workers = [p.name for p in self.parts if p.name.startswith("worker")]
+        return bool(names - set(workers)) or bool(workers) and set(workers) <= names
 
     def _stop(self, ctl: Control) -> bool:
         try:

@@ -178,3 +178,22 @@ def test_port_in_use_is_a_clear_error(eps, broker_factory):
     broker_factory("--fps", "10").wait_ready()
     r = run_cli("serve", *eps.serve_args(), "--frames", "1")
     assert r.returncode == 1 and "cannot bind" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_loopback_bind_is_refused_without_insecure(eps, broker_factory):
+    from conftest import free_port
+    port = free_port()
+    r = run_cli("serve", "--pub", f"tcp://0.0.0.0:{port}", "--control", eps.control,
+                "--work", eps.work, "--frames", "1")
+    assert r.returncode == 2
+    assert "refusing to bind tcp://0.0.0.0" in r.stderr and "--insecure" in r.stderr
+    # with --insecure it binds (only binding is tested; traffic stays on loopback)
+    b = broker_factory("--pub", f"tcp://0.0.0.0:{port}", "--insecure", "--fps", "50")
+    eps_reply = b.wait_ready()
+    assert eps_reply["pub"] == f"tcp://127.0.0.1:{port}"  # wildcard advertised as loopback
+    with Subscriber(broker=eps.control, timeout=10) as sub:
+        frame = sub.recv()
+        assert check_synthetic(frame.array, frame.frame_id) == -1
+    Control(eps.control).stop()
+    rc, _, err = b.finish()
+    assert rc == 0 and "warning: --insecure" in err
