@@ -14,6 +14,9 @@ on a noisy machine:
 * ``raw``: one prebuilt ``zmq.Frame`` of the same bytes sent again and again, and
   received with ``copy=False``: the most pyzmq can do, with no per-frame work at all.
 
+The sender process is pinned to one core and the receiver to the other (``--no-pin``
+to let the scheduler place them); without that, placement alone moves a cell 2x.
+
 Run ``python bench/transport.py`` (``--quick`` for a short run); prints a table and
 writes ``bench/results/transport.json``.
 """
@@ -151,11 +154,28 @@ def receive(method: str, ep: dict, seconds: float, warmup: float, ctx=None) -> d
         sock.close(linger=0)
 
 
-def _receiver_proc(method, ep, seconds, warmup, queue) -> None:
+PIN = True
+
+
+def _pin(cpu: int) -> None:
+    """Sender on one core, receiver on the other (each with its zmq I/O thread), the
+    same for every method: without it the scheduler's placement alone moves results 2x."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if PIN and len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[cpu % len(cpus)]})
+
+
+def _receiver_proc(method, ep, seconds, warmup, queue, pin) -> None:
+    global PIN
+    PIN = pin
+    _pin(1)
     queue.put(receive(method, ep, seconds, warmup))
 
 
-def _sender_proc(method, ep, shape, dtype, stop) -> None:
+def _sender_proc(method, ep, shape, dtype, stop, pin) -> None:
+    global PIN
+    PIN = pin
+    _pin(0)
     SENDERS[method](ep, shape, dtype, stop)
 
 
@@ -176,8 +196,9 @@ def run_cell(method: str, transport: str, shape, dtype, seconds: float,
             ctx.term()
     spawn = mp.get_context("spawn")
     stop, queue = spawn.Event(), spawn.Queue()
-    sender = spawn.Process(target=_sender_proc, args=(method, ep, shape, dtype, stop))
-    receiver = spawn.Process(target=_receiver_proc, args=(method, ep, seconds, warmup, queue))
+    sender = spawn.Process(target=_sender_proc, args=(method, ep, shape, dtype, stop, PIN))
+    receiver = spawn.Process(target=_receiver_proc,
+                             args=(method, ep, seconds, warmup, queue, PIN))
     sender.start()
     receiver.start()
     try:
@@ -202,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="interleaved runs per cell; the median is reported (default 3)")
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the scheduler place sender and receiver (noisier)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport.json")
     args = ap.parse_args(argv)
+    global PIN
+    PIN = not args.no_pin
     seconds = args.seconds or (0.5 if args.quick else 2.0)
     warmup = 0.2 if args.quick else 0.5
     rows = []
@@ -224,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform_info(), "seconds_per_cell": seconds,
-                                    "repeat": args.repeat, "hwm": HWM, "rows": rows}, indent=2))
+                                    "repeat": args.repeat, "hwm": HWM, "pinned": PIN,
+                                    "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 
