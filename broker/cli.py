@@ -407,9 +407,26 @@ def _write_png(out: Path, array: np.ndarray) -> None:
         raise CliError(f"cannot write {out} (does the directory exist?)")
 
 
-def _add_worker(sub: argparse._SubParsersAction) -> None:
+def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
+    """FFT worker flags, shared by ``worker`` and ``run`` (which calls it --fft-output)."""
     from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
+    p.add_argument(output_flag, dest="output", choices=OUTPUTS, default="peak",
+                   help="what is sent back per frame (default %(default)s)")
+    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="FFT library")
+    p.add_argument("--color", choices=COLORS, default="gray",
+                   help="BGR frames: to gray, or each channel (default %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="FFT threads per worker (default 1: prefer more workers)")
+    p.add_argument("--planner", choices=list(PLANNERS), default="measure",
+                   help="FFTW planning effort (default %(default)s, kept as wisdom)")
+    p.add_argument("--wisdom", default=None,
+                   help="wisdom directory (default: the user cache dir)")
+    p.add_argument("--window", type=_positive_int, default=4,
+                   help="frames a worker may hold at once (its credit, default %(default)s)")
+
+
+def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="FFT worker: frames from the broker, results to the sink",
                        description="Join the broker's FFT work group: plan a 2-D real FFT once, "
                                    "transform every frame it is given, send a result per frame "
@@ -420,19 +437,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
                    help="sink's results endpoint (overrides --broker)")
-    p.add_argument("--output", choices=OUTPUTS, default="peak",
-                   help="what is sent back per frame (default %(default)s)")
-    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="FFT library")
-    p.add_argument("--color", choices=COLORS, default="gray",
-                   help="BGR frames: to gray, or each channel (default %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="FFT threads in this worker (default 1: prefer more workers)")
-    p.add_argument("--planner", choices=list(PLANNERS), default="measure",
-                   help="FFTW planning effort (default %(default)s, kept as wisdom)")
-    p.add_argument("--wisdom", default=None,
-                   help="wisdom directory (default: the user cache dir)")
-    p.add_argument("--window", type=_positive_int, default=4,
-                   help="frames this worker may hold at once (its credit, default %(default)s)")
+    _add_fft_args(p, "--output")
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
@@ -636,7 +641,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
     from .run import default_workers
 
     p = sub.add_parser("run", help="the whole pipeline in one command",
@@ -658,14 +662,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
-    p.add_argument("--fft-output", choices=OUTPUTS, default="peak", help="worker --output")
-    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="worker --backend")
-    p.add_argument("--color", choices=COLORS, default="gray", help="worker --color")
-    p.add_argument("--threads", type=_positive_int, default=1, help="FFT threads per worker")
-    p.add_argument("--planner", choices=list(PLANNERS), default="measure",
-                   help="FFTW planner (wisdom is kept)")
-    p.add_argument("--wisdom", default=None, help="wisdom directory")
-    p.add_argument("--window", type=_positive_int, default=4, help="frames per worker credit")
+    _add_fft_args(p, "--fft-output")
     p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
     p.add_argument("--record", default=None, help="also record into this HDF5 file")
     _add_record_args(p)
@@ -701,7 +698,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         serve.append("--loop")
     client = ["--broker", args.control, "--json"]
     sink = ["sink", *client, "--reorder", str(args.reorder)] if args.workers else None
-    worker = ["worker", *client, "--output", args.fft_output, "--backend", args.backend,
+    worker = ["worker", *client, "--output", args.output, "--backend", args.backend,
               "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
               "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
     record = None
@@ -785,13 +782,13 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise CliError(f"--config {path}: {exc}", EXIT_USAGE) from None
     run_parser = parser._subparsers._group_actions[0].choices["run"]
-    known = {a.dest: a for a in run_parser._actions}
+    known = {opt[2:].replace("-", "_"): a for a in run_parser._actions
+             for opt in a.option_strings if opt.startswith("--")}
     defaults = {}
     for key, value in config.items():
-        dest = key.replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
+        action = known.get(key.replace("-", "_"))
+        if action is None or action.dest in ("help", "config"):
             raise CliError(f"--config {path}: unknown key {key!r}", EXIT_USAGE)
-        action = known[dest]
         if action.type is not None and not isinstance(value, bool):
             try:
                 value = action.type(str(value) if not isinstance(value, str) else value)
@@ -800,7 +797,7 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
         if action.choices is not None and value not in action.choices:
             raise CliError(f"--config {path}: {key} must be one of {list(action.choices)}",
                            EXIT_USAGE)
-        defaults[dest] = value
+        defaults[action.dest] = value
     run_parser.set_defaults(**defaults)
 
 

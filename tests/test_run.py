@@ -139,3 +139,19 @@ def test_sigint_stops_every_part_cleanly(tmp_path):
         assert n > 50
         np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
     assert _workdirs() <= before  # its temporary directory is gone
+
+
+def test_config_file_holds_flags_and_flags_override_it(tmp_path):
+    eps = make_endpoints()
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('frames = 120\nworkers = 1\nfft-output = "radial"\nshape = "60x80"\n')
+    r = subprocess.run(run_args(eps, "--config", str(cfg), "--frames", "150", "--json"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["stages"]["processed"]["frames"] == 150  # the flag wins over the file
+    assert rep["stream"]["shape"] == [60, 80] and len(rep["per_worker"]) == 1
+    cfg.write_text("frames = 10\ncolour = 'gray'\n")
+    r = subprocess.run(run_args(eps, "--config", str(cfg)), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "unknown key 'colour'" in r.stderr
