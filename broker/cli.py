@@ -521,11 +521,10 @@ def cmd_sink(args: argparse.Namespace) -> int:
     return EXIT_LOST if summary["gaps"] else EXIT_OK
 
 
-COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")
-
-
 def _add_record_args(p: argparse.ArgumentParser) -> None:
     """Recorder flags shared by ``record`` and ``run``."""
+    from .recorder import COMPRESSIONS
+
     p.add_argument("--mode", choices=("lossless", "live"), default="lossless",
                    help="lossless: credit-based, the source waits for the disk; live: PUB, "
                         "drops are recorded as gaps (default %(default)s)")
