@@ -54,7 +54,6 @@ class BrokerConfig:
     drain_timeout: float = 10.0
     end_linger: float = 1.0
     linger_ms: int = 500
-    max_bytes: int = proto.DEFAULT_MAX_BYTES
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
     pool_keep: int = 64
 

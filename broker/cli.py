@@ -166,6 +166,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="seconds to wait at the end for work groups to acknowledge")
     p.add_argument("--end-linger", type=_nonneg_float, default=1.0,
                    help="seconds to keep repeating end-of-stream for subscribers")
+    p.add_argument("--linger-ms", type=_nonneg_int, default=500,
+                   help="ms to keep sending queued messages at exit (default %(default)s)")
     p.add_argument("--max-frame-mib", type=_mib, default=proto.DEFAULT_MAX_BYTES,
                    help="largest frame accepted from a source, MiB (default 256)")
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
@@ -228,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        wait_subscribers=args.wait_subscribers, wait_workers=args.wait_workers,
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
                        worker_timeout=args.worker_timeout, drain_timeout=args.drain_timeout,
-                       end_linger=args.end_linger, max_bytes=args.max_frame_mib,
+                       end_linger=args.end_linger, linger_ms=args.linger_ms,
                        progress=0.0 if args.quiet else args.progress)
     try:
         broker = Broker(source, cfg)
@@ -243,6 +245,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         broker.close()
         source.close()
+        # Wait out the linger before the interpreter frees the buffers that queued
+        # zero-copy messages still point into (otherwise libzmq may send freed memory).
+        zmq.Context.instance().destroy(linger=args.linger_ms)
     print(json.dumps(status) if args.json else f"framebroker serve: {broker.summary_line()}",
           flush=True)
     return EXIT_ERROR if status["error"] else EXIT_OK
