@@ -72,6 +72,7 @@ class Recording:
         self._acked_written = 0
         self._last_id = -1
         self.duplicates = 0
+        self.mismatched = 0
         self._t0 = 0.0
         self._t1 = 0.0
         self._open_from_status()
@@ -144,6 +145,14 @@ class Recording:
         if self.rec is None:
             self._open(h.shape, h.dtype)
         assert self.rec is not None
+        w = self.rec.writer
+        if h.shape != w.shape or h.dtype != w.dtype:  # valid on the wire, not for this file
+            self.mismatched += 1
+            self.log(f"frame {h.frame_id} is {h.shape} {h.dtype}, the file holds {w.shape} "
+                     f"{w.dtype}: not recorded (it will show as a gap)")
+            if lossless:
+                self.source.done(h.frame_id)
+            return
         if not self._t0:
             self._t0 = time.monotonic()
         self._t1 = time.monotonic()
@@ -191,7 +200,7 @@ class Recording:
                 "mb_per_s": round(w.bytes_written / elapsed / 1e6, 2) if w and elapsed > 0 else 0,
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
-                "rejected": dict(self.source.rejected),
+                "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:

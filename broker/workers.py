@@ -24,6 +24,7 @@ from . import protocol as proto
 from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer, cpu_seconds
 from .fft import FFTProcessor, WisdomStore
 
+MAX_PLANS = 4
 OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
                 "radial": proto.Output.RADIAL, "peak": proto.Output.PEAK}
 
@@ -51,8 +52,8 @@ class WorkerConfig:
 class WorkerStats:
     frames: int = 0
     compute_ns: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
-    plans: list[dict[str, Any]] = field(default_factory=list)
-    rejected: int = 0
+    plans: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=16))
+    unusable: int = 0  # valid on the wire, but no FFT takes it (1-D, complex, ...)
     t_first: float = 0.0
     t_last: float = 0.0
 
@@ -62,7 +63,8 @@ class WorkerStats:
         return {"frames": self.frames, "seconds": round(elapsed, 3),
                 "fps": round((self.frames - 1) / elapsed, 2) if elapsed > 0 else 0.0,
                 "compute_ms_p50": round(float(np.median(comp)), 3),
-                "plans": self.plans, "rejected": dict(consumer.rejected),
+                "plans": list(self.plans), "rejected": dict(consumer.rejected),
+                "unusable": self.unusable,
                 "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds()}
 
 
@@ -108,9 +110,13 @@ class Worker:
             ctl.close()
 
     def processor(self, shape: tuple[int, ...], dtype: np.dtype) -> FFTProcessor:
+        """The plan for this frame geometry; at most MAX_PLANS are kept, so a peer that
+        sends ever-new shapes cannot make the worker plan and hold without bound."""
         key = (shape, dtype.str)
-        proc = self.processors.get(key)
+        proc = self.processors.pop(key, None)
         if proc is None:
+            if len(self.processors) >= MAX_PLANS:
+                self.processors.pop(next(iter(self.processors)))
             cfg = self.cfg
             proc = FFTProcessor(shape, dtype, color=cfg.color, output=cfg.output,
                                 backend=cfg.backend, threads=cfg.threads, planner=cfg.planner,
@@ -121,7 +127,7 @@ class Worker:
                      f"thread(s)) in {info['planning_seconds'] * 1e3:.1f} ms; wisdom imported: "
                      f"{info['wisdom_imported']}, had plan: {info['wisdom_had_plan']}"
                      + (f", wisdom error: {info['wisdom_error']}" if info["wisdom_error"] else ""))
-            self.processors[key] = proc
+        self.processors[key] = proc  # most recently used last
         return proc
 
     def run(self) -> dict[str, Any]:
@@ -145,8 +151,8 @@ class Worker:
             proc = self.processor(h.shape, h.dtype)
             result = proc.process(frame.array)
         except ValueError as exc:  # a frame no FFT can take (1-D, 4-D, complex, ...)
-            self.stats.rejected += 1
-            self.log(f"frame {h.frame_id} rejected: {exc}")
+            self.stats.unusable += 1
+            self.log(f"frame {h.frame_id} not transformed: {exc}")
             self.consumer.done(h.frame_id)
             return
         if self.push is not None:
