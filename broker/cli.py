@@ -719,11 +719,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
     if sink is None:
         runner.parts = [p for p in runner.parts if p.name != "sink"]
+    rep: dict[str, Any] = {}
     try:
         runner.run()
+        rep = runner.report()
     finally:
-        finish()
-    rep = runner.report()
+        finish(rep)
     print(json.dumps(rep) if args.json else format_report(rep), flush=True)
     return exit_code(rep)
 
@@ -731,7 +732,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _progress(args: argparse.Namespace, frames: int):
     """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
     if args.quiet or args.json:
-        return (lambda status: None), (lambda: None)
+        return (lambda status: None), (lambda rep: None)
 
     def counts(status: dict[str, Any]) -> tuple[int, int, int]:
         groups = status["work"]["groups"]
@@ -744,16 +745,26 @@ def _progress(args: argparse.Namespace, frames: int):
         bar = Progress(TextColumn("{task.description}"), BarColumn(),
                        TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
                        TimeElapsedColumn(), transient=False)
-        tasks = {name: bar.add_task(name, total=frames or None, rate="")
-                 for name in ("published", "processed", "recorded")}
+        stages = ["published"] + ["processed"] * bool(args.workers) + ["recorded"] * bool(
+            args.record)
+        tasks = {name: bar.add_task(name, total=frames or None, rate="") for name in stages}
         bar.start()
 
         def show(status: dict[str, Any]) -> None:
-            for name, n in zip(tasks, counts(status)):
-                bar.update(tasks[name], completed=n,
-                           rate=f"{status['rate_fps']:.0f} fps" if name == "published" else "")
+            for name, n in zip(("published", "processed", "recorded"), counts(status)):
+                if name in tasks:
+                    bar.update(tasks[name], completed=n,
+                               rate=f"{status['rate_fps']:.0f} fps" if name == "published"
+                               else "")
 
-        return show, bar.stop
+        def finish(rep: dict[str, Any]) -> None:
+            """The final counts (parts finish after the broker's last status)."""
+            for name, st in rep.get("stages", {}).items():
+                if name in tasks:
+                    bar.update(tasks[name], completed=st["frames"], rate=f"{st['fps']:.0f} fps")
+            bar.stop()
+
+        return show, finish
     last = [0.0]
 
     def line(status: dict[str, Any]) -> None:
@@ -765,7 +776,7 @@ def _progress(args: argparse.Namespace, frames: int):
                   f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
                   file=sys.stderr, flush=True)
 
-    return line, (lambda: None)
+    return line, (lambda rep: None)
 
 
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:

@@ -192,7 +192,8 @@ class Runner:
         frame_mb = _frame_mb(b)
         published = b.get("frames_sent", 0)
         stages = {
-            "captured": {"frames": published, "fps": b.get("avg_fps", 0.0)},
+            "captured": {"frames": published, "fps": b.get("avg_fps", 0.0),
+                         "mb_per_s": b.get("mb_per_s", 0.0)},
             "published": {"frames": published, "fps": b.get("avg_fps", 0.0),
                           "mb_per_s": b.get("mb_per_s", 0.0)},
             "processed": {"frames": s.get("frames", 0), "fps": s.get("fps", 0.0),
