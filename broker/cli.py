@@ -606,7 +606,7 @@ def cmd_record(args: argparse.Namespace) -> int:
           f"framebroker record: {summary['frames_written']} frames ({summary['fps']} fps, "
           f"{summary['mb_per_s']} MB/s) to {', '.join(summary['files'])}; missed "
           f"{summary['frames_missed']}, dropped {summary['dropped']}")
-    if not summary["ended"]:
+    if not summary["ended"] or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
 
@@ -779,6 +779,111 @@ def _progress(args: argparse.Namespace, frames: int):
     return line, (lambda rep: None)
 
 
+def _comma_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argument type for ``--only a,b``: names from ``allowed``, at least one."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(allowed)}; "
+                                             f"got {text!r}")
+        return names
+    return parse
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .benchmark import PARTS
+
+    p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
+                       description="Run the transport, FFT and HDF5 benchmarks (bench/*.py in "
+                                   "a clone) and an end-to-end pipeline benchmark; write "
+                                   "their JSON, report.md and PNG plots into the out dir.")
+    p.add_argument("--quick", action="store_true",
+                   help="short cells and few repeats: a few minutes instead of much longer")
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the JSON, report.md and plots go (default: bench/results in "
+                        "the clone)")
+    p.add_argument("--only", type=_comma_list(PARTS), default=PARTS,
+                   help=f"parts to run, comma-separated (default {','.join(PARTS)})")
+    p.add_argument("--seconds", type=_nonneg_float, default=None,
+                   help="measured seconds per transport and FFT cell (default: the scripts')")
+    p.add_argument("--repeat", type=_positive_int, default=None,
+                   help="runs per transport/FFT cell, rounds per HDF5 size (default: the "
+                        "scripts', fewer with --quick)")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="frames per end-to-end run (default 1000 with --quick, else 5000)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchError, BenchOptions, bench_dir, run_bench, summary_table
+
+    try:
+        out_dir = args.out_dir if args.out_dir is not None else bench_dir() / "results"
+        opts = BenchOptions(out_dir=out_dir, parts=args.only, quick=args.quick,
+                            seconds=args.seconds or None, repeat=args.repeat, frames=args.frames)
+        report, results = run_bench(opts)
+    except BenchError as exc:
+        raise CliError(str(exc)) from None
+    print(summary_table(results))
+    print(f"report: {report}")
+    if "e2e" in results and results["e2e"]["lost"]:
+        print(f"framebroker bench: the pipeline lost frames: {results['e2e']['lost']}",
+              file=sys.stderr)
+        return EXIT_LOST
+    return EXIT_OK
+
+
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from .tune import DIMENSIONS
+
+    p = sub.add_parser("tune", help="measure settings for a frame shape; recommend run flags",
+                       description="Within a time budget, measure transport, FFT backend and "
+                                   "planner, workers x threads, recorder chunking and "
+                                   "compression, HWM and pyzmq's copy threshold for this frame "
+                                   "shape on this machine; print every setting tried and the "
+                                   "recommended framebroker run flags.")
+    p.add_argument("--shape", type=_shape, default=(480, 640, 3),
+                   help="frame shape, e.g. 480x640x3 (default 480x640x3)")
+    p.add_argument("--dtype", type=_dtype, default="uint8", help="frame dtype (default uint8)")
+    p.add_argument("--budget", type=_nonneg_float, default=60.0,
+                   help="seconds for the whole sweep; what does not fit is skipped "
+                        "(default %(default)s)")
+    p.add_argument("--dir", type=Path, default=Path("."),
+                   help="where recordings will go: the recorder trials write a temporary "
+                        "file there, to measure that disk (default: the current directory)")
+    p.add_argument("--only", type=_comma_list(DIMENSIONS), default=DIMENSIONS,
+                   help=f"dimensions to sweep, comma-separated (default {','.join(DIMENSIONS)})")
+    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (the table goes to stderr)")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .tune import Tuner, format_result
+
+    if not args.budget:
+        raise CliError("--budget must be more than 0 seconds", EXIT_USAGE)
+    if not args.dir.is_dir():
+        raise CliError(f"--dir {args.dir}: no such directory", EXIT_USAGE)
+    tuner = Tuner(args.shape, args.dtype, args.budget, args.dir, args.only,
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = tuner.run()
+    if args.out is not None:
+        try:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    text = format_result(result)
+    if args.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(result))
+    else:
+        print(text)
+    return EXIT_OK
+
+
 def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
     """``run --config FILE``: the file's keys become the defaults, so flags override."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -827,6 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(sub)
     _add_inspect(sub)
     _add_run(sub)
+    _add_bench(sub)
+    _add_tune(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)

@@ -73,6 +73,8 @@ class Recording:
         self._last_id = -1
         self.duplicates = 0
         self.mismatched = 0
+        self.session_changed = False
+        self._session: int | None = None
         self._t0 = 0.0
         self._t1 = 0.0
         self._open_from_status()
@@ -129,6 +131,13 @@ class Recording:
                 idle_since = time.monotonic()
                 if frame is None:
                     break
+                if self._session is None:
+                    self._session = frame.header.session
+                elif frame.header.session != self._session:
+                    # ids restart with a new broker run; one file holds one session
+                    self.log("the broker restarted (new session): closing this recording")
+                    self.session_changed = True
+                    break
                 self._take(frame, lossless)
                 self._ack_written()
         finally:
@@ -176,7 +185,7 @@ class Recording:
     def _finish(self) -> None:
         if self.rec is None:
             return
-        total = self.source.total
+        total = None if self.session_changed else self.source.total
         if total is not None and total > self._last_id + 1:
             self.rec.add_gap(self._last_id + 1, total - self._last_id - 1)
         try:
@@ -201,6 +210,7 @@ class Recording:
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
+                "session_changed": self.session_changed,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:

@@ -144,3 +144,26 @@ def test_inspect_reports_the_recording(eps, broker_factory, tmp_path):
     assert info["compression_ratio"] > 1.0
     import cv2
     assert cv2.imread(str(tmp_path / "sheet.png")) is not None
+
+
+def test_broker_restart_closes_the_recording_with_the_first_session_intact(
+        eps, broker_factory, tmp_path):
+    out = tmp_path / "restart.h5"
+    rec = record(eps, out, "--flush-frames", "10")
+    first = broker_factory("--fps", "300", "--wait-recorders", "1", "--shape", "120x160x3")
+    ctl = Control(eps.control, timeout=5)
+    deadline = time.monotonic() + 60
+    while ctl.status()["work"]["groups"].get("record", {}).get("acked", 0) < 100:
+        assert time.monotonic() < deadline
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.communicate()
+    second = broker_factory("--frames", "5", "--wait-recorders", "1", "--shape", "120x160x3",
+                            "--drain-timeout", "1")
+    res = summary(rec, ok=(1,))
+    assert res["session_changed"] is True and res["frames_written"] >= 100
+    n = res["frames_written"]
+    with h5py.File(out) as f:  # closed cleanly: a plain open works
+        np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
+        for i in range(0, n, 7):
+            assert check_synthetic(f["frames"][i], i) == -1
+    assert second.finish()[0] == 0
