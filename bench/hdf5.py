@@ -188,14 +188,14 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
                   f"{rec / r['recorder none swmr=off']:.2f}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer frames")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     ap.add_argument("--naive-seconds", type=float, default=3.0,
                     help="stop the naive writer after this long (default 3)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hdf5.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rounds = args.rounds
     table = methods(args.naive_seconds)
     tmp = Path(tempfile.mkdtemp(prefix="hdf5-bench-", dir=Path(__file__).parent))
@@ -218,7 +218,8 @@ def main() -> None:
             "frames": {k: (v[3] if args.quick else v[2]) for k, v in SIZES.items()}}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -165,24 +165,39 @@ def _pin(cpu: int) -> None:
         os.sched_setaffinity(0, {cpus[cpu % len(cpus)]})
 
 
-def _receiver_proc(method, ep, seconds, warmup, queue, pin) -> None:
+def _configure(hwm: int, copy_threshold: int) -> None:
+    """Socket settings for the sockets this process creates from now on: the senders and
+    receivers read ``HWM`` when they make theirs, and pyzmq gives each new socket
+    ``zmq.COPY_THRESHOLD`` (parts smaller than it are copied even with ``copy=False``)."""
+    global HWM
+    HWM = hwm
+    zmq.COPY_THRESHOLD = copy_threshold
+
+
+def _receiver_proc(method, ep, seconds, warmup, queue, pin, hwm, copy_threshold) -> None:
     global PIN
     PIN = pin
     _pin(1)
+    _configure(hwm, copy_threshold)
     queue.put(receive(method, ep, seconds, warmup))
 
 
-def _sender_proc(method, ep, shape, dtype, stop, pin) -> None:
+def _sender_proc(method, ep, shape, dtype, stop, pin, hwm, copy_threshold) -> None:
     global PIN
     PIN = pin
     _pin(0)
+    _configure(hwm, copy_threshold)
     SENDERS[method](ep, shape, dtype, stop)
 
 
-def run_cell(method: str, transport: str, shape, dtype, seconds: float,
-             warmup: float) -> dict[str, Any]:
+def run_cell(method: str, transport: str, shape, dtype, seconds: float, warmup: float,
+             hwm: int = HWM, copy_threshold: int = zmq.COPY_THRESHOLD) -> dict[str, Any]:
+    """One sender and one receiver for ``seconds``; ``hwm`` and ``copy_threshold`` are
+    the benchmark's fixed values unless ``framebroker tune`` sweeps them."""
     ep = _endpoints(transport, f"{method}-{shape[0]}")
     if transport == "inproc":
+        saved = (HWM, zmq.COPY_THRESHOLD)
+        _configure(hwm, copy_threshold)
         ctx = zmq.Context()
         stop = threading.Event()
         sender = threading.Thread(target=SENDERS[method], args=(ep, shape, dtype, stop, ctx))
@@ -194,11 +209,13 @@ def run_cell(method: str, transport: str, shape, dtype, seconds: float,
             stop.set()
             sender.join()
             ctx.term()
+            _configure(*saved)
     spawn = mp.get_context("spawn")
     stop, queue = spawn.Event(), spawn.Queue()
-    sender = spawn.Process(target=_sender_proc, args=(method, ep, shape, dtype, stop, PIN))
-    receiver = spawn.Process(target=_receiver_proc,
-                             args=(method, ep, seconds, warmup, queue, PIN))
+    sender = spawn.Process(target=_sender_proc, args=(method, ep, shape, dtype, stop, PIN,
+                                                       hwm, copy_threshold))
+    receiver = spawn.Process(target=_receiver_proc, args=(method, ep, seconds, warmup, queue,
+                                                          PIN, hwm, copy_threshold))
     sender.start()
     receiver.start()
     try:
