@@ -196,17 +196,19 @@ class Runner:
                          "mb_per_s": b.get("mb_per_s", 0.0)},
             "published": {"frames": published, "fps": b.get("avg_fps", 0.0),
                           "mb_per_s": b.get("mb_per_s", 0.0)},
-            "processed": {"frames": s.get("frames", 0), "fps": s.get("fps", 0.0),
-                          "mb_per_s": round(s.get("fps", 0.0) * frame_mb, 2),
-                          "latency_ms_p50": s.get("latency_ms_p50"),
-                          "latency_ms_p99": s.get("latency_ms_p99")},
         }
+        processing = "sink" in by
+        if processing:
+            stages["processed"] = {"frames": s.get("frames", 0), "fps": s.get("fps", 0.0),
+                                   "mb_per_s": round(s.get("fps", 0.0) * frame_mb, 2),
+                                   "latency_ms_p50": s.get("latency_ms_p50"),
+                                   "latency_ms_p99": s.get("latency_ms_p99")}
         if rec is not None:
             stages["recorded"] = {"frames": rec.get("frames_written", 0),
                                   "fps": rec.get("fps", 0.0), "mb_per_s": rec.get("mb_per_s", 0),
                                   "latency_ms_p50": rec.get("latency_ms_p50"),
                                   "latency_ms_p99": rec.get("latency_ms_p99")}
-        lost_processed = published - s.get("frames", 0)
+        lost_processed = published - s.get("frames", 0) if processing else 0
         lost_recorded = (published - rec.get("frames_written", 0)) if rec is not None else 0
         lost = lost_processed > 0 or (self.plan.lossless_record and lost_recorded > 0)
         return {

@@ -125,17 +125,6 @@ cdef int check_same(const float complex[:, :, ::1] spec, float[:, :, ::1] out) e
     return 0
 
 
-def power(const float complex[:, :, ::1] spec, float[:, :, ::1] out):
-    """|X|^2 of every bin."""
-    cdef Py_ssize_t p, i, j
-    check_same(spec, out)
-    with nogil:
-        for p in range(spec.shape[0]):
-            for i in range(spec.shape[1]):
-                for j in range(spec.shape[2]):
-                    out[p, i, j] = abs2(spec[p, i, j])
-
-
 def log_magnitude(const float complex[:, :, ::1] spec, float[:, :, ::1] out):
     """log1p(|X|) of every bin: the usual way to look at a spectrum, finite at |X| = 0.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -98,6 +99,39 @@ def broker_factory(eps: Endpoints) -> Iterator:
     yield start
     for b in procs:
         b.kill()
+
+
+def wait_status(control: str, ready, timeout: float = 60) -> dict:
+    """Poll the broker's status until ``ready(status)``; fails the test after ``timeout``
+    (a bound on a hang, not a performance threshold)."""
+    ctl = Control(control, timeout=5)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                status = ctl.status()
+                if ready(status):
+                    return status
+            except TimeoutError:
+                pass
+            assert time.monotonic() < deadline, "broker never reached the awaited state"
+            time.sleep(0.01)
+    finally:
+        ctl.close()
+
+
+def acked(group: str, n: int):
+    """``wait_status`` predicate: ``group`` has acknowledged more than ``n`` frames."""
+    return lambda s: s["work"]["groups"].get(group, {}).get("acked", 0) > n
+
+
+def kill_holding_frames(control: str, pid: int) -> None:
+    """SIGKILL worker ``pid`` while it holds frames: stop it first, so the broker's
+    credit fills its window, then kill it. The re-dispatch is then certain, not luck."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_status(control, lambda s: s["work"]["groups"]["fft"]["members"]
+                .get(f"worker-{pid}", {}).get("inflight", 0) > 0)
+    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(autouse=True)

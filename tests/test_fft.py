@@ -229,13 +229,6 @@ def test_peak_conventions(ky: int, kx: int, expected_ky: int, gain: float) -> No
     assert mag == pytest.approx(gain * amp * rows * width, rel=1e-5)
 
 
-def test_power_kernel() -> None:
-    spec = np.fft.rfft2(np.random.default_rng(1).random((2, 31, 47))).astype(np.complex64)
-    out = np.empty(spec.shape, dtype=np.float32)
-    _fftkern.power(spec, out)
-    np.testing.assert_allclose(out, np.abs(spec.astype(np.complex128)) ** 2, rtol=1e-6)
-
-
 def test_outputs_reuse_their_buffers() -> None:
     """Documented: results are internal buffers, valid until the next call."""
     frame = make_frame((64, 48), "gray2d", "uint8", 0)

@@ -12,7 +12,7 @@ import zmq
 from broker import protocol as proto
 from broker.client import Control
 from broker.sources import synthetic_frame
-from conftest import cli
+from conftest import cli, kill_holding_frames, wait_status
 
 SHAPE = (64, 80)
 
@@ -63,16 +63,11 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(eps, broker_factory, tmp_path
                        "--worker-timeout", "1")
     workers = [worker(eps, "--output", "spectrum") for _ in range(3)]
     s = sink(eps, "--out", str(out))
-    ctl = Control(eps.control, timeout=5)
-    deadline = time.monotonic() + 60
-    while ctl.status()["frames_sent"] < 500:
-        assert time.monotonic() < deadline
-    workers[0].send_signal(signal.SIGKILL)
+    wait_status(eps.control, lambda st: st["frames_sent"] >= 500)
+    kill_holding_frames(eps.control, workers[0].pid)
     workers[0].communicate()
-    status = ctl.status()  # taken while streaming: the kill is already visible or soon
-    while status["work"]["groups"]["fft"]["dead_consumers"] == 0:
-        assert time.monotonic() < deadline
-        status = ctl.status()
+    status = wait_status(eps.control,
+                         lambda st: st["work"]["groups"]["fft"]["dead_consumers"] > 0)
     fft = status["work"]["groups"]["fft"]
     assert fft["redispatched"] >= 1 and fft["dead_consumers"] == 1
     res = done(s)

@@ -13,7 +13,7 @@ import pytest
 from broker.client import Control
 from broker.inspect import open_recording, valid_count
 from broker.sources import check_synthetic
-from conftest import cli, run_cli
+from conftest import acked, cli, run_cli, wait_status
 
 
 def record(eps, path, *args: str):
@@ -99,10 +99,7 @@ def test_kill_9_of_the_recorder_leaves_a_readable_file(eps, broker_factory, tmp_
     out = tmp_path / "crash.h5"
     rec = record(eps, out, "--flush-frames", "50")
     b = broker_factory("--fps", "500", "--wait-recorders", "1", "--shape", "120x160x3")
-    ctl = Control(eps.control, timeout=5)
-    deadline = time.monotonic() + 60
-    while ctl.status()["work"]["groups"].get("record", {}).get("acked", 0) < 300:
-        assert time.monotonic() < deadline
+    wait_status(eps.control, acked("record", 300))
     rec.send_signal(signal.SIGKILL)
     rec.communicate()
     f, _ = open_recording(out)  # a crashed SWMR file opens in SWMR read mode
@@ -112,7 +109,7 @@ def test_kill_9_of_the_recorder_leaves_a_readable_file(eps, broker_factory, tmp_
         np.testing.assert_array_equal(f["frame_id"][:n], np.arange(n))
         for i in range(n):
             assert check_synthetic(f["frames"][i], i) == -1, i
-    ctl.stop()
+    Control(eps.control).stop()
     assert b.finish()[0] == 0  # the broker outlived its recorder
 
 
@@ -151,10 +148,7 @@ def test_broker_restart_closes_the_recording_with_the_first_session_intact(
     out = tmp_path / "restart.h5"
     rec = record(eps, out, "--flush-frames", "10")
     first = broker_factory("--fps", "300", "--wait-recorders", "1", "--shape", "120x160x3")
-    ctl = Control(eps.control, timeout=5)
-    deadline = time.monotonic() + 60
-    while ctl.status()["work"]["groups"].get("record", {}).get("acked", 0) < 100:
-        assert time.monotonic() < deadline
+    wait_status(eps.control, acked("record", 100))
     first.proc.send_signal(signal.SIGKILL)
     first.proc.communicate()
     second = broker_factory("--frames", "5", "--wait-recorders", "1", "--shape", "120x160x3",

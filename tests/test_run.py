@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 
 from broker.sources import check_synthetic
-from conftest import PY, make_endpoints
+from conftest import PY, acked, kill_holding_frames, make_endpoints, wait_status
 
 
 def run_args(eps, *args: str) -> list[str]:
@@ -74,18 +74,9 @@ def test_worker_killed_during_run_every_frame_still_processed():
     proc = subprocess.Popen(run_args(eps, "--frames", "3000", "--workers", "2", "--json",
                                      "--shape", "240x320x3"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    from broker.client import Control
     workers = _children(proc, "worker", 2)
-    ctl = Control(eps.control, timeout=2)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if ctl.status()["work"]["groups"]["fft"]["acked"] > 300:
-                break
-        except (TimeoutError, KeyError):
-            pass
-        assert time.monotonic() < deadline
-    workers[0].kill()
+    wait_status(eps.control, acked("fft", 300))
+    kill_holding_frames(eps.control, workers[0].pid)
     out, err = proc.communicate(timeout=180)
     rep = json.loads(out.strip().splitlines()[-1])
     assert rep["stages"]["processed"]["frames"] == 3000, err
@@ -119,16 +110,7 @@ def test_sigint_stops_every_part_cleanly(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kids = _children(proc, None, 5)
     assert len(kids) == 5  # broker, sink, 2 workers, recorder
-    from broker.client import Control
-    ctl = Control(eps.control, timeout=2)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if ctl.status()["frames_sent"] > 50:
-                break
-        except TimeoutError:
-            pass
-        assert time.monotonic() < deadline
+    wait_status(eps.control, lambda st: st["frames_sent"] > 50)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert "interrupted by Ctrl-C: stopped cleanly" in out, (out, err)
