@@ -460,20 +460,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
                        timeout=args.timeout, keep_running=args.keep_running)
+    summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
+                        lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
+                                  f"compute p50 {s['compute_ms_p50']} ms, rejected "
+                                  f"{s['rejected']}")
+    return EXIT_OK if summary["ended"] else EXIT_ERROR
+
+
+def _run_part(make: Callable[[], Any], errors: tuple[type[Exception], ...], as_json: bool,
+              line: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Build a part (worker, sink, recorder), run it to end-of-stream, always close it,
+    and print its summary; ``errors`` from building or running become one-line errors."""
     try:
-        worker = Worker(cfg)
-    except (BrokerUnavailable, ValueError) as exc:
+        part = make()
+    except errors as exc:
         raise CliError(str(exc)) from None
     try:
-        summary = worker.run()
+        summary = part.run()
+    except errors as exc:
+        raise CliError(str(exc)) from None
     finally:
-        worker.close()
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"framebroker worker: {summary['frames']} frames, {summary['fps']} fps, compute "
-              f"p50 {summary['compute_ms_p50']} ms, rejected {summary['rejected']}")
-    return EXIT_OK if summary["ended"] else EXIT_ERROR
+        part.close()
+    print(json.dumps(summary) if as_json else line(summary), flush=True)
+    return summary
 
 
 def _add_sink(sub: argparse._SubParsersAction) -> None:
@@ -498,7 +507,7 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
-    from .sink import Sink, SinkConfig
+    from .sink import Sink, SinkConfig, SinkError, summary_line
 
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix not in (".npy", ".h5"):
@@ -508,19 +517,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
                      reorder=args.reorder, out=args.out, timeout=args.timeout,
                      keep_running=args.keep_running)
-    try:
-        sink = Sink(cfg)
-    except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from None
-    except zmq.ZMQError as exc:
-        raise CliError(f"cannot bind the results endpoint: {exc}") from None
-    try:
-        summary = sink.run()
-        if out is not None:
-            sink.write(out)
-    finally:
-        sink.close()
-    print(json.dumps(summary) if args.json else f"framebroker sink: {sink.summary_line()}")
+    summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
+                        args.json, lambda s: f"framebroker sink: {summary_line(s)}")
     if summary["total"] is None:
         return EXIT_ERROR
     return EXIT_LOST if summary["gaps"] else EXIT_OK
@@ -592,20 +590,11 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
                        timeout=args.timeout)
-    try:
-        rec = Recording(cfg)
-    except (RecorderError, BrokerUnavailable, ValueError) as exc:
-        raise CliError(str(exc)) from None
-    try:
-        summary = rec.run()
-    except RecorderError as exc:
-        raise CliError(str(exc)) from None
-    finally:
-        rec.close()
-    print(json.dumps(summary) if args.json else
-          f"framebroker record: {summary['frames_written']} frames ({summary['fps']} fps, "
-          f"{summary['mb_per_s']} MB/s) to {', '.join(summary['files'])}; missed "
-          f"{summary['frames_missed']}, dropped {summary['dropped']}")
+    summary = _run_part(
+        lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
+        lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
+                  f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
+                  f"{s['frames_missed']}, dropped {s['dropped']}")
     if not summary["ended"] or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK

@@ -29,6 +29,10 @@ from . import protocol as proto
 from .client import DEFAULT_BROKER, cpu_seconds, resolve
 
 
+class SinkError(RuntimeError):
+    """The sink cannot start (its results endpoint cannot be bound)."""
+
+
 @dataclass
 class SinkConfig:
     broker: str = DEFAULT_BROKER
@@ -53,7 +57,12 @@ class Sink:
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_bytes + 4096)
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind(self.results_ep)
+        try:
+            self.pull.bind(self.results_ep)
+        except zmq.ZMQError as exc:
+            self.pull.close()
+            raise SinkError(f"cannot bind the results endpoint {self.results_ep}: "
+                            f"{exc.strerror}") from None
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 1000)
         self.dealer.connect(self.work_ep)
@@ -109,6 +118,8 @@ class Sink:
                 self.log(f"no results and no end-of-stream for {self.cfg.timeout:g} s")
                 break
         self._flush_acks(time.monotonic(), force=True)
+        if self.cfg.out:
+            self.write(Path(self.cfg.out))
         return self.summary()
 
     def _control(self, parts: list[zmq.Frame]) -> bool:
@@ -123,7 +134,7 @@ class Sink:
             return False
         self.total = header.total
         self._drain(until=header.total)
-        self.log(self.summary_line())
+        self.log(summary_line(self.summary()))
         if self.cfg.keep_running:
             self.next, self.total = 0, None
             return False
@@ -212,12 +223,6 @@ class Sink:
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.rejected), "cpu_s": cpu_seconds()}
 
-    def summary_line(self) -> str:
-        s = self.summary()
-        return (f"{s['frames']} results of {s['total']} in {s['seconds']} s ({s['fps']} fps), "
-                f"duplicates {s['duplicates']}, late {s['late']}, gaps {s['gaps']}, "
-                f"workers {s['per_worker']}, latency p50 {s['latency_ms_p50']} ms "
-                f"p99 {s['latency_ms_p99']} ms, rejected {sum(self.rejected.values())}")
 
     def write(self, path: Path) -> None:
         """Results as emitted (frame-id order; a late frame comes where it arrived):
@@ -237,3 +242,11 @@ class Sink:
     def close(self) -> None:
         self.pull.close(linger=0)
         self.dealer.close(linger=500)
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """One line of a sink summary, for logs and the CLI."""
+    return (f"{s['frames']} results of {s['total']} in {s['seconds']} s ({s['fps']} fps), "
+            f"duplicates {s['duplicates']}, late {s['late']}, gaps {s['gaps']}, "
+            f"workers {s['per_worker']}, latency p50 {s['latency_ms_p50']} ms "
+            f"p99 {s['latency_ms_p99']} ms, rejected {sum(s['rejected'].values())}")

@@ -150,3 +150,14 @@ def test_malformed_results_are_rejected_and_the_sink_keeps_going(eps, broker_fac
     done(w)
     assert b.finish()[0] == 0
     push.close(linger=0)
+
+
+def test_sink_on_a_busy_results_port_is_a_clear_error(eps, broker_factory):
+    broker_factory("--fps", "10", "--shape", "64x80").wait_ready()
+    blocker = zmq.Context.instance().socket(zmq.PULL)
+    blocker.bind(eps.results)
+    from conftest import run_cli
+    r = run_cli("sink", "--broker", eps.control, "--timeout", "5")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"cannot bind the results endpoint {eps.results}" in r.stderr
+    blocker.close(linger=0)
