@@ -71,7 +71,7 @@ class Group:
                 "ackers": len(self.ackers), "acks": self.acks, "pending": len(self.pending),
                 "queued": len(self.queue), "dispatched": self.dispatched,
                 "acked": self.acked, "redispatched": self.redispatched,
-                "dead_consumers": self.dead}
+                "dead_consumers": self.dead, "duplicate_acks": self.duplicate_acks}
 
 
 class Dispatcher:

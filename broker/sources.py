@@ -216,7 +216,6 @@ class VideoSource(_CaptureSource):
             raise SourceError(f"video file {path}: OpenCV cannot open it (unknown format "
                               f"or codec)")
         super().__init__(cap, f"video file {path}")
-        self._path = path
         self._loop = loop
         self.description = f"video {path}{' (loop)' if loop else ''}"
 
