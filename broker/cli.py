@@ -911,7 +911,10 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="framebroker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="framebroker", description="A high-throughput camera frame broker over ZeroMQ: "
+                                        "capture, fan out, FFT, record. Every client command "
+                                        "takes --broker CONTROL_ENDPOINT.")
     parser.add_argument("--version", action="version", version=f"framebroker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
