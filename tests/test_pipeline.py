@@ -127,9 +127,11 @@ def test_restarted_worker_plans_from_wisdom(eps, broker_factory, tmp_path):
 
 
 def test_malformed_results_are_rejected_and_the_sink_keeps_going(eps, broker_factory):
+    b = broker_factory("--frames", "200", "--wait-workers", "1", "--shape", "64x80")
     s = sink(eps, "--results", eps.results)
     push = zmq.Context.instance().socket(zmq.PUSH)
-    push.connect(eps.results)
+    push.setsockopt(zmq.IMMEDIATE, 1)  # sends wait for the sink's bind: delivered before
+    push.connect(eps.results)          # the worker (started below) can make the first result
     frame = synthetic_frame(SHAPE, "uint8", 0)
     garbage = [
         [b"garbage"],
@@ -140,7 +142,6 @@ def test_malformed_results_are_rejected_and_the_sink_keeps_going(eps, broker_fac
     ]
     for parts in garbage:
         push.send_multipart(parts)
-    b = broker_factory("--frames", "200", "--wait-workers", "1", "--shape", "64x80")
     w = worker(eps)
     res = done(s)
     assert (res["frames"], res["gaps"]) == (200, 0)
