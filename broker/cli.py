@@ -104,6 +104,16 @@ def _stream(text: str) -> str:
     return text
 
 
+def _policy(text: str) -> str:
+    from .client import parse_policy
+
+    try:
+        parse_policy(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _mib(text: str) -> int:
     return int(_nonneg_float(text) * 1024 * 1024)
 
@@ -265,6 +275,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
                    help="stop after this many frames (0 = until end-of-stream)")
     p.add_argument("--rcvhwm", type=_positive_int, default=64,
                    help="frames queued locally before zmq drops (default %(default)s)")
+    p.add_argument("--policy", type=_policy, default="drop",
+                   help="slow consumer: drop (ZeroMQ HWM, seen as gaps) or latest:N (keep "
+                        "only the newest N frames; count the rest as dropped)")
     p.add_argument("--verify", action="store_true",
                    help="check every frame against the synthetic source (content and id)")
     p.add_argument("--interval", type=_nonneg_float, default=1.0,
@@ -279,7 +292,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     try:
         sub = Subscriber(args.pub, broker=args.broker,
                          topics=(args.stream,) if args.stream else None,
-                         timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout)
+                         timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout,
+                         policy=args.policy)
     except BrokerUnavailable as exc:
         raise CliError(str(exc)) from None
     latencies: deque[float] = deque(maxlen=100_000)
@@ -325,6 +339,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     else:
         print(f"watch: {summary['received']} frames in {elapsed:.2f} s ({summary['fps']} fps, "
               f"{summary['mb_per_s']} MB/s), gaps {sub.gaps}, missed {summary['missed']}, "
+              f"dropped by --policy {sub.dropped}, "
               f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
               f"ms p99 {summary['latency_ms_p99']} ms"
               + (f", corrupt {corrupt}" if args.verify else ""))

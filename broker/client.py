@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -207,19 +208,41 @@ class _Receiver:
                 "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error}
 
 
+def parse_policy(text: str) -> int:
+    """``drop`` -> 0; ``latest:N`` -> N (keep only the newest N complete frames)."""
+    if text == "drop":
+        return 0
+    kind, _, n = text.partition(":")
+    if kind == "latest" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise ValueError(f"policy {text!r} must be 'drop' or 'latest:N' with N >= 1")
+
+
 class Subscriber(_Receiver):
     """SUB client: iterate to get ``Frame`` objects until end-of-stream.
 
     Invalid messages are counted in ``rejected`` (by reason) and skipped; gaps in
     frame ids are counted in ``gaps``. ``timeout`` (seconds) bounds every wait and
     raises ReceiveTimeout.
+
+    ``policy`` says what happens when the consumer is slower than the stream:
+    ``drop`` (default) lets ZeroMQ's HWM drop at the broker (seen here as gaps);
+    ``latest:N`` receives in a background thread and keeps only the newest N
+    complete frames, so a slow viewer always gets a fresh frame and the broker's
+    queue for it stays empty. Frames it discards are counted in ``dropped``
+    (``received`` counts every frame that arrived). ZeroMQ's CONFLATE cannot do
+    this: it breaks multipart messages.
     """
 
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  topics: tuple[str, ...] | None = None, timeout: float = 5.0,
                  rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, ctx: zmq.Context | None = None) -> None:
+                 connect_wait: float = 10.0, policy: str = "drop",
+                 ctx: zmq.Context | None = None) -> None:
         super().__init__(max_bytes)
+        self.keep = parse_policy(policy)
+        self.policy = policy
+        self.dropped = 0
         self.ctx = ctx or zmq.Context.instance()
         self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx)
         if topics is None:
@@ -232,10 +255,16 @@ class Subscriber(_Receiver):
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.sock.connect(self.endpoint)
+        self._latest: deque[Frame | None] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if self.keep:
+            self._thread = threading.Thread(target=self._pump, name="fb-latest", daemon=True)
+            self._thread.start()
 
-    def recv(self, timeout: float | None = None) -> Frame | None:
-        """The next valid frame, or None at end-of-stream; raises ReceiveTimeout."""
-        wait_ms = int((self.timeout if timeout is None else timeout) * 1000)
+    def _next(self, wait_ms: int) -> Frame | None:
+        """Read until a valid frame (or END: None) arrives; raises ReceiveTimeout."""
         while True:
             if not self.sock.poll(wait_ms):
                 raise ReceiveTimeout(f"no frame from {self.endpoint} within {wait_ms / 1000:g} s")
@@ -256,6 +285,33 @@ class Subscriber(_Receiver):
             self._account(header)
             return Frame(header, array)
 
+    def _pump(self) -> None:
+        """latest:N: the only user of the socket; keeps the newest N items."""
+        while not self._closing:
+            try:
+                item = self._next(100)
+            except ReceiveTimeout:
+                continue
+            with self._cond:
+                if len(self._latest) >= self.keep:
+                    if self._latest.popleft() is not None:
+                        self.dropped += 1
+                self._latest.append(item)
+                self._cond.notify()
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next valid frame, or None at end-of-stream; raises ReceiveTimeout."""
+        wait = self.timeout if timeout is None else timeout
+        if not self.keep:
+            return self._next(int(wait * 1000))
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._latest, timeout=wait):
+                raise ReceiveTimeout(f"no frame from {self.endpoint} within {wait:g} s")
+            return self._latest.popleft()
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "policy": self.policy, "dropped": self.dropped}
+
     def __iter__(self) -> Iterator[Frame]:
         while True:
             frame = self.recv()
@@ -264,6 +320,9 @@ class Subscriber(_Receiver):
             yield frame
 
     def close(self) -> None:
+        self._closing = True
+        if self._thread is not None:
+            self._thread.join()
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Subscriber":

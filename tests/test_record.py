@@ -161,3 +161,27 @@ def test_broker_restart_closes_the_recording_with_the_first_session_intact(
         for i in range(0, n, 7):
             assert check_synthetic(f["frames"][i], i) == -1
     assert second.finish()[0] == 0
+
+
+def test_slow_latest_1_viewer_beside_a_lossless_recorder(eps, broker_factory, tmp_path):
+    """A viewer that takes 50 ms per frame keeps only the newest frame: it never holds
+    up the stream, its drops are counted exactly, and the recorder still gets all."""
+    from broker.client import Subscriber
+    out = tmp_path / "beside.h5"
+    rec = record(eps, out)
+    b = broker_factory("--frames", "2000", "--wait-recorders", "1", "--wait-subscribers", "1",
+                       "--shape", "120x160x3")
+    sub = Subscriber(broker=eps.control, timeout=30, policy="latest:1")
+    delivered = []
+    for frame in sub:
+        assert check_synthetic(frame.array, frame.frame_id) == -1
+        delivered.append(frame.frame_id)
+        time.sleep(0.05)
+    sub.close()
+    assert sub.ended and sub.total == 2000
+    assert delivered == sorted(delivered)
+    assert len(delivered) + sub.dropped + sub.gaps + (sub.first_id or 0) == 2000
+    assert sub.dropped > 0
+    res = summary(rec)
+    assert (res["frames_written"], res["frames_missed"]) == (2000, 0)
+    assert b.finish()[0] == 0
