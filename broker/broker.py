@@ -162,7 +162,8 @@ class Broker:
         self.control = self.ctx.socket(zmq.REP)
         self.control.setsockopt(zmq.MAXMSGSIZE, proto.MAX_CONTROL_BYTES)
         self.work = self.ctx.socket(zmq.ROUTER)
-        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished consumer fails the send
+        self.work.setsockopt(zmq.SNDHWM, 0)  # credit windows bound the queue, not the HWM
         self.work.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         socks = ((self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work))
         try:
