@@ -1,0 +1,27 @@
+"""A short soak in CI: the whole pipeline for about a minute, memory and fds flat."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import soak  # noqa: E402
+
+# After warm-up. The recorder legitimately holds up to its window (16 frames, 15 MB at
+# 640x480x3) in flight, so the bound is 32 MB; leaking one frame a second would pass
+# it within the 33 s measured.
+RSS_BOUND_MB = 32
+
+
+def test_short_soak_memory_and_fds_stay_flat():
+    res = soak.soak(seconds=45, fps=200, interval=2.0, warmup=12)
+    assert res["returncode"] == 0, res["stderr_tail"]
+    stages = res["run"]["stages"]
+    assert stages["processed"]["frames"] == stages["published"]["frames"]
+    assert stages["recorded"]["frames"] == stages["published"]["frames"] > 0
+    assert set(name.split("-")[0] for name in res["growth"]) == {"serve", "sink", "worker",
+                                                                 "record"}
+    for name, g in res["growth"].items():
+        assert g["rss_mb_growth"] <= RSS_BOUND_MB, (name, g)
+        assert g["fds_growth"] == 0, (name, g)
