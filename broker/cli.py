@@ -689,6 +689,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunPlan, Runner, exit_code, format_report
 
     frames = args.frames if args.frames is not None else (0 if args.seconds else 1000)
+    _refuse_running_broker(args.control)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
     if args.record and Path(args.record).exists() and not args.overwrite:
@@ -731,6 +732,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         finish(rep)
     print(json.dumps(rep) if args.json else format_report(rep), flush=True)
     return exit_code(rep)
+
+
+def _refuse_running_broker(control: str) -> None:
+    """``run`` starts its own broker: if one already answers at ``control``, our parts
+    would join that one instead, so say so and stop."""
+    ctl = Control(control, timeout=0.3)
+    try:
+        ctl.endpoints()
+    except BrokerUnavailable:
+        return
+    finally:
+        ctl.close()
+    raise CliError(f"a broker is already running at {control}; stop it (framebroker stop "
+                   f"--broker {control}) or give run other endpoints (--pub, --work, "
+                   f"--control, --results)")
 
 
 def _progress(args: argparse.Namespace, frames: int):

@@ -171,8 +171,9 @@ class Runner:
             return True
 
     def _wait_all(self) -> None:
-        """Everyone ends at the broker's END; a part that does not is stopped."""
-        deadline = time.monotonic() + 30.0
+        """Everyone ends at the broker's END; a part that does not is stopped. A broker
+        that failed sent no END, so then the others are stopped at once."""
+        deadline = time.monotonic() + (30.0 if self.broker.returncode == 0 else 0.0)
         for part in self.parts[1:]:
             while part.returncode is None and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -137,3 +137,26 @@ def test_config_file_holds_flags_and_flags_override_it(tmp_path):
     r = subprocess.run(run_args(eps, "--config", str(cfg)), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "unknown key 'colour'" in r.stderr
+
+
+def test_run_refuses_to_join_a_broker_already_running(eps, broker_factory):
+    broker_factory("--fps", "10", "--shape", "60x80").wait_ready()
+    r = subprocess.run(run_args(eps, "--frames", "50"), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1
+    assert f"a broker is already running at {eps.control}" in r.stderr
+
+
+def test_a_broker_that_cannot_start_ends_the_run_with_its_error():
+    import zmq
+    eps = make_endpoints()
+    squatter = zmq.Context.instance().socket(zmq.PULL)
+    squatter.bind(eps.pub)  # the broker's PUB address is taken
+    r = subprocess.run(run_args(eps, "--frames", "50", "--json"), capture_output=True,
+                       text=True, timeout=60)
+    squatter.close(linger=0)
+    assert r.returncode == 1
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["failed"][0]["part"] == "broker"
+    assert f"cannot bind {eps.pub}" in rep["failed"][0]["stderr"]
+    assert rep["stages"]["published"]["frames"] == 0
