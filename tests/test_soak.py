@@ -18,10 +18,11 @@ def test_short_soak_memory_and_fds_stay_flat():
     res = soak.soak(seconds=45, fps=200, interval=2.0, warmup=12)
     assert res["returncode"] == 0, res["stderr_tail"]
     stages = res["run"]["stages"]
-    assert stages["processed"]["frames"] == stages["published"]["frames"]
-    assert stages["recorded"]["frames"] == stages["published"]["frames"] > 0
-    assert set(name.split("-")[0] for name in res["growth"]) == {"serve", "sink", "worker",
-                                                                 "record"}
+    assert stages["processed"]["frames"] == stages["published"]["frames"], stages
+    assert stages["recorded"]["frames"] == stages["published"]["frames"] > 0, stages
+    parts = {name.split("-")[0] for name in res["growth"]}
+    assert parts == {"serve", "sink", "worker", "record"}, res["growth"]
     for name, g in res["growth"].items():
-        assert g["rss_mb_growth"] <= RSS_BOUND_MB, (name, g)
-        assert g["fds_growth"] == 0, (name, g)
+        assert g["rss_mb_growth"] <= RSS_BOUND_MB, res["growth"]
+        # a sample can catch a file or socket being opened; a leak grows every second
+        assert g["fds_growth"] <= 4, res["growth"]
