@@ -446,13 +446,24 @@ def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
                    help="frames a worker may hold at once (its credit, default %(default)s)")
 
 
+def _add_part_args(p: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int],
+                   keep_running: bool) -> None:
+    """Flags every pipeline part (worker, sink, recorder) shares: it waits longer for
+    its broker than a one-shot client, and ends with a summary."""
+    _add_client_args(p)
+    p.set_defaults(timeout=30.0, func=func)
+    if keep_running:
+        p.add_argument("--keep-running", action="store_true",
+                       help="stay up after end-of-stream and serve the next session")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 def _add_worker(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="FFT worker: frames from the broker, results to the sink",
                        description="Join the broker's FFT work group: plan a 2-D real FFT once, "
                                    "transform every frame it is given, send a result per frame "
                                    "to the sink.")
-    _add_client_args(p)
-    p.set_defaults(timeout=30.0)
+    _add_part_args(p, cmd_worker, keep_running=True)
     p.add_argument("--work", type=_endpoint, default=None,
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
@@ -461,10 +472,6 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
-    p.add_argument("--keep-running", action="store_true",
-                   help="stay up after end-of-stream and serve the next session")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_worker)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -505,8 +512,7 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
                        description="Bind the results endpoint, put worker results back in "
                                    "frame-id order, drop duplicates, report gaps, and exit "
                                    "with a summary at end-of-stream.")
-    _add_client_args(p)
-    p.set_defaults(timeout=30.0)
+    _add_part_args(p, cmd_sink, keep_running=True)
     p.add_argument("--results", type=_endpoint, default=None,
                    help="results endpoint to bind (default: what the broker hands out)")
     p.add_argument("--work", type=_endpoint, default=None,
@@ -515,10 +521,6 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
                    help="results held back to restore order before a gap is declared "
                         "(default %(default)s; keep it >= the broker's --max-pending)")
     p.add_argument("--out", default=None, help="write results to a .npy or .h5 file")
-    p.add_argument("--keep-running", action="store_true",
-                   help="stay up after end-of-stream and collect the next session")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_sink)
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -559,8 +561,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                        description="Record frames into a chunked, preallocated HDF5 file "
                                    "with direct chunk writes; lossless by default.")
     p.add_argument("path", help="output file, e.g. run.h5")
-    _add_client_args(p)
-    p.set_defaults(timeout=30.0)
+    _add_part_args(p, cmd_record, keep_running=False)
     p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
     p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
     _add_record_args(p)
@@ -587,8 +588,6 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throttle", type=_nonneg_float, default=0.0,
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cmd_record)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
