@@ -202,14 +202,6 @@ def processes(n: int) -> Method:
     return Method(f"{n} process{'es' if n > 1 else ''}", measure)
 
 
-def _free_tcp() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def _serve(shape: tuple[int, ...], dtype: str, eps: dict[str, str], workers: int) -> None:
     from broker.broker import Broker, BrokerConfig
     from broker.sources import SyntheticSource
@@ -254,7 +246,9 @@ def pipeline(n: int) -> Method:
         from broker.client import Control
 
         case.processor()  # wisdom for this shape is in the store: workers plan in ms
-        eps = {k: _free_tcp() for k in ("pub", "work", "control", "results")}
+        from broker.broker import free_tcp_endpoints
+
+        eps = dict(zip(("pub", "work", "control", "results"), free_tcp_endpoints(4)))
         spawn = mp.get_context("spawn")
         procs = [spawn.Process(target=_serve, args=(case.shape, case.dtype, eps, n)),
                  spawn.Process(target=_collect, args=(eps["control"],))]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,20 +20,18 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from broker.broker import free_tcp_endpoints  # noqa: E402
 
 
 def soak(seconds: float, fps: float, interval: float, warmup: float,
          shape: str = "480x640x3") -> dict[str, Any]:
     """Run the pipeline and sample its children; returns samples and per-part growth."""
     with tempfile.TemporaryDirectory(prefix="fb-soak-") as tmp:
-        eps = [x for name in ("pub", "work", "control", "results")
-               for x in (f"--{name}", f"tcp://127.0.0.1:{_port()}")]
+        eps = [x for name, ep in zip(("pub", "work", "control", "results"),
+                                     free_tcp_endpoints(4))
+               for x in (f"--{name}", ep)]
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "run", "--seconds", str(seconds), "--fps",
              str(fps), "--shape", shape, "--record", f"{tmp}/soak.h5", "--json", *eps],

@@ -34,13 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.broker import Broker, BrokerConfig  # noqa: E402
+from broker.broker import Broker, BrokerConfig, free_tcp_endpoints  # noqa: E402
 from broker.client import Control, Subscriber  # noqa: E402
 from broker.sources import SyntheticSource, synthetic_frame  # noqa: E402
 
@@ -54,14 +53,7 @@ HWM = 16
 
 def _endpoints(transport: str, tag: str) -> dict[str, str]:
     if transport == "tcp":
-        import socket
-
-        ports = []
-        for _ in range(3):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                ports.append(s.getsockname()[1])
-        return {k: f"tcp://127.0.0.1:{p}" for k, p in zip(("pub", "control", "work"), ports)}
+        return dict(zip(("pub", "control", "work"), free_tcp_endpoints(3)))
     if transport == "ipc":
         base = Path(tempfile.gettempdir()) / f"fb-bench-{os.getpid()}-{tag}"
         return {k: f"ipc://{base}-{k}" for k in ("pub", "control", "work")}

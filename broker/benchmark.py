@@ -19,7 +19,6 @@ import importlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from types import ModuleType
 from typing import Any, Callable
 
 import broker
+
+from .broker import free_tcp_endpoints
 
 PARTS = ("transport", "fft", "hdf5", "e2e")
 E2E_SHAPE = (480, 640, 3)
@@ -115,14 +116,9 @@ def run_script(part: str, opts: BenchOptions) -> dict[str, Any]:
 def free_endpoints() -> list[str]:
     """``--pub/--work/--control/--results`` on four distinct free loopback ports (all
     held open while choosing, so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(4)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        ports = [s.getsockname()[1] for s in socks]
     flags = []
-    for name, port in zip(("pub", "work", "control", "results"), ports):
-        flags += [f"--{name}", f"tcp://127.0.0.1:{port}"]
+    for name, ep in zip(("pub", "work", "control", "results"), free_tcp_endpoints(4)):
+        flags += [f"--{name}", ep]
     return flags
 
 

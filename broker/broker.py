@@ -13,8 +13,10 @@ poll loop serves all sockets between frames; nothing blocks on a slow peer.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 from collections import deque
@@ -105,6 +107,16 @@ class BufferPool:
 
     def __len__(self) -> int:
         return len(self._busy)
+
+
+def free_tcp_endpoints(n: int, host: str = "127.0.0.1") -> list[str]:
+    """``n`` tcp endpoints on distinct free ports of ``host`` (all held open while
+    choosing, so no two are the same), for tests, benchmarks and ad-hoc pipelines."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [f"tcp://{host}:{s.getsockname()[1]}" for s in socks]
 
 
 def advertised(endpoint: str, host: str) -> str:

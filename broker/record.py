@@ -23,7 +23,7 @@ import zmq
 
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, WorkConsumer, cpu_seconds)
-from .recorder import RecorderError, RecordingWriter, ThreadedRecorder
+from .recorder import RecordingWriter, ThreadedRecorder
 
 
 @dataclass

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,15 +11,14 @@ from typing import Iterator
 
 import pytest
 
+from broker.broker import free_tcp_endpoints
 from broker.client import Control
 
 PY = sys.executable
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return int(free_tcp_endpoints(1, host)[0].rpartition(":")[2])
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Endpoints:
 
 
 def make_endpoints(host: str = "127.0.0.1") -> Endpoints:
-    return Endpoints(*(f"tcp://{host}:{free_port(host)}" for _ in range(4)))
+    return Endpoints(*free_tcp_endpoints(4, host))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
 
 import h5py
 import numpy as np
@@ -17,7 +16,7 @@ from broker import protocol as proto
 from broker.broker import COMMANDS
 from broker.client import Control, Subscriber
 from broker.sources import check_synthetic, synthetic_frame
-from conftest import PY, cli, free_port
+from conftest import cli, free_port
 
 SHAPE = (16, 20)
 CTX = zmq.Context.instance()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import h5py
@@ -10,9 +9,8 @@ import numpy as np
 import zmq
 
 from broker import protocol as proto
-from broker.client import Control
 from broker.sources import synthetic_frame
-from conftest import cli, kill_holding_frames, wait_status
+from conftest import cli, kill_holding_frames, make_endpoints, wait_status
 
 SHAPE = (64, 80)
 
@@ -112,7 +110,7 @@ def test_restarted_worker_plans_from_wisdom(eps, broker_factory, tmp_path):
     wisdom = tmp_path / "wisdom"
     plans = []
     for _ in range(2):
-        e = type(eps)(*(f"tcp://127.0.0.1:{__import__('conftest').free_port()}" for _ in range(4)))
+        e = make_endpoints()
         b = broker_factory("--frames", "20", "--wait-workers", "1", "--shape", "96x128",
                            endpoints=e)
         w = cli("worker", "--broker", e.control, "--json", "--planner", "measure",
