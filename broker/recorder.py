@@ -814,7 +814,7 @@ def recover(path: str | Path) -> int:
     """Make a file whose writer died readable by plain ``h5py.File(path)``; return its
     valid frame count.
 
-    Clears the "open for writing" mark in the superblock (what ``h5clear -s`` does, through
+    Clears the "open for writing" mark in the superblock (what ``h5clear -s -i`` does, through
     HDF5's own ``clear_status_flags`` file-access property), trims /frames, /timestamp_ns
     and /frame_id to ``/valid_frames`` and sets the final attributes; ``complete`` stays 0
     so the file still says it was not closed by its writer. /gaps is kept as found: after
@@ -837,7 +837,7 @@ def recover(path: str | Path) -> int:
             starts = ([int(h5["frame_id"][0])] if n else []) + [int(a) for a in gaps[:1, 0]]
             _final_attrs(h5.attrs, n, int(gaps[:, 1].sum()), min(starts, default=None),
                          complete=False)
-    except (OSError, KeyError) as exc:
+    except (OSError, KeyError, RuntimeError) as exc:
         raise RecorderError(f"{path}: not a recoverable recording: {exc}") from exc
     return n
 
@@ -868,11 +868,22 @@ def _clear_status_flags(path: Path) -> None:
     clear = ctypes.c_bool(True)
     if libhdf5.H5Pset(fapl.id, b"clear_status_flags", ctypes.byref(clear)) < 0:
         raise RecorderError(f"{path}: this HDF5 cannot clear status flags")
+    libhdf5.H5Fincrement_filesize.argtypes = [ctypes.c_int64, ctypes.c_uint64]
+    libhdf5.H5Fincrement_filesize.restype = ctypes.c_int
     try:
-        h5py.h5f.open(str(path).encode(), h5py.h5f.ACC_RDWR, fapl=fapl).close()
+        fid = h5py.h5f.open(str(path).encode(), h5py.h5f.ACC_RDWR, fapl=fapl)
     except OSError as exc:
         raise RecorderError(f"{path}: cannot open for recovery (still being written?): "
                             f"{exc}") from exc
+    try:
+        # A writer killed between flushes can leave metadata past the superblock's
+        # end-of-allocation (evicted from its cache before the superblock was rewritten);
+        # moving the EOA up to the real end of file, as ``h5clear -i`` does, lets HDF5
+        # reallocate that metadata instead of failing with "addr overflow".
+        if libhdf5.H5Fincrement_filesize(fid.id, 0) < 0:
+            raise RecorderError(f"{path}: cannot extend its end-of-allocation to the file size")
+    finally:
+        fid.close()
 
 
 # --- decoupling the receive loop from the disk -----------------------------------------
