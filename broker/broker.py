@@ -32,7 +32,9 @@ from .client import cpu_seconds
 from .dispatch import Dispatcher
 from .sources import Pacer, Source, SourceError, format_shape
 
-COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop")
+COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop", "report")
+MAX_REPORTING_CLIENTS = 256  # a peer inventing names cannot grow the table past this
+REPORT_EXPIRY_S = 30.0  # a client silent this long is dropped from status
 
 
 @dataclass
@@ -155,6 +157,7 @@ class Broker:
         self.state = "starting"
         self.error = ""
         self.control_rejected: dict[str, int] = {}
+        self.clients: dict[str, tuple[float, dict[str, Any]]] = {}
         self.backpressure_waits = 0
         self.latest: tuple[bytes, Slot] | None = None
         self._stop_requested = False
@@ -352,7 +355,9 @@ class Broker:
             if cmd not in COMMANDS:
                 raise proto.BadControlMessage(f"unknown command {cmd[:40]!r}; known: "
                                               f"{', '.join(COMMANDS)}")
-            if set(req) != {"cmd"}:
+            if cmd == "report":
+                report = proto.validate_report(req)
+            elif set(req) != {"cmd"}:
                 raise proto.BadControlMessage(f"command {cmd!r} takes no arguments, got "
                                               f"{sorted(set(req) - {'cmd'})}")
         except proto.ProtocolError as exc:
@@ -372,6 +377,9 @@ class Broker:
         elif cmd == "resume":
             self.paused = False
             reply = {"paused": False}
+        elif cmd == "report":
+            self._store_report(report)
+            reply = {}
         else:
             self.request_stop()
             reply = {"stopping": True, "frames": self.sent}
@@ -385,6 +393,22 @@ class Broker:
         tracker = self.control.send_multipart([proto.encode_reply(True), header, slot.array],
                                               copy=False, track=True)
         slot.trackers.append(tracker)
+
+    def _store_report(self, report: dict[str, Any]) -> None:
+        """Keep a subscriber's latest counters: drops happen at the subscriber (its HWM or
+        its latest:N queue), so only it can say how many; status shows them per client."""
+        self.clients.pop(report["client"], None)
+        self.clients[report["client"]] = (time.monotonic(), report)
+        while len(self.clients) > MAX_REPORTING_CLIENTS:
+            del self.clients[next(iter(self.clients))]
+
+    def consumers(self) -> dict[str, dict[str, Any]]:
+        """Clients that reported within REPORT_EXPIRY_S, with the age of their report."""
+        now = time.monotonic()
+        for name in [n for n, (t, _) in self.clients.items() if now - t > REPORT_EXPIRY_S]:
+            del self.clients[name]
+        return {name: {**{k: v for k, v in r.items() if k != "client"},
+                       "age_s": round(now - t, 2)} for name, (t, r) in self.clients.items()}
 
     # --- reporting -------------------------------------------------------------------
     def rate(self) -> float:
@@ -410,6 +434,7 @@ class Broker:
                 "backpressure_waits": self.backpressure_waits,
                 "control_rejected": dict(self.control_rejected), "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
+                "consumers": self.consumers(),
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
     def progress_line(self) -> str:

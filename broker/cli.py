@@ -104,6 +104,13 @@ def _stream(text: str) -> str:
     return text
 
 
+def _client_name(text: str) -> str:
+    if not len(text) <= proto.MAX_CLIENT_NAME or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"name must be at most {proto.MAX_CLIENT_NAME} "
+                                         f"printable characters")
+    return text
+
+
 def _policy(text: str) -> str:
     from .client import parse_policy
 
@@ -280,6 +287,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
                         "only the newest N frames; count the rest as dropped)")
     p.add_argument("--verify", action="store_true",
                    help="check every frame against the synthetic source (content and id)")
+    p.add_argument("--name", default="", type=_client_name,
+                   help="name under which the broker's status shows this subscriber's "
+                        "drop counts (default: sub-HOST-PID-N)")
     p.add_argument("--interval", type=_nonneg_float, default=1.0,
                    help="seconds between progress lines (0 = none)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -293,11 +303,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
         sub = Subscriber(args.pub, broker=args.broker,
                          topics=(args.stream,) if args.stream else None,
                          timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout,
-                         policy=args.policy)
+                         policy=args.policy, name=args.name)
     except BrokerUnavailable as exc:
         raise CliError(str(exc)) from None
     latencies: deque[float] = deque(maxlen=100_000)
-    corrupt = 0
+    corrupt = restarts_seen = 0
     t0 = time.monotonic()
     next_line = t0 + args.interval if args.interval else None
     last_n, last_t = 0, t0
@@ -309,6 +319,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
             latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
             if args.verify and check_synthetic(frame.array, frame.frame_id) >= 0:
                 corrupt += 1
+            if len(sub.restarts) != restarts_seen:
+                restarts_seen = len(sub.restarts)
+                old, last, new, first = sub.restarts[-1]
+                print(f"watch: new broker session {new:#x} (the last id of session {old:#x} was "
+                      f"{last}); joined at id {first}, {first} ids of it missed",
+                      file=sys.stderr, flush=True)
             now = time.monotonic()
             if next_line is not None and now >= next_line:
                 rate = (sub.received - last_n) / (now - last_t)
@@ -375,6 +391,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, g in status["work"]["groups"].items():
         print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "
               f"acked {g['acked']}, re-dispatched {g['redispatched']}")
+    for name, c in status["consumers"].items():
+        print(f"{'subscriber':>12}: {name} ({c['policy']}): received {c['received']}, "
+              f"dropped {c['dropped']}, gaps {c['gaps']}, rejected {c['rejected']}, "
+              f"reported {c['age_s']:g} s ago")
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -86,11 +87,11 @@ class Control:
             self._sock.close(linger=0)
             self._sock = None
 
-    def request_parts(self, cmd: str) -> tuple[dict[str, Any], list[zmq.Frame]]:
+    def request_parts(self, cmd: str, **args: Any) -> tuple[dict[str, Any], list[zmq.Frame]]:
         """Send ``cmd``; returns the decoded reply and any further parts (zero-copy)."""
         sock = self._socket()
         try:
-            sock.send(proto.encode_request(cmd))
+            sock.send(proto.encode_request(cmd, **args))
             parts = sock.recv_multipart(copy=False)
         except zmq.Again:
             self._reset()
@@ -101,8 +102,8 @@ class Control:
             raise RuntimeError(f"broker refused {cmd!r}: {reply.get('error', 'no reason given')}")
         return reply, parts[1:]
 
-    def request(self, cmd: str) -> dict[str, Any]:
-        return self.request_parts(cmd)[0]
+    def request(self, cmd: str, **args: Any) -> dict[str, Any]:
+        return self.request_parts(cmd, **args)[0]
 
     def endpoints(self) -> dict[str, Any]:
         return self.request("endpoints")
@@ -164,6 +165,7 @@ class _Receiver:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.received = 0
+        self.session_received = 0  # frames of the current session (what END's total counts)
         self.bytes = 0
         self.gaps = 0  # frame ids skipped between received frames
         self.rejected: Counter[str] = Counter()
@@ -175,6 +177,8 @@ class _Receiver:
         self.ended = False
         self.total: int | None = None
         self.end_header: proto.Header | None = None
+        # (old session, last id seen in it, new session, first id seen in it), newest last
+        self.restarts: deque[tuple[int, int | None, int, int | None]] = deque(maxlen=16)
 
     def _reject(self, exc: proto.ProtocolError) -> None:
         self.rejected[exc.reason] += 1
@@ -182,10 +186,18 @@ class _Receiver:
 
     def _account(self, header: proto.Header) -> None:
         if header.session != self.session:
+            if self.session is not None:  # the broker restarted: ids begin again at 0
+                self.restarts.append((self.session, self.last_id, header.session, None))
+                self.last_id = -1  # so the new session's ids before this one count as gaps
+            else:
+                self.last_id = None
             self.session = header.session
             self.sessions += 1
-            self.last_id = None
+            self.session_received = 0
             self.ended = False
+        if self.restarts and self.restarts[-1][3] is None and header.kind != proto.Kind.END:
+            old, last, new, _ = self.restarts[-1]
+            self.restarts[-1] = (old, last, new, header.frame_id)
         if header.kind == proto.Kind.END:
             self.ended, self.total, self.end_header = True, header.total, header
             return
@@ -195,17 +207,20 @@ class _Receiver:
             self.gaps += header.frame_id - self.last_id - 1
         self.last_id = header.frame_id
         self.received += 1
+        self.session_received += 1
         self.bytes += header.nbytes
 
     @property
     def missed(self) -> int | None:
-        """Frames of the stream this receiver never got (known once END arrived)."""
-        return None if self.total is None else self.total - self.received
+        """Frames of the current session this receiver never got (known once END arrived)."""
+        return None if self.total is None else self.total - self.session_received
 
     def stats(self) -> dict[str, Any]:
         return {"received": self.received, "bytes": self.bytes, "gaps": self.gaps,
                 "rejected": dict(self.rejected), "ended": self.ended, "total": self.total,
-                "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error}
+                "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error,
+                "restarts": [{"old_session": o, "last_id": li, "new_session": n, "first_id": fi}
+                             for o, li, n, fi in self.restarts]}
 
 
 def parse_policy(text: str) -> int:
@@ -232,15 +247,22 @@ class Subscriber(_Receiver):
     queue for it stays empty. Frames it discards are counted in ``dropped``
     (``received`` counts every frame that arrived). ZeroMQ's CONFLATE cannot do
     this: it breaks multipart messages.
+
+    When the endpoint was asked from the broker, the subscriber reports its counters
+    (received, dropped, gaps, rejected) to the broker's control socket every
+    ``report_every`` seconds under ``name``, so ``framebroker status`` shows what each
+    consumer lost; 0 turns reporting off. A broker that does not answer costs nothing
+    but a skipped report.
     """
 
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  topics: tuple[str, ...] | None = None, timeout: float = 5.0,
                  rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, policy: str = "drop",
-                 ctx: zmq.Context | None = None) -> None:
+                 connect_wait: float = 10.0, policy: str = "drop", name: str = "",
+                 report_every: float = 1.0, ctx: zmq.Context | None = None) -> None:
         super().__init__(max_bytes)
         self.keep = parse_policy(policy)
+        self.name = name or f"sub-{socket.gethostname()[:32]}-{os.getpid()}-{id(self) % 9973}"
         self.policy = policy
         self.dropped = 0
         self.ctx = ctx or zmq.Context.instance()
@@ -262,6 +284,33 @@ class Subscriber(_Receiver):
         if self.keep:
             self._thread = threading.Thread(target=self._pump, name="fb-latest", daemon=True)
             self._thread.start()
+        self._stop_reports = threading.Event()
+        self._reporter: threading.Thread | None = None
+        if eps and report_every > 0:
+            self._reporter = threading.Thread(target=self._report_loop, name="fb-report",
+                                              args=(broker, report_every), daemon=True)
+            self._reporter.start()
+
+    def report(self) -> dict[str, Any]:
+        """The counters the broker's status shows for this subscriber."""
+        return {"client": self.name, "policy": self.policy, "received": self.received,
+                "dropped": self.dropped, "gaps": self.gaps,
+                "rejected": sum(self.rejected.values()), "sessions": self.sessions}
+
+    def _report_loop(self, broker: str, every: float) -> None:
+        """Own REQ socket in its own thread (zmq sockets are not thread-safe)."""
+        ctl = Control(broker, timeout=min(every, 0.25), ctx=self.ctx)  # bounds close()
+        try:
+            while True:
+                stopping = self._stop_reports.wait(every)
+                try:
+                    ctl.request("report", **self.report())
+                except (BrokerUnavailable, RuntimeError, proto.ProtocolError):
+                    pass  # no broker right now, or one too old to know "report"
+                if stopping:
+                    return
+        finally:
+            ctl.close()
 
     def _next(self, wait_ms: int) -> Frame | None:
         """Read until a valid frame (or END: None) arrives; raises ReceiveTimeout."""
@@ -310,7 +359,8 @@ class Subscriber(_Receiver):
             return self._latest.popleft()
 
     def stats(self) -> dict[str, Any]:
-        return {**super().stats(), "policy": self.policy, "dropped": self.dropped}
+        return {**super().stats(), "policy": self.policy, "dropped": self.dropped,
+                "name": self.name}
 
     def __iter__(self) -> Iterator[Frame]:
         while True:
@@ -321,8 +371,10 @@ class Subscriber(_Receiver):
 
     def close(self) -> None:
         self._closing = True
-        if self._thread is not None:
-            self._thread.join()
+        self._stop_reports.set()
+        for thread in (self._thread, self._reporter):
+            if thread is not None:
+                thread.join()
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Subscriber":

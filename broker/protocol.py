@@ -329,6 +329,34 @@ def decode_request(data: bytes) -> dict[str, Any]:
     return req
 
 
+REPORT_COUNTERS = ("received", "dropped", "gaps", "rejected", "sessions")
+MAX_CLIENT_NAME = 64
+
+
+def validate_report(req: dict[str, Any]) -> dict[str, Any]:
+    """Check a ``report`` request (a subscriber's own counters, sent so that the broker's
+    status shows what each consumer lost); returns the report without ``cmd``.
+
+    Every field is required and typed: a peer cannot make the broker keep anything but a
+    short name, a short policy and five non-negative integers.
+    """
+    expected = {"cmd", "client", "policy", *REPORT_COUNTERS}
+    if set(req) != expected:
+        raise BadControlMessage(f"report takes exactly {sorted(expected - {'cmd'})}, got "
+                                f"{sorted(set(req) - {'cmd'})}")
+    client, policy = req["client"], req["policy"]
+    if not isinstance(client, str) or not 1 <= len(client) <= MAX_CLIENT_NAME \
+            or not client.isprintable():
+        raise BadControlMessage(f"report client must be 1-{MAX_CLIENT_NAME} printable chars")
+    if not isinstance(policy, str) or not 1 <= len(policy) <= 32 or not policy.isprintable():
+        raise BadControlMessage("report policy must be 1-32 printable chars")
+    for key in REPORT_COUNTERS:
+        value = req[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise BadControlMessage(f"report {key} must be a non-negative integer")
+    return {k: req[k] for k in expected - {"cmd"}}
+
+
 def encode_reply(ok: bool, **fields: Any) -> bytes:
     """A control reply: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``."""
     return json.dumps({"ok": ok, **fields}).encode()

@@ -1,0 +1,129 @@
+"""Faults: a broker restarted under running consumers, and drop counts in its status."""
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from broker import protocol as proto
+from broker.broker import MAX_REPORTING_CLIENTS
+from broker.client import Control, Subscriber
+from broker.sources import check_synthetic, synthetic_frame
+from conftest import acked, cli, wait_status
+
+SHAPE = (64, 80)
+
+
+def summary(proc, ok=(0,)) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode in ok, (proc.returncode, out, err)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_latest_subscriber_drops_show_in_the_broker_status(eps, broker_factory):
+    """The broker cannot see a subscriber's drops (they happen in its own queue), so the
+    subscriber reports them; status must show exactly the subscriber's own counts."""
+    broker_factory("--fps", "500", "--shape", "64x80")
+    sub = Subscriber(broker=eps.control, policy="latest:1", name="slow-viewer",
+                     report_every=0.2, timeout=10)
+    got = []
+    while len(got) < 20:
+        frame = sub.recv()
+        assert check_synthetic(frame.array, frame.frame_id) == -1
+        got.append(frame.frame_id)
+        time.sleep(0.03)  # slower than the stream: the latest:1 queue drops
+    live = wait_status(eps.control, lambda s: s["consumers"].get("slow-viewer", {})
+                       .get("dropped", 0) > 0)
+    assert live["consumers"]["slow-viewer"]["policy"] == "latest:1"
+    sub.close()  # sends a last report
+    final = sub.report()
+    assert final["dropped"] > 0 and final["received"] >= 20
+    status = Control(eps.control).status()
+    shown = status["consumers"]["slow-viewer"]
+    assert {k: shown[k] for k in final if k != "client"} == \
+        {k: v for k, v in final.items() if k != "client"}
+
+
+def test_bad_reports_are_refused_and_the_table_is_bounded(eps, broker_factory):
+    b = broker_factory("--fps", "50", "--shape", "64x80")
+    b.wait_ready()
+    ctl = Control(eps.control, timeout=5)
+    good = {"client": "x", "policy": "drop", "received": 1, "dropped": 0, "gaps": 0,
+            "rejected": 0, "sessions": 1}
+    bad = [{**good, "received": -1}, {**good, "gaps": True}, {**good, "client": ""},
+           {**good, "client": "n" * 65}, {**good, "policy": 7},
+           {k: v for k, v in good.items() if k != "sessions"}, {**good, "extra": 1},
+           {**good, "dropped": 2**64}, {**good, "client": "bell\x07"}]
+    for report in bad:
+        with pytest.raises(RuntimeError, match="report"):
+            ctl.request("report", **report)
+    for k in range(MAX_REPORTING_CLIENTS + 40):
+        ctl.request("report", **{**good, "client": f"c{k}"})
+    status = ctl.status()
+    assert len(status["consumers"]) == MAX_REPORTING_CLIENTS
+    assert "c0" not in status["consumers"] and f"c{MAX_REPORTING_CLIENTS + 39}" in \
+        status["consumers"]
+    assert status["control_rejected"] == {"bad_control": len(bad)}
+    assert status["frames_sent"] > 0 and ctl.request("status")["state"] == "streaming"
+    ctl.close()
+
+
+def test_broker_restart_subscriber_worker_and_sink_carry_on(eps, broker_factory, tmp_path):
+    """SIGKILL the broker mid-stream and start a new one on the same endpoints: the
+    subscriber, the worker and the sink stay up, join the new session by themselves,
+    report where the old one stopped and what of the new one they missed, and finish
+    with the new session's END."""
+    out = tmp_path / "results.h5"
+    first = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+                "--timeout", "60", "--rcvhwm", "5000")
+    worker = cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
+                 "--output", "spectrum", "--timeout", "60")
+    sink = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
+    old = wait_status(eps.control, acked("fft", 100))
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.communicate()
+
+    second = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1",
+                            "--frames", "300")
+    new = second.wait_ready()
+    assert new["session"] != old["session"]
+
+    w = summary(watch, ok=(0, 3))  # 3: frames were lost (the restart) and said so
+    assert w["sessions"] == 2 and w["corrupt"] == 0 and w["rejected"] == {}
+    (restart,) = w["restarts"]
+    assert (restart["old_session"], restart["new_session"]) == (old["session"], new["session"])
+    assert restart["last_id"] >= old["frames_sent"] - 1
+    # the only ids missed are those of the new session sent before the subscriber was back
+    assert w["gaps"] == restart["first_id"] and w["missed"] == restart["first_id"]
+    assert w["total"] == 300 and w["ended"] is True
+
+    s = summary(sink)
+    wk = summary(worker)
+    assert second.finish()[0] == 0
+    assert wk["ended"] is True
+    with h5py.File(out) as f:
+        ids, spectra = f["frame_id"][:], f["result"][:]
+    # session 1 in order up to where the broker died, then all of session 2 (the new broker
+    # waited for the worker, so it dispatched every frame), each spectrum right
+    restart_at = int(np.flatnonzero(np.diff(ids.astype(np.int64)) < 0)[0]) + 1
+    np.testing.assert_array_equal(ids[:restart_at], np.arange(restart_at))
+    np.testing.assert_array_equal(ids[restart_at:], np.arange(300))
+    assert restart_at > 100 and s["total"] == 300
+    for k in (0, restart_at - 1, restart_at, len(ids) - 1):
+        ref = np.fft.rfft2(synthetic_frame(SHAPE, "uint8", int(ids[k])).astype(np.float64))
+        np.testing.assert_allclose(spectra[k], ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def test_report_is_a_known_command_with_validated_arguments():
+    """The wire-level check the broker uses (no process needed)."""
+    req = proto.decode_request(proto.encode_request(
+        "report", client="a", policy="drop", received=3, dropped=1, gaps=0, rejected=0,
+        sessions=1))
+    assert proto.validate_report(req)["received"] == 3
+    with pytest.raises(proto.BadControlMessage, match="received"):
+        proto.validate_report({**req, "received": 1.5})
