@@ -55,6 +55,7 @@ class BrokerConfig:
     wait_recorders: int = 0
     max_pending: int = 64
     worker_timeout: float = 2.0
+    orphan_timeout: float = 10.0  # a work group with nobody in it is dissolved after this
     drain_timeout: float = 10.0
     end_linger: float = 1.0
     linger_ms: int = 500
@@ -189,7 +190,8 @@ class Broker:
             self.close()
             raise SourceError(f"cannot bind {ep}: {exc.strerror}") from None
         self.dispatcher = Dispatcher(self.work, max_pending=cfg.max_pending,
-                                     timeout=cfg.worker_timeout, send=self._send_work,
+                                     timeout=cfg.worker_timeout,
+                                     orphan_timeout=cfg.orphan_timeout, send=self._send_work,
                                      release=self._release, log=self.log)
         self.poller = zmq.Poller()
         for sock in (self.pub, self.control, self.work):

@@ -179,6 +179,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--worker-timeout", type=_nonneg_float, default=2.0,
                    help="seconds of silence before a work consumer is declared dead")
+    p.add_argument("--orphan-timeout", type=_nonneg_float, default=10.0,
+                   help="seconds a work group may have no member and no acker (a lossless "
+                        "recorder or every worker died) before its frames are abandoned "
+                        "and the source runs on (default %(default)s)")
     p.add_argument("--drain-timeout", type=_nonneg_float, default=10.0,
                    help="seconds to wait at the end for work groups to acknowledge")
     p.add_argument("--end-linger", type=_nonneg_float, default=1.0,
@@ -246,7 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        frames=args.frames, sndhwm=args.sndhwm,
                        wait_subscribers=args.wait_subscribers, wait_workers=args.wait_workers,
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
-                       worker_timeout=args.worker_timeout, drain_timeout=args.drain_timeout,
+                       worker_timeout=args.worker_timeout, orphan_timeout=args.orphan_timeout,
+                       drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
                        progress=0.0 if args.quiet else args.progress)
     try:

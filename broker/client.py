@@ -371,10 +371,11 @@ class Subscriber(_Receiver):
 
     def close(self) -> None:
         self._closing = True
-        self._stop_reports.set()
-        for thread in (self._thread, self._reporter):
-            if thread is not None:
-                thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        self._stop_reports.set()  # after the receiving thread: the last report is final
+        if self._reporter is not None:
+            self._reporter.join()
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Subscriber":

@@ -10,6 +10,12 @@ consumer that stays silent past the timeout, or that ROUTER can no longer reach,
 declared dead and its unacknowledged frames are dispatched again; the sink removes
 the duplicates this can cause.
 
+A group left with no members and no ackers is dissolved: at once when the last one
+said BYE, or after ``orphan_timeout`` when the last one died, so a lossless recorder
+that dies and is not restarted holds the source up for that long, not forever. Its
+unacknowledged frames are released and counted in ``abandoned``; a consumer joining
+later starts a new group with new frames.
+
 The span of unacknowledged frame ids per group is bounded: no frame is dispatched
 while it is ``max_pending`` or more ids ahead of the group's oldest unacknowledged
 frame, and the source waits instead. That bounds memory, and it bounds how far out
@@ -62,6 +68,10 @@ class Group:
     redispatched: int = 0
     dead: int = 0
     duplicate_acks: int = 0
+    orphaned_at: float | None = None  # when its last member or acker went away
+
+    def empty(self) -> bool:
+        return not self.members and not self.ackers
 
     def status(self) -> dict[str, Any]:
         return {"members": {c.name or c.ident.hex(): {"inflight": len(c.inflight),
@@ -82,11 +92,12 @@ class Dispatcher:
     """
 
     def __init__(self, sock: zmq.Socket, *, max_pending: int, timeout: float,
-                 send: Callable[[bytes, bytes, Any], None],
+                 orphan_timeout: float, send: Callable[[bytes, bytes, Any], None],
                  release: Callable[[Any], None], log: Callable[[str], None]) -> None:
         self.sock = sock
         self.max_pending = max_pending
         self.timeout = timeout
+        self.orphan_timeout = orphan_timeout
         self._send = send
         self._release = release
         self._log = log
@@ -94,6 +105,7 @@ class Dispatcher:
         self._member_group: dict[bytes, Group] = {}
         self._acker_group: dict[bytes, Group] = {}
         self.rejected: dict[str, int] = {}
+        self.dissolved: dict[str, int] = {}  # group name -> frames abandoned, summed
 
     # --- frames in ---------------------------------------------------------------
     def has_room(self, next_id: int) -> bool:
@@ -176,6 +188,7 @@ class Dispatcher:
         elif g.acks != r.acks:
             raise proto.BadControlMessage(f"group {r.group!r} acknowledges with {g.acks!r}, "
                                           f"READY said {r.acks!r}")
+        g.orphaned_at = None
         if r.role == "acker":
             g.ackers[ident] = now
             self._acker_group[ident] = g
@@ -261,6 +274,24 @@ class Dispatcher:
                 del g.ackers[ident]
                 del self._acker_group[ident]
                 self._log(f"work: acker {ident.hex()} of {g.name!r} declared dead")
+                self._orphaned(g)
+            if g.orphaned_at is not None and \
+                    time.monotonic() - g.orphaned_at >= self.orphan_timeout:
+                self._dissolve(g, f"no member or acker for {self.orphan_timeout:g} s")
+
+    def _orphaned(self, g: Group) -> None:
+        if g.empty() and g.orphaned_at is None:
+            g.orphaned_at = time.monotonic()
+
+    def _dissolve(self, g: Group, why: str) -> None:
+        """Forget a group nobody serves: release what it held so the source runs on."""
+        for p in g.pending.values():
+            self._release(p.slot)
+        lost = len(g.pending)
+        del self.groups[g.name]
+        self.dissolved[g.name] = self.dissolved.get(g.name, 0) + lost
+        self._log(f"work: group {g.name!r} dissolved ({why}); {lost} unacknowledged frames "
+                  f"abandoned")
 
     def _drop(self, ident: bytes, why: str) -> None:
         g = self._member_group.pop(ident, None)
@@ -268,12 +299,24 @@ class Dispatcher:
             g = self._acker_group.pop(ident, None)
             if g is not None:
                 g.ackers.pop(ident, None)
+                self._left(g, why)
             return
         c = g.members.pop(ident)
         if why != "left":
             g.dead += 1
         held = [p for p in g.pending.values() if p.consumer == ident]
-        self._redispatch(g, held, f"{c.name or ident.hex()} {why}")
+        if not self._left(g, why):
+            self._redispatch(g, held, f"{c.name or ident.hex()} {why}")
+
+    def _left(self, g: Group, why: str) -> bool:
+        """After a member or acker went: True if that dissolved the group."""
+        if not g.empty():
+            return False
+        if why == "left":
+            self._dissolve(g, "its last member or acker left")
+            return True
+        self._orphaned(g)
+        return False
 
     def _redispatch(self, g: Group, held: list[Pending], why: str) -> None:
         if not held:
@@ -287,7 +330,8 @@ class Dispatcher:
 
     def status(self) -> dict[str, Any]:
         return {"groups": {name: g.status() for name, g in self.groups.items()},
-                "rejected": dict(self.rejected), "max_pending": self.max_pending}
+                "rejected": dict(self.rejected), "max_pending": self.max_pending,
+                "dissolved": dict(self.dissolved)}
 
 
 def _body(parts: list[bytes]) -> bytes:

@@ -127,3 +127,34 @@ def test_report_is_a_known_command_with_validated_arguments():
     assert proto.validate_report(req)["received"] == 3
     with pytest.raises(proto.BadControlMessage, match="received"):
         proto.validate_report({**req, "received": 1.5})
+
+
+def test_a_dead_lossless_recorder_holds_the_source_only_until_its_group_dissolves(
+        eps, broker_factory, tmp_path):
+    """SIGKILL the only lossless recorder: the broker holds its frames (it may come back)
+    for --orphan-timeout, then abandons them and the stream runs on for the subscriber;
+    a recorder started later records every frame from where it joined."""
+    b = broker_factory("--fps", "600", "--frames", "3000", "--shape", "64x80",
+                       "--wait-recorders", "1", "--wait-subscribers", "1",
+                       "--worker-timeout", "0.5", "--orphan-timeout", "1", "--sndhwm", "5000")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+                "--timeout", "60", "--rcvhwm", "5000")
+    first = cli("record", str(tmp_path / "a.h5"), "--broker", eps.control, "--json")
+    wait_status(eps.control, acked("record", 50))
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    gone = wait_status(eps.control, lambda s: "record" in s["work"]["dissolved"])
+    assert gone["work"]["dissolved"]["record"] > 0 and "record" not in gone["work"]["groups"]
+    wait_status(eps.control, lambda s: s["frames_sent"] > gone["frames_sent"] + 100)
+
+    second = cli("record", str(tmp_path / "b.h5"), "--broker", eps.control, "--json")
+    rec = summary(second)
+    w = summary(watch)
+    assert b.finish()[0] == 0
+    assert (w["received"], w["gaps"], w["corrupt"], w["total"]) == (3000, 0, 0, 3000)
+    with h5py.File(tmp_path / "b.h5") as f:
+        ids = f["frame_id"][:]
+        assert len(ids) == rec["frames_written"] > 100 and ids[-1] == 2999
+        np.testing.assert_array_equal(ids, np.arange(ids[0], 3000))
+        for k in range(0, len(ids), 97):
+            assert check_synthetic(f["frames"][k], int(ids[k])) == -1
