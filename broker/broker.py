@@ -267,7 +267,8 @@ class Broker:
         cfg = self.cfg
         if self.sent:
             return False
-        return (self.subscribers < cfg.wait_subscribers
+        blocking = self.dispatcher.members_prefixed(proto.BLOCK_GROUP_PREFIX)
+        return (self.subscribers + blocking < cfg.wait_subscribers
                 or self.dispatcher.members("fft") < cfg.wait_workers
                 or self.dispatcher.members("record") < cfg.wait_recorders)
 

@@ -20,7 +20,7 @@ import zmq
 
 from . import __version__
 from . import protocol as proto
-from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, Subscriber
+from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, subscribe
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
 
@@ -169,7 +169,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="frames queued per subscriber before PUB drops for that subscriber "
                         "(default %(default)s)")
     p.add_argument("--wait-subscribers", type=_nonneg_int, default=0,
-                   help="hold the stream until this many subscribers have subscribed")
+                   help="hold the stream until this many subscribers (any policy) have "
+                        "subscribed")
     p.add_argument("--wait-workers", type=_nonneg_int, default=0,
                    help="hold the stream until this many FFT workers have joined")
     p.add_argument("--wait-recorders", type=_nonneg_int, default=0,
@@ -288,8 +289,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rcvhwm", type=_positive_int, default=64,
                    help="frames queued locally before zmq drops (default %(default)s)")
     p.add_argument("--policy", type=_policy, default="drop",
-                   help="slow consumer: drop (ZeroMQ HWM, seen as gaps) or latest:N (keep "
-                        "only the newest N frames; count the rest as dropped)")
+                   help="slow consumer: drop (ZeroMQ HWM, seen as gaps), latest:N (keep "
+                        "only the newest N frames; count the rest as dropped) or block "
+                        "(lossless: the source waits for this subscriber)")
     p.add_argument("--verify", action="store_true",
                    help="check every frame against the synthetic source (content and id)")
     p.add_argument("--name", default="", type=_client_name,
@@ -305,10 +307,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from .sources import check_synthetic
 
     try:
-        sub = Subscriber(args.pub, broker=args.broker,
-                         topics=(args.stream,) if args.stream else None,
-                         timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout,
-                         policy=args.policy, name=args.name)
+        common = {"broker": args.broker, "timeout": args.timeout,
+                  "connect_wait": args.timeout, "name": args.name}
+        if args.policy == "block":
+            if args.pub or args.stream:
+                raise CliError("--policy block takes frames from the broker's work channel; "
+                               "--pub and --stream do not apply", EXIT_USAGE)
+            sub = subscribe("block", **common)
+        else:
+            sub = subscribe(args.policy, endpoint=args.pub, rcvhwm=args.rcvhwm,
+                            topics=(args.stream,) if args.stream else None, **common)
     except BrokerUnavailable as exc:
         raise CliError(str(exc)) from None
     latencies: deque[float] = deque(maxlen=100_000)

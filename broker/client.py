@@ -7,6 +7,7 @@ no client hangs forever on a dead peer.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import socket
@@ -180,6 +181,46 @@ class _Receiver:
         # (old session, last id seen in it, new session, first id seen in it), newest last
         self.restarts: deque[tuple[int, int | None, int, int | None]] = deque(maxlen=16)
 
+    # --- reporting to the broker (subscribers) ----------------------------------------
+    name = ""
+    policy = ""
+    dropped = 0
+    _reporter: threading.Thread | None = None
+
+    def report(self) -> dict[str, Any]:
+        """The counters the broker's status shows for this subscriber."""
+        return {"client": self.name, "policy": self.policy, "received": self.received,
+                "dropped": self.dropped, "gaps": self.gaps,
+                "rejected": sum(self.rejected.values()), "sessions": self.sessions}
+
+    def _start_reports(self, broker: str, every: float) -> None:
+        self._reports_done = threading.Event()
+        self._reporter = threading.Thread(target=self._report_loop, name="fb-report",
+                                          args=(broker, every), daemon=True)
+        self._reporter.start()
+
+    def _report_loop(self, broker: str, every: float) -> None:
+        """Own REQ socket in its own thread (zmq sockets are not thread-safe)."""
+        ctl = Control(broker, timeout=min(every, 0.25), ctx=self.ctx)  # bounds close()
+        try:
+            while True:
+                stopping = self._reports_done.wait(every)
+                try:
+                    ctl.request("report", **self.report())
+                except (BrokerUnavailable, RuntimeError, proto.ProtocolError):
+                    pass  # no broker right now, or one too old to know "report"
+                if stopping:
+                    return
+        finally:
+            ctl.close()
+
+    def _stop_reports(self) -> None:
+        """Send the last report and stop; call once the counters are final."""
+        if self._reporter is not None:
+            self._reports_done.set()
+            self._reporter.join()
+            self._reporter = None
+
     def _reject(self, exc: proto.ProtocolError) -> None:
         self.rejected[exc.reason] += 1
         self.last_error = str(exc)
@@ -224,13 +265,24 @@ class _Receiver:
 
 
 def parse_policy(text: str) -> int:
-    """``drop`` -> 0; ``latest:N`` -> N (keep only the newest N complete frames)."""
+    """``drop`` -> 0; ``latest:N`` -> N (keep only the newest N complete frames);
+    ``block`` -> -1 (lossless: frames come through the work channel, see BlockingSubscriber)."""
     if text == "drop":
         return 0
+    if text == "block":
+        return -1
     kind, _, n = text.partition(":")
     if kind == "latest" and n.isdigit() and int(n) >= 1:
         return int(n)
-    raise ValueError(f"policy {text!r} must be 'drop' or 'latest:N' with N >= 1")
+    raise ValueError(f"policy {text!r} must be 'drop', 'block' or 'latest:N' with N >= 1")
+
+
+def default_name() -> str:
+    """A name that tells a person which machine and process a subscriber is."""
+    return f"sub-{socket.gethostname()[:32]}-{os.getpid()}-{next(_names)}"
+
+
+_names = itertools.count()
 
 
 class Subscriber(_Receiver):
@@ -262,7 +314,10 @@ class Subscriber(_Receiver):
                  report_every: float = 1.0, ctx: zmq.Context | None = None) -> None:
         super().__init__(max_bytes)
         self.keep = parse_policy(policy)
-        self.name = name or f"sub-{socket.gethostname()[:32]}-{os.getpid()}-{id(self) % 9973}"
+        if self.keep < 0:
+            raise ValueError("policy 'block' takes frames from the work channel: use "
+                             "subscribe() or BlockingSubscriber")
+        self.name = name or default_name()
         self.policy = policy
         self.dropped = 0
         self.ctx = ctx or zmq.Context.instance()
@@ -284,33 +339,9 @@ class Subscriber(_Receiver):
         if self.keep:
             self._thread = threading.Thread(target=self._pump, name="fb-latest", daemon=True)
             self._thread.start()
-        self._stop_reports = threading.Event()
-        self._reporter: threading.Thread | None = None
         if eps and report_every > 0:
-            self._reporter = threading.Thread(target=self._report_loop, name="fb-report",
-                                              args=(broker, report_every), daemon=True)
-            self._reporter.start()
+            self._start_reports(broker, report_every)
 
-    def report(self) -> dict[str, Any]:
-        """The counters the broker's status shows for this subscriber."""
-        return {"client": self.name, "policy": self.policy, "received": self.received,
-                "dropped": self.dropped, "gaps": self.gaps,
-                "rejected": sum(self.rejected.values()), "sessions": self.sessions}
-
-    def _report_loop(self, broker: str, every: float) -> None:
-        """Own REQ socket in its own thread (zmq sockets are not thread-safe)."""
-        ctl = Control(broker, timeout=min(every, 0.25), ctx=self.ctx)  # bounds close()
-        try:
-            while True:
-                stopping = self._stop_reports.wait(every)
-                try:
-                    ctl.request("report", **self.report())
-                except (BrokerUnavailable, RuntimeError, proto.ProtocolError):
-                    pass  # no broker right now, or one too old to know "report"
-                if stopping:
-                    return
-        finally:
-            ctl.close()
 
     def _next(self, wait_ms: int) -> Frame | None:
         """Read until a valid frame (or END: None) arrives; raises ReceiveTimeout."""
@@ -373,9 +404,7 @@ class Subscriber(_Receiver):
         self._closing = True
         if self._thread is not None:
             self._thread.join()
-        self._stop_reports.set()  # after the receiving thread: the last report is final
-        if self._reporter is not None:
-            self._reporter.join()
+        self._stop_reports()  # after the receiving thread: the last report is final
         self.sock.close(linger=0)
 
     def __enter__(self) -> "Subscriber":
@@ -451,3 +480,78 @@ class WorkConsumer(_Receiver):
         except zmq.ZMQError:
             pass
         self.sock.close(linger=500)
+
+
+def block_group(name: str) -> str:
+    """The work group of a blocking subscriber: its name, cut to what groups allow.
+    Subscribers given the same name share one group, so they split the frames."""
+    safe = "".join(c if c in "abcdefghijklmnopqrstuvwxyz0123456789_-" else "-"
+                   for c in name.lower())
+    return (proto.BLOCK_GROUP_PREFIX + safe)[:32]
+
+
+class BlockingSubscriber(WorkConsumer):
+    """The ``block`` policy: every frame, at the speed of this consumer.
+
+    It is a member of a work group of its own (``block_group(name)``) that acknowledges
+    a frame when the caller asks for the next one, so the broker holds each frame until
+    then and, ``--max-pending`` frames on, makes the source wait: lossless, and the price
+    is that a slow blocking subscriber slows the camera for everyone. If it dies, the
+    broker waits ``--orphan-timeout`` for it to come back and then drops its group.
+    """
+
+    def __init__(self, *, broker: str = DEFAULT_BROKER, name: str = "", window: int = 4,
+                 timeout: float = 5.0, max_bytes: int = proto.DEFAULT_MAX_BYTES,
+                 connect_wait: float = 10.0, report_every: float = 1.0,
+                 ctx: zmq.Context | None = None) -> None:
+        self.name = name or default_name()
+        self.policy = "block"
+        self.timeout = timeout
+        super().__init__(broker=broker, group=block_group(self.name), window=window,
+                         acks="self", name=self.name, max_bytes=max_bytes,
+                         connect_wait=connect_wait, ctx=ctx)
+        self._handed_out: int | None = None
+        if report_every > 0:
+            self._start_reports(broker, report_every)
+
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        """The next frame (acknowledging the one before), or None at end-of-stream."""
+        self._settle()
+        frame = super().recv(self.timeout if timeout is None else timeout)
+        if frame is not None:
+            self._handed_out = frame.frame_id
+        return frame
+
+    def _settle(self) -> None:
+        if self._handed_out is not None:
+            self.done(self._handed_out)
+            self._handed_out = None
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            frame = self.recv()
+            if frame is None:
+                return
+            yield frame
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), "policy": self.policy, "dropped": 0, "name": self.name}
+
+    def close(self) -> None:
+        self._settle()
+        self._stop_reports()
+        super().close()
+
+    def __enter__(self) -> "BlockingSubscriber":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def subscribe(policy: str = "drop", **kw: Any) -> Subscriber | BlockingSubscriber:
+    """A subscriber with ``policy`` (``drop``, ``latest:N`` or ``block``); the keyword
+    arguments are those of Subscriber or BlockingSubscriber."""
+    if parse_policy(policy) < 0:
+        return BlockingSubscriber(**kw)
+    return Subscriber(policy=policy, **kw)

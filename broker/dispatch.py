@@ -118,6 +118,10 @@ class Dispatcher:
         g = self.groups.get(group)
         return len(g.members) if g else 0
 
+    def members_prefixed(self, prefix: str) -> int:
+        """Members of every group whose name starts with ``prefix``."""
+        return sum(len(g.members) for n, g in self.groups.items() if n.startswith(prefix))
+
     def submit(self, frame_id: int, header: bytes, slot: Any, hold: Callable[[Any], None]) -> None:
         """Queue a new frame for every group; ``hold`` pins the slot once per group."""
         for g in self.groups.values():

@@ -387,6 +387,7 @@ class WorkCmd(bytes, enum.Enum):
 
 
 MAX_IDS_PER_MESSAGE = 65536
+BLOCK_GROUP_PREFIX = "sub-"  # groups of blocking subscribers (counted as subscribers)
 MAX_WINDOW = 1024
 _GROUP_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 

@@ -11,7 +11,7 @@ import pytest
 
 from broker import protocol as proto
 from broker.broker import MAX_REPORTING_CLIENTS
-from broker.client import Control, Subscriber
+from broker.client import Control, Subscriber, block_group, subscribe
 from broker.sources import check_synthetic, synthetic_frame
 from conftest import acked, cli, wait_status
 
@@ -158,3 +158,38 @@ def test_a_dead_lossless_recorder_holds_the_source_only_until_its_group_dissolve
         np.testing.assert_array_equal(ids, np.arange(ids[0], 3000))
         for k in range(0, len(ids), 97):
             assert check_synthetic(f["frames"][k], int(ids[k])) == -1
+
+
+def test_block_policy_gets_every_frame_and_slows_the_source_instead(eps, broker_factory):
+    """A blocking subscriber slower than an unpaced source: nothing dropped, every frame
+    right, and the broker's source waited for it (back-pressure, not loss)."""
+    b = broker_factory("--frames", "400", "--shape", "64x80", "--wait-subscribers", "2",
+                       "--max-pending", "16")
+    b.wait_ready()
+    cli_sub = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+                  "--timeout", "30", "--policy", "block", "--name", "cli-block")
+    with subscribe("block", broker=eps.control, name="Slow Block", timeout=30,
+                   report_every=0.2) as sub:
+        ids = []
+        for frame in sub:
+            assert check_synthetic(frame.array, frame.frame_id) == -1
+            ids.append(frame.frame_id)
+            time.sleep(0.002)
+            if frame.frame_id == 200:
+                status = Control(eps.control).status()
+                assert status["backpressure_waits"] > 0  # the source waited for us
+                assert status["work"]["groups"]["sub-slow-block"]["members"]
+        final = sub.report()
+    assert ids == list(range(400))
+    assert final["dropped"] == 0 and final["gaps"] == 0 and final["policy"] == "block"
+    w = summary(cli_sub)
+    assert w["policy"] == "block" and w["corrupt"] == 0 and w["gaps"] == 0
+    rc, out, err = b.finish()
+    assert rc == 0, err
+
+
+def test_block_group_names_are_valid_groups():
+    assert block_group("Slow Block") == "sub-slow-block"
+    assert len(block_group("x" * 100)) == 32
+    assert proto.decode_ready(proto.encode_ready(proto.Ready(
+        block_group("ÄÖ/ü"), 4, "self", "n", "consumer"))).group == "sub-----"
