@@ -11,6 +11,7 @@ import numpy as np
 import zmq
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
 
 from broker import protocol as proto
 from broker.broker import COMMANDS
@@ -237,3 +238,39 @@ def test_control_survives_fuzz(eps, broker_factory):
     assert sum(status["control_rejected"].values()) == count["n"]
     assert status["state"] == "streaming"
     req.close(linger=0)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM: the most memory the process ever held, so a brief allocation shows too."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(ln for ln in f if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_oversized_messages_are_refused_before_they_are_allocated(eps, broker_factory):
+    """64 MiB at the broker's control socket (limit 64 KiB) and work socket (limit
+    16 MiB): libzmq drops each connection on the size prefix (ZMQ_MAXMSGSIZE), so the
+    broker's peak memory does not grow by anything like it, and it keeps serving."""
+    b = broker_factory("--fps", "200", "--shape", "64x80")
+    b.wait_ready()
+    before = _peak_rss_mb(b.proc.pid)
+    huge = np.zeros(64 * 2**20, np.uint8)
+    for kind, ep in ((zmq.REQ, eps.control), (zmq.DEALER, eps.work)):
+        sock = CTX.socket(kind)
+        mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        mon.RCVTIMEO = 20000  # no disconnect: the message was taken, and the test fails
+        sock.connect(ep)
+        sock.send_multipart([b"READY", huge] if kind == zmq.DEALER else [huge], copy=False)
+        while recv_monitor_message(mon)["event"] != zmq.EVENT_DISCONNECTED:
+            pass  # the broker closed this connection: the size prefix was over the limit
+        sock.disable_monitor()
+        mon.close(linger=0)
+        sock.close(linger=0)
+    grown = _peak_rss_mb(b.proc.pid) - before
+    watch = cli("watch", "--broker", eps.control, "--frames", "20", "--verify", "--json",
+                "--interval", "0", "--timeout", "30")
+    out, err = watch.communicate(timeout=60)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert (res["received"], res["corrupt"]) == (20, 0), err
+    assert Control(eps.control).status()["state"] == "streaming"
+    assert grown < 32, f"peak RSS grew by {grown:.0f} MB for 64 MiB messages"
