@@ -19,6 +19,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
+from .security import PLAIN, Security, configure_socket
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
 
@@ -65,18 +66,18 @@ class Control:
     """REQ client for the broker's control socket, with timeouts and reconnects."""
 
     def __init__(self, endpoint: str = DEFAULT_BROKER, timeout: float = 2.0,
-                 ctx: zmq.Context | None = None) -> None:
-        self.endpoint, self.timeout = endpoint, timeout
+                 ctx: zmq.Context | None = None, security: Security = PLAIN) -> None:
+        self.endpoint, self.timeout, self.security = endpoint, timeout, security
         self.ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            sock = self.ctx.socket(zmq.REQ)
+            sock = configure_socket(self.ctx.socket(zmq.REQ), "client", self.security,
+                                    proto.DEFAULT_MAX_BYTES + 4096)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
             sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-            sock.setsockopt(zmq.MAXMSGSIZE, proto.DEFAULT_MAX_BYTES + 4096)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -145,12 +146,13 @@ class Control:
 
 
 def resolve(broker: str, override: str | None, key: str, wait_s: float = 10.0,
-            ctx: zmq.Context | None = None) -> tuple[str, dict[str, Any]]:
+            ctx: zmq.Context | None = None,
+            security: Security = PLAIN) -> tuple[str, dict[str, Any]]:
     """The endpoint for ``key`` ("pub", "work", "results"): ``override`` if given, else
     asked from the broker's control socket (waiting up to ``wait_s`` for it)."""
     if override:
         return override, {}
-    ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx)
+    ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx, security=security)
     try:
         eps = ctl.wait(wait_s)
     finally:
@@ -238,20 +240,20 @@ class Subscriber(_Receiver):
                  topics: tuple[str, ...] | None = None, timeout: float = 5.0,
                  rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
                  connect_wait: float = 10.0, policy: str = "drop",
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.keep = parse_policy(policy)
         self.policy = policy
         self.dropped = 0
         self.ctx = ctx or zmq.Context.instance()
-        self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx)
+        self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx, security)
         if topics is None:
             topics = (eps["stream"],) if eps else ("",)
         self.timeout = timeout
-        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock = configure_socket(self.ctx.socket(zmq.SUB), "client", security,
+                                     max_bytes + 4096)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.sock.connect(self.endpoint)
@@ -344,16 +346,18 @@ class WorkConsumer(_Receiver):
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
                  heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, ctx: zmq.Context | None = None) -> None:
+                 connect_wait: float = 10.0, ctx: zmq.Context | None = None,
+                 security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
-        self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx)
+        self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx,
+                                                security)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
                                  "consumer")
         self.heartbeat = heartbeat
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = configure_socket(self.ctx.socket(zmq.DEALER), "client", security,
+                                     max_bytes + 4096)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
         self.sock.connect(self.endpoint)
         self._last_sent = 0.0
         self._join()
