@@ -59,7 +59,9 @@ class Security:
 
     @property
     def curve(self) -> bool:
-        return self.secret is not None or self.server_key is not None
+        """Any key flag turns CURVE on (then ``check`` says what else is missing), so a
+        lone ``--curve-allow`` is an error, never a silently plain server."""
+        return any(p is not None for p in (self.secret, self.server_key, self.allow))
 
     def own_keys(self) -> tuple[bytes, bytes]:
         """(public, secret) from ``secret``; refuses a public-only file."""
@@ -157,12 +159,11 @@ def _load(path: Path, flag: str) -> tuple[bytes, bytes | None]:
         raise SecurityError(f"{flag} {path}: not a ZeroMQ certificate ({exc})") from None
 
 
-def configure_socket(sock: zmq.Socket, role: Role, security: Security | None = None,
+def configure_socket(sock: zmq.Socket, role: Role, security: Security = PLAIN,
                      max_bytes: int | None = None) -> zmq.Socket:
     """Set the options every framebroker socket shares, before bind/connect:
     MAXMSGSIZE (a receiver never allocates more than it validates), ZMTP heartbeats
     (dead peers are dropped), and CURVE for ``role`` when keys are configured."""
-    security = security or PLAIN
     if max_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     if security.heartbeat > 0:
@@ -221,17 +222,18 @@ class Guard:
         self.security, self.log = security, log
         self.refused = 0
         self._logged: set[str] = set()
+        self._log_lock = threading.Lock()  # the ZAP thread and the monitor thread both log
         self._monitors: list[tuple[zmq.Socket, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._auth: _LoggingAuthenticator | None = None
         if not security.curve:
             return
+        allowed = security.allowed_keys()
         self._auth = _LoggingAuthenticator(ctx, self._refusal)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(security.allow))
-        log(f"CURVE on: admitting the {len(security.allowed_keys())} public key(s) in "
-            f"{security.allow}")
+        log(f"CURVE on: admitting the {len(allowed)} public key(s) in {security.allow}")
 
     def watch(self, sock: zmq.Socket, endpoint: str) -> None:
         """Count refused handshakes on ``sock`` (call before it binds ``endpoint``)."""
@@ -246,9 +248,13 @@ class Guard:
             self._thread.start()
 
     def _refusal(self, peer: str, message: str) -> None:
-        if peer not in self._logged and len(self._logged) < MAX_LOGGED_PEERS:
+        """Log a peer's first refusal only: a refused client retries, and a log line
+        per attempt would let it fill the disk."""
+        with self._log_lock:
+            if peer in self._logged or len(self._logged) >= MAX_LOGGED_PEERS:
+                return
             self._logged.add(peer)
-            self.log(message + " (further refusals of this peer are counted, not logged)")
+        self.log(message + " (further refusals of this peer are counted, not logged)")
 
     def _read_monitors(self) -> None:
         poller = zmq.Poller()
@@ -274,6 +280,10 @@ class Guard:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        else:  # never started (a bind failed): the monitors are still ours to close
+            for mon, _ in self._monitors:
+                mon.close(linger=0)
+        self._monitors.clear()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -148,7 +148,8 @@ def test_non_loopback_bind_needs_curve_or_insecure(tmp_path, eps):
 
 
 @pytest.mark.parametrize("case", ["missing", "public_as_secret", "allow_empty", "allow_absent",
-                                  "secret_as_server_key", "sink_not_server"])
+                                  "allow_without_secret", "secret_as_server_key",
+                                  "sink_not_server"])
 def test_key_mistakes_are_one_line_usage_errors(tmp_path, eps, case):
     keys = _keys(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -163,6 +164,8 @@ def test_key_mistakes_are_one_line_usage_errors(tmp_path, eps, case):
                          "--curve-allow", str(tmp_path / "empty")], "no public key files"),
         "allow_absent": (["serve", "--curve-secret", str(private / "server.key_secret")],
                          "needs --curve-allow"),
+        "allow_without_secret": (["serve", "--curve-allow", str(public)],
+                                 "needs --curve-secret"),
         "secret_as_server_key": (["status", "--curve-secret", client_secret,
                                   "--curve-server-key", str(private / "server.key_secret")],
                                  "is a secret key file"),
