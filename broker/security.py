@@ -30,6 +30,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 HEARTBEAT_S = 1.0  # PING interval; the peer is dropped after HEARTBEAT_TIMEOUTS of silence
 HEARTBEAT_TIMEOUTS = 3
+# Refused by ZAP; a ZMTP security error (plain client, wrong server key); or a
+# handshake the client broke off (a plain client that saw the mechanism mismatch first).
 REFUSAL_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 MAX_LOGGED_PEERS = 1000  # refusals of more distinct peers are counted, not logged
@@ -268,9 +270,11 @@ class Guard:
                     event = recv_monitor_message(mon)
                     if event["event"] & REFUSAL_EVENTS:
                         self.refused += 1
-                        if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said who
-                            self._refusal(f"protocol:{names[mon]}", _protocol_refusal(
-                                names[mon], event["value"]))
+                        if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said
+                            # who for AUTH; here only the endpoint and the error are known
+                            self._refusal(f"{names[mon]}:{event['event']}:{event['value']}",
+                                          _handshake_refusal(names[mon], event["event"],
+                                                             event["value"]))
         finally:
             for mon, _ in self._monitors:
                 mon.close(linger=0)
@@ -289,10 +293,14 @@ class Guard:
             self._auth = None
 
 
-def _protocol_refusal(endpoint: str, code: int) -> str:
-    why = {zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-           "security mechanism mismatch (a plain client without CURVE keys?)"}.get(
-        code, f"handshake error {code:#x} (wrong --curve-server-key, or not a CURVE client?)")
+def _handshake_refusal(endpoint: str, event: int, value: int) -> str:
+    """The log line for a handshake that failed before ZAP could name the client."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # value is an errno
+        why = f"the handshake broke off ({os.strerror(value)}; a plain client?)"
+    elif value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        why = "security mechanism mismatch (a plain client without CURVE keys?)"
+    else:
+        why = f"ZMTP handshake error {value:#x} (a client with a wrong --curve-server-key?)"
     return f"refused a client on {endpoint}: {why}"
 
 

@@ -105,7 +105,7 @@ def test_allowed_client_gets_frames_unknown_key_and_plain_client_are_refused(
     rc, _, err = b.finish()
     assert rc == 0, err
     assert f"refused CURVE client with key {intruder_public} from 127.0.0.1" in err
-    assert f"refused a client on {eps.pub}: security mechanism mismatch" in err
+    assert f"refused a client on {eps.pub}: " in err  # the plain one: no key to name
 
 
 def test_pipeline_with_curve_processes_and_records_every_frame(tmp_path):
