@@ -412,7 +412,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return EXIT_OK
     for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
-                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused"):
+                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
+                "auth_refused"):
         print(f"{key:>12}: {status[key]}")
     for name, g in status["work"]["groups"].items():
         print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "

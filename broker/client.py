@@ -96,11 +96,17 @@ class Control:
         except zmq.Again:
             self._reset()
             raise BrokerUnavailable(f"broker at {self.endpoint} did not answer {cmd!r} within "
-                                    f"{self.timeout:g} s") from None
+                                    f"{self.timeout:g} s{self._curve_hint()}") from None
         reply = proto.decode_reply(parts[0].bytes)
         if not reply["ok"]:
             raise RuntimeError(f"broker refused {cmd!r}: {reply.get('error', 'no reason given')}")
         return reply, parts[1:]
+
+    def _curve_hint(self) -> str:
+        """A CURVE mismatch looks like silence to a client, so say what else it could be."""
+        if self.security.curve:
+            return " (if it is up, it may have refused our key: see its log)"
+        return " (if it runs with CURVE, give --curve-secret and --curve-server-key)"
 
     def request(self, cmd: str) -> dict[str, Any]:
         return self.request_parts(cmd)[0]
