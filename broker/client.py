@@ -4,6 +4,9 @@ A client needs one address, the broker's control endpoint; it asks ``endpoints``
 for the data sockets. Every receive has a timeout and every request recovers from a
 broker that went away (the REQ socket is recreated: the "lazy pirate" pattern), so
 no client hangs forever on a dead peer.
+
+Every client takes ``security`` (broker/security.py): CURVE keys, when the broker
+uses them, and the ZMTP heartbeat interval. The default is plain, heartbeats on.
 """
 from __future__ import annotations
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import h5py
 import pytest
+import zmq
 import zmq.auth
 
 from broker.broker import free_tcp_endpoints
 from broker.client import BrokerUnavailable, Control
-from broker.security import Security, from_key_dir
+from broker.security import Security, configure_socket, from_key_dir
 from broker.sources import check_synthetic
 from conftest import PY, cli, run_cli, wait_status
 
@@ -54,6 +55,26 @@ def _wait_curve_status(control: str, security: Security, ready, timeout: float =
             time.sleep(0.02)
     finally:
         ctl.close()
+
+
+def test_configure_socket_sets_every_shared_option(tmp_path):
+    """One helper sets MAXMSGSIZE, the heartbeats and the CURVE role on each socket."""
+    keys = _keys(tmp_path)
+    ctx = zmq.Context()
+    try:
+        server = configure_socket(ctx.socket(zmq.ROUTER), "server",
+                                  from_key_dir(keys, "server", heartbeat=0.5), 4096)
+        client = configure_socket(ctx.socket(zmq.DEALER), "client", from_key_dir(keys, "client"))
+        plain = configure_socket(ctx.socket(zmq.SUB), "client", Security(heartbeat=0))
+        assert server.getsockopt(zmq.MAXMSGSIZE) == 4096
+        assert (server.getsockopt(zmq.HEARTBEAT_IVL), server.getsockopt(zmq.HEARTBEAT_TIMEOUT)
+                ) == (500, 1500)
+        assert server.curve_server and not client.curve_server
+        assert client.getsockopt(zmq.MECHANISM) == zmq.CURVE
+        assert plain.getsockopt(zmq.HEARTBEAT_IVL) == 0
+        assert plain.getsockopt(zmq.MECHANISM) == zmq.NULL
+    finally:
+        ctx.destroy(linger=0)
 
 
 def test_keys_generate_makes_private_secrets_and_never_overwrites(tmp_path):
