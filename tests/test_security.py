@@ -129,13 +129,17 @@ def test_allowed_client_gets_frames_unknown_key_and_plain_client_are_refused(
     assert f"refused a client on {eps.pub}: " in err  # the plain one: no key to name
 
 
-def test_pipeline_with_curve_processes_and_records_every_frame(tmp_path):
+@pytest.mark.parametrize("keys", ["fresh", "given"])
+def test_pipeline_with_curve_processes_and_records_every_frame(tmp_path, keys):
+    """Broker, sink, two workers and a lossless recorder, every socket CURVE: with
+    keys ``run --curve`` makes for itself, or with a ``keys generate`` directory."""
     pub, work, control, results = free_tcp_endpoints(4)
     out = tmp_path / "run.h5"
+    curve = ["--curve"] if keys == "fresh" else ["--curve-keys", str(_keys(tmp_path))]
     r = subprocess.run([PY, "-m", "broker.cli", "run", "--pub", pub, "--work", work,
                         "--control", control, "--results", results, "--planner", "estimate",
-                        "--frames", "200", "--curve", "--record", str(out), "--json"],
-                       capture_output=True, text=True, timeout=180)
+                        "--frames", "200", "--workers", "2", *curve, "--record", str(out),
+                        "--json"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, (r.stdout, r.stderr)
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["curve"] is True and rep["auth_refused"] == 0
