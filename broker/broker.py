@@ -30,6 +30,7 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
+from .security import PLAIN, Guard, Security, configure_socket
 from .sources import Pacer, Source, SourceError, format_shape
 
 COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop", "report")
@@ -61,6 +62,7 @@ class BrokerConfig:
     linger_ms: int = 500
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
     pool_keep: int = 64
+    security: Security = PLAIN  # CURVE keys (optional) and the ZMTP heartbeat
 
 
 @dataclass(eq=False)
@@ -172,23 +174,24 @@ class Broker:
     # --- sockets ------------------------------------------------------------------
     def _bind(self) -> None:
         cfg = self.cfg
-        self.pub = self.ctx.socket(zmq.XPUB)
+        self.guard = Guard(self.ctx, cfg.security, self.log)
+        self.pub = self._server_socket(zmq.XPUB, None)
         self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self.pub.setsockopt(zmq.SNDHWM, cfg.sndhwm)
-        self.control = self.ctx.socket(zmq.REP)
-        self.control.setsockopt(zmq.MAXMSGSIZE, proto.MAX_CONTROL_BYTES)
-        self.work = self.ctx.socket(zmq.ROUTER)
+        self.control = self._server_socket(zmq.REP, proto.MAX_CONTROL_BYTES)
+        self.work = self._server_socket(zmq.ROUTER, 16 * 1024 * 1024)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished consumer fails the send
         self.work.setsockopt(zmq.SNDHWM, 0)  # credit windows bound the queue, not the HWM
-        self.work.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
         socks = ((self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work))
         try:
             for sock, ep in socks:
                 sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+                self.guard.watch(sock, ep)
                 sock.bind(ep)
         except zmq.ZMQError as exc:
             self.close()
             raise SourceError(f"cannot bind {ep}: {exc.strerror}") from None
+        self.guard.start()
         self.dispatcher = Dispatcher(self.work, max_pending=cfg.max_pending,
                                      timeout=cfg.worker_timeout,
                                      orphan_timeout=cfg.orphan_timeout, send=self._send_work,
@@ -196,6 +199,9 @@ class Broker:
         self.poller = zmq.Poller()
         for sock in (self.pub, self.control, self.work):
             self.poller.register(sock, zmq.POLLIN)
+
+    def _server_socket(self, kind: int, max_bytes: int | None) -> zmq.Socket:
+        return configure_socket(self.ctx.socket(kind), "server", self.cfg.security, max_bytes)
 
     def endpoints(self) -> dict[str, Any]:
         host = self.cfg.advertise
@@ -209,6 +215,7 @@ class Broker:
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
                 sock.close(linger=self.cfg.linger_ms)
+        self.guard.close()
 
     # --- buffers ------------------------------------------------------------------
     def _hold(self, slot: Slot) -> None:
@@ -435,7 +442,9 @@ class Broker:
                 "paused": self.paused, "sndhwm": self.cfg.sndhwm,
                 "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
                 "backpressure_waits": self.backpressure_waits,
-                "control_rejected": dict(self.control_rejected), "error": self.error,
+                "control_rejected": dict(self.control_rejected),
+                "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
+                "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
                 "consumers": self.consumers(),
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}

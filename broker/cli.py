@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from collections import deque
@@ -21,6 +22,7 @@ import zmq
 from . import __version__
 from . import protocol as proto
 from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, subscribe
+from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
 
@@ -132,6 +134,35 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
                    help="the broker's control endpoint (default %(default)s)")
     p.add_argument("--timeout", type=_nonneg_float, default=5.0,
                    help="seconds to wait for the broker or for data (default %(default)s)")
+    _add_security_args(p)
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    """CURVE and heartbeat flags, the same on every subcommand that binds or connects."""
+    g = p.add_argument_group("security", "CURVE encryption and client authentication (make "
+                                         "keys with: framebroker keys generate DIR)")
+    g.add_argument("--curve-secret", type=Path, default=None, metavar="FILE",
+                   help="this process's .key_secret file (serve and sink: the server's; "
+                        "clients: their own, listed in the server's --curve-allow)")
+    g.add_argument("--curve-server-key", type=Path, default=None, metavar="FILE",
+                   help="clients: the server's public .key file")
+    g.add_argument("--curve-allow", type=Path, default=None, metavar="DIR",
+                   help="serve and sink: directory of the public keys (*.key) to admit")
+    g.add_argument("--heartbeat", type=_nonneg_float, default=HEARTBEAT_S, metavar="SECONDS",
+                   help="ZMTP heartbeat interval; a peer silent for 3 of them is dropped "
+                        "(0 = off, default %(default)s)")
+
+
+def _security(args: argparse.Namespace, *, binds: bool, connects: bool) -> Security:
+    """The security settings from the flags, every key file checked now (a bad key is a
+    usage error at start, not a failed handshake later)."""
+    sec = Security(secret=args.curve_secret, server_key=args.curve_server_key,
+                   allow=args.curve_allow, heartbeat=args.heartbeat)
+    try:
+        sec.check(binds=binds, connects=connects)
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    return sec
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -195,9 +226,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without encryption")
+                   help="allow binding a non-loopback address without CURVE")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    _add_security_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -217,25 +249,33 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def check_exposure(endpoints: Sequence[str], insecure: bool) -> None:
-    """Refuse to expose frames and control to the network unencrypted unless asked."""
+def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool) -> None:
+    """Refuse to expose frames and control to the network without CURVE unless asked."""
     exposed = [ep for ep in endpoints if not is_loopback(ep)]
     if not exposed:
         return
+    where = ", ".join(exposed)
+    if curve:
+        print(f"framebroker serve: {where} is reachable from the network; allowed because "
+              f"CURVE is on (traffic encrypted, only --curve-allow keys admitted)",
+              file=sys.stderr)
+        return
     if not insecure:
-        raise CliError(f"refusing to bind {', '.join(exposed)}: anyone who can reach it could "
-                       f"read every frame and stop the broker, and nothing is encrypted. Bind "
+        raise CliError(f"refusing to bind {where}: anyone who can reach it could read every "
+                       f"frame and stop the broker, and nothing is encrypted. Turn on CURVE "
+                       f"(--curve-secret, --curve-allow; see framebroker keys generate), bind "
                        f"127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
                        EXIT_USAGE)
-    print(f"framebroker serve: warning: --insecure: {', '.join(exposed)} is reachable from "
-          f"the network without encryption or authentication", file=sys.stderr)
+    print(f"framebroker serve: warning: --insecure: {where} is reachable from the network "
+          f"without encryption or authentication", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
     from .sources import SourceError, open_source
 
-    check_exposure((args.pub, args.work, args.control), args.insecure)
+    security = _security(args, binds=True, connects=False)
+    check_exposure((args.pub, args.work, args.control), args.insecure, security.curve)
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
                              width=args.width, height=args.height, camera_fps=args.camera_fps)
@@ -254,7 +294,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        worker_timeout=args.worker_timeout, orphan_timeout=args.orphan_timeout,
                        drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress)
+                       progress=0.0 if args.quiet else args.progress, security=security)
     try:
         broker = Broker(source, cfg)
     except SourceError as exc:
@@ -308,7 +348,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     try:
         common = {"broker": args.broker, "timeout": args.timeout,
-                  "connect_wait": args.timeout, "name": args.name}
+                  "connect_wait": args.timeout, "name": args.name,
+                  "security": _security(args, binds=False, connects=True)}
         if args.policy == "block":
             if args.pub or args.stream:
                 raise CliError("--policy block takes frames from the broker's work channel; "
@@ -382,7 +423,8 @@ def _pct(values: Iterable[float], q: float) -> float | None:
 
 
 def _control(args: argparse.Namespace) -> Control:
-    return Control(args.broker, timeout=args.timeout)
+    return Control(args.broker, timeout=args.timeout,
+                   security=_security(args, binds=False, connects=True))
 
 
 def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
@@ -399,7 +441,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return EXIT_OK
     for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
-                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused"):
+                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
+                "auth_refused"):
         print(f"{key:>12}: {status[key]}")
     for name, g in status["work"]["groups"].items():
         print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "
@@ -514,7 +557,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        output=args.output, backend=args.backend, color=args.color,
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       timeout=args.timeout, keep_running=args.keep_running)
+                       timeout=args.timeout, keep_running=args.keep_running,
+                       security=_security(args, binds=False, connects=True))
     summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
                         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
                                   f"compute p50 {s['compute_ms_p50']} ms, rejected "
@@ -566,7 +610,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
                      reorder=args.reorder, out=args.out, timeout=args.timeout,
-                     keep_running=args.keep_running)
+                     keep_running=args.keep_running,
+                     security=_security(args, binds=True, connects=True))
     summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
                         args.json, lambda s: f"framebroker sink: {summary_line(s)}")
     if summary["total"] is None:
@@ -636,7 +681,7 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       timeout=args.timeout)
+                       timeout=args.timeout, security=_security(args, binds=False, connects=True))
     summary = _run_part(
         lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
         lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
@@ -714,14 +759,44 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                        help=f"{name} endpoint (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no live progress")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    g = p.add_argument_group("security")
+    g.add_argument("--curve", action="store_true",
+                   help="CURVE on every socket, with a fresh server and client key pair made "
+                        "for this run in a private temporary directory (deleted at the end)")
+    g.add_argument("--curve-keys", type=Path, default=None, metavar="DIR",
+                   help="CURVE with the server and client keys of a 'framebroker keys "
+                        "generate DIR' directory")
+    g.add_argument("--heartbeat", type=_nonneg_float, default=HEARTBEAT_S, metavar="SECONDS",
+                   help="ZMTP heartbeat interval for every part (0 = off, default %(default)s)")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.curve and args.curve_keys is not None:
+        raise CliError("give --curve (fresh keys) or --curve-keys DIR, not both", EXIT_USAGE)
+    if not args.curve:
+        return _run_pipeline(args, args.curve_keys)
+    with tempfile.TemporaryDirectory(prefix="framebroker-keys-") as keys:
+        generate_keys(Path(keys), ["server", "client"])
+        return _run_pipeline(args, Path(keys))
+
+
+def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
+    """``run`` with CURVE keys from ``keys`` (a ``keys generate`` layout) or without."""
     from .run import RunPlan, Runner, exit_code, format_report
 
+    if keys is None:
+        server = client_sec = Security(heartbeat=args.heartbeat)
+    else:
+        server = from_key_dir(keys, "server", args.heartbeat)
+        client_sec = from_key_dir(keys, "client", args.heartbeat)
+        try:
+            server.check(binds=True, connects=True)
+            client_sec.check(binds=False, connects=True)
+        except SecurityError as exc:
+            raise CliError(f"--curve-keys {keys}: {exc}", EXIT_USAGE) from None
     frames = args.frames if args.frames is not None else (0 if args.seconds else 1000)
-    _refuse_running_broker(args.control)
+    _refuse_running_broker(args.control, client_sec)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
     if args.record and Path(args.record).exists() and not args.overwrite:
@@ -734,11 +809,13 @@ def cmd_run(args: argparse.Namespace) -> int:
              "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json"]
+             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json",
+             *server.argv()]
     if args.loop:
         serve.append("--loop")
-    client = ["--broker", args.control, "--json"]
-    sink = ["sink", *client, "--reorder", str(args.reorder)] if args.workers else None
+    client = ["--broker", args.control, "--json", *client_sec.argv()]
+    sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
+             str(args.reorder)] if args.workers else None)
     worker = ["worker", *client, "--output", args.output, "--backend", args.backend,
               "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
               "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
@@ -751,7 +828,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             ["--overwrite"] if args.overwrite else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
                    workers=[worker] * args.workers, record=record, seconds=args.seconds,
-                   frames=frames, lossless_record=lossless)
+                   frames=frames, lossless_record=lossless, security=client_sec)
     progress, finish = _progress(args, frames)
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
     if sink is None:
@@ -766,10 +843,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code(rep)
 
 
-def _refuse_running_broker(control: str) -> None:
+def _refuse_running_broker(control: str, security: Security) -> None:
     """``run`` starts its own broker: if one already answers at ``control``, our parts
     would join that one instead, so say so and stop."""
-    ctl = Control(control, timeout=0.3)
+    ctl = Control(control, timeout=0.3, security=security)
     try:
         ctl.endpoints()
     except BrokerUnavailable:
@@ -886,6 +963,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_keys(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="make CURVE key pairs",
+                       description="CURVE key management. framebroker keys generate DIR makes "
+                                   "DIR/public/NAME.key and DIR/private/NAME.key_secret.")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    g = keys_sub.add_parser("generate", help="make key pairs (server and client by default)",
+                            description="Make CURVE key pairs with zmq.auth: public keys in "
+                                        "DIR/public (hand them out; that directory is also the "
+                                        "servers' --curve-allow list), secrets in DIR/private "
+                                        "(mode 0600). Existing keys are never overwritten.")
+    g.add_argument("dir", type=Path, help="directory for the keys (created if absent)")
+    g.add_argument("--name", action="append", default=None,
+                   help="make only this key pair, e.g. a new client (repeatable)")
+    g.set_defaults(func=cmd_keys_generate)
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    names = args.name or ["server", "client"]
+    bad = [n for n in names if not n or "/" in n or n.startswith(".")]
+    if bad:
+        raise CliError(f"--name {bad[0]!r}: use a plain file name", EXIT_USAGE)
+    try:
+        made = generate_keys(args.dir, names)
+    except (SecurityError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    for public, secret in made:
+        print(f"made {secret} (secret, mode 0600: keep it on its host) and {public} (public)")
+    d = args.dir
+    print(f"""use:
+  framebroker serve --curve-secret {d}/private/server.key_secret --curve-allow {d}/public
+  framebroker sink --curve-secret {d}/private/server.key_secret \\
+      --curve-server-key {d}/public/server.key --curve-allow {d}/public
+  framebroker watch --curve-secret {d}/private/client.key_secret \\
+      --curve-server-key {d}/public/server.key      (worker, record, status, ... the same)
+  framebroker run --curve-keys {d}
+A client on another host needs only its own .key_secret and public/server.key; a new
+client: framebroker keys generate {d} --name NAME, then restart the servers.""")
+    return EXIT_OK
+
+
 def _add_tune(sub: argparse._SubParsersAction) -> None:
     from .tune import DIMENSIONS
 
@@ -989,6 +1106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_bench(sub)
     _add_tune(sub)
+    _add_keys(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)

@@ -4,6 +4,9 @@ A client needs one address, the broker's control endpoint; it asks ``endpoints``
 for the data sockets. Every receive has a timeout and every request recovers from a
 broker that went away (the REQ socket is recreated: the "lazy pirate" pattern), so
 no client hangs forever on a dead peer.
+
+Every client takes ``security`` (broker/security.py): CURVE keys, when the broker
+uses them, and the ZMTP heartbeat interval. The default is plain, heartbeats on.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
+from .security import PLAIN, Security, configure_socket
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
 
@@ -67,18 +71,18 @@ class Control:
     """REQ client for the broker's control socket, with timeouts and reconnects."""
 
     def __init__(self, endpoint: str = DEFAULT_BROKER, timeout: float = 2.0,
-                 ctx: zmq.Context | None = None) -> None:
-        self.endpoint, self.timeout = endpoint, timeout
+                 ctx: zmq.Context | None = None, security: Security = PLAIN) -> None:
+        self.endpoint, self.timeout, self.security = endpoint, timeout, security
         self.ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            sock = self.ctx.socket(zmq.REQ)
+            sock = configure_socket(self.ctx.socket(zmq.REQ), "client", self.security,
+                                    proto.DEFAULT_MAX_BYTES + 4096)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVTIMEO, int(self.timeout * 1000))
             sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
-            sock.setsockopt(zmq.MAXMSGSIZE, proto.DEFAULT_MAX_BYTES + 4096)
             sock.connect(self.endpoint)
             self._sock = sock
         return self._sock
@@ -97,11 +101,17 @@ class Control:
         except zmq.Again:
             self._reset()
             raise BrokerUnavailable(f"broker at {self.endpoint} did not answer {cmd!r} within "
-                                    f"{self.timeout:g} s") from None
+                                    f"{self.timeout:g} s{self._curve_hint()}") from None
         reply = proto.decode_reply(parts[0].bytes)
         if not reply["ok"]:
             raise RuntimeError(f"broker refused {cmd!r}: {reply.get('error', 'no reason given')}")
         return reply, parts[1:]
+
+    def _curve_hint(self) -> str:
+        """A CURVE mismatch looks like silence to a client, so say what else it could be."""
+        if self.security.curve:
+            return " (if it is up, it may have refused our key: see its log)"
+        return " (if it runs with CURVE, give --curve-secret and --curve-server-key)"
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         return self.request_parts(cmd, **args)[0]
@@ -147,12 +157,13 @@ class Control:
 
 
 def resolve(broker: str, override: str | None, key: str, wait_s: float = 10.0,
-            ctx: zmq.Context | None = None) -> tuple[str, dict[str, Any]]:
+            ctx: zmq.Context | None = None,
+            security: Security = PLAIN) -> tuple[str, dict[str, Any]]:
     """The endpoint for ``key`` ("pub", "work", "results"): ``override`` if given, else
     asked from the broker's control socket (waiting up to ``wait_s`` for it)."""
     if override:
         return override, {}
-    ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx)
+    ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx, security=security)
     try:
         eps = ctl.wait(wait_s)
     finally:
@@ -201,7 +212,8 @@ class _Receiver:
 
     def _report_loop(self, broker: str, every: float) -> None:
         """Own REQ socket in its own thread (zmq sockets are not thread-safe)."""
-        ctl = Control(broker, timeout=min(every, 0.25), ctx=self.ctx)  # bounds close()
+        ctl = Control(broker, timeout=min(every, 0.25), ctx=self.ctx,  # bounds close()
+                      security=self.security)
         try:
             while True:
                 stopping = self._reports_done.wait(every)
@@ -311,7 +323,8 @@ class Subscriber(_Receiver):
                  topics: tuple[str, ...] | None = None, timeout: float = 5.0,
                  rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
                  connect_wait: float = 10.0, policy: str = "drop", name: str = "",
-                 report_every: float = 1.0, ctx: zmq.Context | None = None) -> None:
+                 report_every: float = 1.0, ctx: zmq.Context | None = None,
+                 security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.keep = parse_policy(policy)
         if self.keep < 0:
@@ -321,14 +334,15 @@ class Subscriber(_Receiver):
         self.policy = policy
         self.dropped = 0
         self.ctx = ctx or zmq.Context.instance()
-        self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx)
+        self.security = security
+        self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx, security)
         if topics is None:
             topics = (eps["stream"],) if eps else ("",)
         self.timeout = timeout
-        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock = configure_socket(self.ctx.socket(zmq.SUB), "client", security,
+                                     max_bytes + 4096)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
         self.sock.connect(self.endpoint)
@@ -426,16 +440,19 @@ class WorkConsumer(_Receiver):
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
                  heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, ctx: zmq.Context | None = None) -> None:
+                 connect_wait: float = 10.0, ctx: zmq.Context | None = None,
+                 security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
-        self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx)
+        self.security = security
+        self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx,
+                                                security)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
                                  "consumer")
         self.heartbeat = heartbeat
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock = configure_socket(self.ctx.socket(zmq.DEALER), "client", security,
+                                     max_bytes + 4096)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)
         self.sock.connect(self.endpoint)
         self._last_sent = 0.0
         self._join()
@@ -503,13 +520,13 @@ class BlockingSubscriber(WorkConsumer):
     def __init__(self, *, broker: str = DEFAULT_BROKER, name: str = "", window: int = 4,
                  timeout: float = 5.0, max_bytes: int = proto.DEFAULT_MAX_BYTES,
                  connect_wait: float = 10.0, report_every: float = 1.0,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, security: Security = PLAIN) -> None:
         self.name = name or default_name()
         self.policy = "block"
         self.timeout = timeout
         super().__init__(broker=broker, group=block_group(self.name), window=window,
                          acks="self", name=self.name, max_bytes=max_bytes,
-                         connect_wait=connect_wait, ctx=ctx)
+                         connect_wait=connect_wait, ctx=ctx, security=security)
         self._handed_out: int | None = None
         if report_every > 0:
             self._start_reports(broker, report_every)

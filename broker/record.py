@@ -24,6 +24,7 @@ import zmq
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, WorkConsumer, cpu_seconds)
 from .recorder import RecordingWriter, ThreadedRecorder
+from .security import PLAIN, Security
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RecordConfig:
     compress_threads: int = 2
     throttle_s: float = 0.0  # per-frame sleep in the writer: simulates a slow disk
     timeout: float = 30.0
+    security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
 
 
 class Recording:
@@ -81,15 +83,17 @@ class Recording:
         if cfg.mode == "lossless":
             self.source: WorkConsumer | Subscriber = WorkConsumer(
                 cfg.work, broker=cfg.broker, group="record", window=cfg.window, acks="self",
-                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout, ctx=self.ctx)
+                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout, ctx=self.ctx,
+                security=cfg.security)
         else:
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
-                                     ctx=self.ctx)
+                                     ctx=self.ctx, security=cfg.security)
 
     def _open_from_status(self) -> None:
         """Create the file before joining, so a bad path fails before any frame is held."""
-        ctl = Control(self.cfg.broker, timeout=min(2.0, self.cfg.timeout), ctx=self.ctx)
+        ctl = Control(self.cfg.broker, timeout=min(2.0, self.cfg.timeout), ctx=self.ctx,
+                      security=self.cfg.security)
         try:
             ctl.wait(self.cfg.timeout)
             self.status = ctl.status()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .client import BrokerUnavailable, Control
+from .security import PLAIN, Security
 
 EXIT_OK, EXIT_FAILED, EXIT_LOST = 0, 1, 3
 
@@ -87,6 +88,7 @@ class RunPlan:
     seconds: float
     frames: int
     lossless_record: bool
+    security: Security = PLAIN  # for this process's own control requests
 
 
 class Runner:
@@ -132,7 +134,7 @@ class Runner:
 
     def _monitor(self) -> None:
         """Until the broker exits: show progress, watch for failures, honour --seconds."""
-        ctl = Control(self.plan.control, timeout=1.0)
+        ctl = Control(self.plan.control, timeout=1.0, security=self.plan.security)
         stop_sent = False
         try:
             while self.broker.returncode is None:
@@ -229,6 +231,7 @@ class Runner:
             "duplicates": s.get("duplicates", 0),
             "per_worker": s.get("per_worker", {}),
             "cpu_s": {p.name: p.summary.get("cpu_s") for p in self.parts},
+            "curve": b.get("curve", False), "auth_refused": b.get("auth_refused", 0),
             "recording": rec.get("files") if rec else None,
             "failed": [{"part": n, "exit": rc, "stderr": tail} for n, rc, tail in self.failed],
             "interrupted": self.interrupted,

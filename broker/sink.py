@@ -27,6 +27,7 @@ import zmq
 
 from . import protocol as proto
 from .client import DEFAULT_BROKER, cpu_seconds, resolve
+from .security import PLAIN, Guard, Security, configure_socket
 
 
 class SinkError(RuntimeError):
@@ -44,6 +45,7 @@ class SinkConfig:
     keep_running: bool = False
     ack_interval: float = 0.01
     max_bytes: int = proto.DEFAULT_MAX_BYTES
+    security: Security = PLAIN  # a CURVE sink is the server for workers: the server keys
 
 
 class Sink:
@@ -52,18 +54,23 @@ class Sink:
         self.cfg = cfg
         self.ctx = ctx or zmq.Context.instance()
         self.log = log or (lambda m: print(f"framebroker sink: {m}", file=sys.stderr, flush=True))
-        self.work_ep, eps = resolve(cfg.broker, cfg.work, "work", cfg.timeout, self.ctx)
+        sec = cfg.security
+        self.work_ep, eps = resolve(cfg.broker, cfg.work, "work", cfg.timeout, self.ctx, sec)
         self.results_ep = cfg.results or eps["results"]
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.MAXMSGSIZE, cfg.max_bytes + 4096)
+        self.guard = Guard(self.ctx, sec, self.log)
+        self.pull = configure_socket(self.ctx.socket(zmq.PULL), "server", sec,
+                                     cfg.max_bytes + 4096)
         self.pull.setsockopt(zmq.LINGER, 0)
+        self.guard.watch(self.pull, self.results_ep)
         try:
             self.pull.bind(self.results_ep)
         except zmq.ZMQError as exc:
             self.pull.close()
+            self.guard.close()
             raise SinkError(f"cannot bind the results endpoint {self.results_ep}: "
                             f"{exc.strerror}") from None
-        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.guard.start()
+        self.dealer = configure_socket(self.ctx.socket(zmq.DEALER), "client", sec)
         self.dealer.setsockopt(zmq.LINGER, 1000)
         self.dealer.connect(self.work_ep)
         self._ready = proto.encode_ready(proto.Ready("fft", 1, "sink", "sink", "acker"))
@@ -221,7 +228,8 @@ class Sink:
                 "per_worker": {str(k): v for k, v in self.per_worker.items()},
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
-                "rejected": dict(self.rejected), "cpu_s": cpu_seconds()}
+                "rejected": dict(self.rejected), "auth_refused": self.guard.refused,
+                "cpu_s": cpu_seconds()}
 
 
     def write(self, path: Path) -> None:
@@ -242,6 +250,7 @@ class Sink:
     def close(self) -> None:
         self.pull.close(linger=0)
         self.dealer.close(linger=500)
+        self.guard.close()
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ import zmq
 from . import protocol as proto
 from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer, cpu_seconds
 from .fft import FFTProcessor, WisdomStore
+from .security import PLAIN, Security, configure_socket
 
 MAX_PLANS = 4
 OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
@@ -46,6 +47,7 @@ class WorkerConfig:
     timeout: float = 10.0  # seconds without work (and without END) before giving up
     keep_running: bool = False  # survive END and wait for the next session
     sndhwm: int = 64
+    security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
 
 
 @dataclass
@@ -82,13 +84,13 @@ class Worker:
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
                                      window=cfg.window, acks="sink" if cfg.sink else "self",
                                      name=f"worker-{self.worker_id}", connect_wait=cfg.timeout,
-                                     ctx=self.ctx)
+                                     ctx=self.ctx, security=cfg.security)
         self.push: zmq.Socket | None = None
         if cfg.sink:
             results = cfg.results or self.consumer.endpoints.get("results")
             if not results:
                 raise ValueError("no results endpoint: give --results or --broker")
-            self.push = self.ctx.socket(zmq.PUSH)
+            self.push = configure_socket(self.ctx.socket(zmq.PUSH), "client", cfg.security)
             self.push.setsockopt(zmq.SNDHWM, cfg.sndhwm)
             self.push.setsockopt(zmq.LINGER, 5000)
             self.push.connect(results)
@@ -100,7 +102,7 @@ class Worker:
         """Plan for the broker's frame shape now, before any frame arrives."""
         if not self.consumer.endpoints:
             return
-        ctl = Control(self.cfg.broker, timeout=2.0, ctx=self.ctx)
+        ctl = Control(self.cfg.broker, timeout=2.0, ctx=self.ctx, security=self.cfg.security)
         try:
             status = ctl.status()
             self.processor(tuple(status["shape"]), np.dtype(status["dtype"]))

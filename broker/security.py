@@ -1,0 +1,330 @@
+"""Socket security and liveness: CURVE keys, the ZAP allow-list, ZMTP heartbeats.
+
+Every socket framebroker creates goes through ``configure_socket``, so the options
+that decide who may connect and how fast a dead peer is noticed live in one place:
+
+* **CURVE** (optional): a binding process (``serve``, ``sink``) is a CURVE server with
+  the server key pair; every connecting process is a CURVE client with its own key
+  pair and the server's *public* key. A ZAP handler (one ``ThreadAuthenticator`` per
+  binding process) admits only clients whose public key is in the ``--curve-allow``
+  directory. Refusals are logged once per peer and all of them are counted.
+* **Heartbeats**: ZMTP PING/PONG on every connection, so a peer that stopped
+  answering (SIGSTOP, a pulled cable, a frozen host) is disconnected after
+  ``HEARTBEAT_TIMEOUTS`` intervals instead of holding a TCP connection forever.
+
+The message format is unchanged: CURVE is below ZMTP framing (docs/protocol.md).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
+
+HEARTBEAT_S = 1.0  # PING interval; the peer is dropped after HEARTBEAT_TIMEOUTS of silence
+HEARTBEAT_TIMEOUTS = 3
+# Refused by ZAP; a ZMTP security error (plain client, wrong server key); or a
+# handshake the client broke off (a plain client that saw the mechanism mismatch first).
+REFUSAL_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+MAX_LOGGED_PEERS = 1000  # refusals of more distinct peers are counted, not logged
+
+Role = Literal["server", "client"]
+
+
+class SecurityError(ValueError):
+    """A key file or allow directory is missing or of the wrong kind (a user error)."""
+
+
+@dataclass(frozen=True)
+class Security:
+    """What every socket of one process needs: optional CURVE key files, the heartbeat.
+
+    ``secret``: this process's ``.key_secret`` file (servers: the server's; clients:
+    their own, whose public half must be in the server's allow directory).
+    ``server_key``: the server's public ``.key`` file (clients). ``allow``: the
+    directory of public keys a server admits. ``heartbeat``: seconds between ZMTP
+    PINGs (0 = off).
+    """
+
+    secret: Path | None = None
+    server_key: Path | None = None
+    allow: Path | None = None
+    heartbeat: float = HEARTBEAT_S
+
+    @property
+    def curve(self) -> bool:
+        """Any key flag turns CURVE on (then ``check`` says what else is missing), so a
+        lone ``--curve-allow`` is an error, never a silently plain server."""
+        return any(p is not None for p in (self.secret, self.server_key, self.allow))
+
+    def own_keys(self) -> tuple[bytes, bytes]:
+        """(public, secret) from ``secret``; refuses a public-only file."""
+        if self.secret is None:
+            raise SecurityError("CURVE needs --curve-secret (this process's .key_secret file)")
+        public, secret = _load(self.secret, "--curve-secret")
+        if secret is None:
+            raise SecurityError(f"--curve-secret {self.secret} holds only a public key; give "
+                                f"the matching .key_secret file")
+        return public, secret
+
+    def server_public(self) -> bytes:
+        """The server's public key; refuses a secret file, which must never be handed out."""
+        if self.server_key is None:
+            raise SecurityError("a CURVE client needs --curve-server-key (the server's public "
+                                ".key file)")
+        public, secret = _load(self.server_key, "--curve-server-key")
+        if secret is not None:
+            raise SecurityError(f"--curve-server-key {self.server_key} is a secret key file; "
+                                f"clients need only the public .key file (keep the secret on "
+                                f"the server)")
+        return public
+
+    def allowed_keys(self) -> list[Path]:
+        """The public key files in ``allow``; an absent or empty directory is an error
+        (it would admit nobody, which is never what was meant)."""
+        if self.allow is None:
+            raise SecurityError("a CURVE server needs --curve-allow DIR (the public keys of "
+                                "the clients it admits)")
+        if not self.allow.is_dir():
+            raise SecurityError(f"--curve-allow {self.allow}: no such directory")
+        keys = sorted(self.allow.glob("*.key"))
+        if not keys:
+            raise SecurityError(f"--curve-allow {self.allow}: no public key files (*.key) in it,"
+                                f" so no client could connect")
+        return keys
+
+    def check(self, *, binds: bool, connects: bool) -> None:
+        """Load every key this process will need now, so a bad flag fails at start with
+        one clear message instead of at the first socket."""
+        if not self.curve:
+            return
+        public, _ = self.own_keys()
+        if binds:
+            self.allowed_keys()
+        if connects:
+            server = self.server_public()
+            if binds and server != public:
+                # workers reach the broker and the sink with one --curve-server-key
+                raise SecurityError("a process that binds and connects (the sink) must be "
+                                    "the server: --curve-secret must be the secret of "
+                                    "--curve-server-key")
+
+    def argv(self) -> list[str]:
+        """These settings as CLI flags, for a child process (``framebroker run``)."""
+        flags = ["--heartbeat", repr(self.heartbeat)]
+        for flag, path in (("--curve-secret", self.secret), ("--curve-server-key",
+                           self.server_key), ("--curve-allow", self.allow)):
+            if path is not None:
+                flags += [flag, str(path)]
+        return flags
+
+    def apply_server(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server with our key pair (ZAP decides who gets in)."""
+        public, secret = self.own_keys()
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def apply_client(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE client: our key pair, and the server key it must match."""
+        public, secret = self.own_keys()
+        sock.curve_serverkey = self.server_public()
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+
+
+PLAIN = Security()
+
+
+def from_key_dir(directory: Path, name: str, heartbeat: float = HEARTBEAT_S) -> Security:
+    """The settings of a process using key pair ``name`` from a ``keys generate``
+    directory: its own secret, the server's public key, the public dir as allow-list."""
+    return Security(secret=directory / "private" / f"{name}.key_secret",
+                    server_key=directory / "public" / "server.key",
+                    allow=directory / "public", heartbeat=heartbeat)
+
+
+def _load(path: Path, flag: str) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise SecurityError(f"{flag} {path}: no such file")
+    try:
+        return zmq.auth.load_certificate(path)
+    except (ValueError, OSError) as exc:
+        raise SecurityError(f"{flag} {path}: not a ZeroMQ certificate ({exc})") from None
+
+
+def configure_socket(sock: zmq.Socket, role: Role, security: Security = PLAIN,
+                     max_bytes: int | None = None) -> zmq.Socket:
+    """Set the options every framebroker socket shares, before bind/connect:
+    MAXMSGSIZE (a receiver never allocates more than it validates), ZMTP heartbeats
+    (dead peers are dropped), and CURVE for ``role`` when keys are configured."""
+    if max_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    if security.heartbeat > 0:
+        ivl = max(1, int(security.heartbeat * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * HEARTBEAT_TIMEOUTS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, ivl * HEARTBEAT_TIMEOUTS)
+    if security.curve:
+        (security.apply_server if role == "server" else security.apply_client)(sock)
+    return sock
+
+
+class _LoggingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, saying which key from which address it refused (pyzmq
+    itself logs that only at debug level, without the address)."""
+
+    def __init__(self, ctx: zmq.Context, report: Callable[[str, str], None]) -> None:
+        super().__init__(ctx)
+        self._report = report
+        self._peer = ""
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        # requests are handled one at a time in the ZAP thread, so _peer is this one's
+        self._peer = _describe_zap_peer(msg)
+        await super().handle_zap_message(msg)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = "anonymous") -> None:
+        if status_code != b"200":
+            self._report(self._peer, f"refused {self._peer}: "
+                                     f"{status_text.decode('utf-8', 'replace')}")
+        super()._send_zap_reply(request_id, status_code, status_text, user_id)
+
+
+def _describe_zap_peer(msg: list[bytes]) -> str:
+    """'CURVE client with key K from ADDRESS' from a ZAP request."""
+    address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
+    mechanism = msg[5].decode("ascii", "replace") if len(msg) > 5 else "?"
+    key = msg[6] if len(msg) > 6 else b""
+    text = z85.encode(key).decode() if key and len(key) % 4 == 0 else key.hex()
+    return f"{mechanism} client with key {text} from {address}"
+
+
+class Guard:
+    """The server side of CURVE for one binding process: the ZAP allow-list and a
+    count of refused connections (``refused``, reported in status).
+
+    Refusals are seen two ways: the ZAP handler names the key and address of a
+    client with an unknown key; a socket monitor sees handshakes that fail before
+    ZAP is asked (a plain client, a wrong server key). The monitor counts both kinds.
+    Without CURVE the guard does nothing and ``refused`` stays 0.
+    """
+
+    def __init__(self, ctx: zmq.Context, security: Security,
+                 log: Callable[[str], None]) -> None:
+        self.security, self.log = security, log
+        self.refused = 0
+        self._logged: set[str] = set()
+        self._log_lock = threading.Lock()  # the ZAP thread and the monitor thread both log
+        self._monitors: list[tuple[zmq.Socket, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._auth: _LoggingAuthenticator | None = None
+        if not security.curve:
+            return
+        allowed = security.allowed_keys()
+        self._auth = _LoggingAuthenticator(ctx, self._refusal)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(security.allow))
+        log(f"CURVE on: admitting the {len(allowed)} public key(s) in {security.allow}")
+
+    def watch(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Count refused handshakes on ``sock`` (call before it binds ``endpoint``)."""
+        if self._auth is not None:
+            self._monitors.append((sock.get_monitor_socket(REFUSAL_EVENTS), endpoint))
+
+    def start(self) -> None:
+        """Start reading the monitors (after every ``watch``); the thread owns them."""
+        if self._monitors:
+            self._thread = threading.Thread(target=self._read_monitors, name="fb-guard",
+                                            daemon=True)
+            self._thread.start()
+
+    def _refusal(self, peer: str, message: str) -> None:
+        """Log a peer's first refusal only: a refused client retries, and a log line
+        per attempt would let it fill the disk."""
+        with self._log_lock:
+            if peer in self._logged or len(self._logged) >= MAX_LOGGED_PEERS:
+                return
+            self._logged.add(peer)
+        self.log(message + " (further refusals of this peer are counted, not logged)")
+
+    def _read_monitors(self) -> None:
+        poller = zmq.Poller()
+        names = {}
+        for mon, endpoint in self._monitors:
+            poller.register(mon, zmq.POLLIN)
+            names[mon] = endpoint
+        try:
+            while not self._stop.is_set():
+                for mon, _ in poller.poll(100):
+                    event = recv_monitor_message(mon)
+                    if event["event"] & REFUSAL_EVENTS:
+                        self.refused += 1
+                        if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said
+                            # who for AUTH; here only the endpoint and the error are known
+                            self._refusal(f"{names[mon]}:{event['event']}:{event['value']}",
+                                          _handshake_refusal(names[mon], event["event"],
+                                                             event["value"]))
+        finally:
+            for mon, _ in self._monitors:
+                mon.close(linger=0)
+
+    def close(self) -> None:
+        """Stop the monitor thread and the ZAP handler (before the context ends)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        else:  # never started (a bind failed): the monitors are still ours to close
+            for mon, _ in self._monitors:
+                mon.close(linger=0)
+        self._monitors.clear()
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def _handshake_refusal(endpoint: str, event: int, value: int) -> str:
+    """The log line for a handshake that failed before ZAP could name the client."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # value is an errno
+        why = f"the handshake broke off ({os.strerror(value)}; a plain client?)"
+    elif value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        why = "security mechanism mismatch (a plain client without CURVE keys?)"
+    else:
+        why = f"ZMTP handshake error {value:#x} (a client with a wrong --curve-server-key?)"
+    return f"refused a client on {endpoint}: {why}"
+
+
+def generate_keys(directory: Path, names: list[str]) -> list[tuple[Path, Path]]:
+    """Key pairs for ``names``: ``DIR/public/NAME.key`` (hand out; the public dir is
+    also the server's allow-list) and ``DIR/private/NAME.key_secret`` (mode 0600,
+    in a 0700 directory). Existing keys are never overwritten."""
+    public_dir, private_dir = directory / "public", directory / "private"
+    for name in names:
+        for path in (public_dir / f"{name}.key", private_dir / f"{name}.key_secret"):
+            if path.exists():
+                raise SecurityError(f"{path} exists; not overwriting a key")
+    public_dir.mkdir(parents=True, exist_ok=True)
+    private_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(private_dir, 0o700)
+    made = []
+    for name in names:
+        old_umask = os.umask(0o077)  # the secret file is never readable by others, even briefly
+        try:
+            public, secret = zmq.auth.create_certificates(private_dir, name)
+        finally:
+            os.umask(old_umask)
+        public = Path(public).replace(public_dir / f"{name}.key")
+        os.chmod(public, 0o644)
+        os.chmod(secret, 0o600)
+        made.append((public, Path(secret)))
+    return made
