@@ -79,6 +79,7 @@ class Group:
                                                       "dispatched": c.dispatched}
                             for c in self.members.values()},
                 "ackers": len(self.ackers), "acks": self.acks, "pending": len(self.pending),
+                "oldest_pending": next(iter(self.pending), None),
                 "queued": len(self.queue), "dispatched": self.dispatched,
                 "acked": self.acked, "redispatched": self.redispatched,
                 "dead_consumers": self.dead, "duplicate_acks": self.duplicate_acks}

@@ -26,7 +26,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
-from .client import DEFAULT_BROKER, cpu_seconds, resolve
+from .client import DEFAULT_BROKER, BrokerUnavailable, Control, cpu_seconds, resolve
 from .security import PLAIN, Guard, Security, configure_socket
 
 
@@ -75,7 +75,7 @@ class Sink:
         self.dealer.connect(self.work_ep)
         self._ready = proto.encode_ready(proto.Ready("fft", 1, "sink", "sink", "acker"))
         self._send_ready()
-        self.next = 0
+        self.next = self._first_expected(bool(eps))
         self.buffer: dict[int, tuple[proto.Header, np.ndarray]] = {}
         self.emitted = 0
         self.duplicates = 0
@@ -92,6 +92,25 @@ class Sink:
         self._last_ack = time.monotonic()
         self._t_first = 0.0
         self._t_last = 0.0
+
+    def _first_expected(self, have_broker: bool) -> int:
+        """The first id this sink will be sent: the FFT group's oldest unacknowledged
+        frame, so a sink that replaces a dead one neither waits for ids its predecessor
+        took nor calls them lost. (No acker means nothing is acknowledged until we join.)"""
+        if not have_broker:
+            return 0
+        ctl = Control(self.cfg.broker, timeout=min(self.cfg.timeout, 5.0), ctx=self.ctx,
+                      security=self.cfg.security)
+        try:
+            status = ctl.status()
+        except (BrokerUnavailable, RuntimeError) as exc:
+            raise SinkError(f"cannot ask the broker where the stream is: {exc}") from None
+        finally:
+            ctl.close()
+        group = status["work"]["groups"].get("fft")
+        if group is None or group["oldest_pending"] is None:
+            return int(status["frames_sent"])
+        return int(group["oldest_pending"])
 
     def _send_ready(self) -> None:
         self.dealer.send_multipart([proto.WorkCmd.READY.value, self._ready])

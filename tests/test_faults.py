@@ -193,3 +193,38 @@ def test_block_group_names_are_valid_groups():
     assert len(block_group("x" * 100)) == 32
     assert proto.decode_ready(proto.encode_ready(proto.Ready(
         block_group("ÄÖ/ü"), 4, "self", "n", "consumer"))).group == "sub-----"
+
+
+def test_sink_killed_and_replaced_the_new_one_gets_everything_the_old_did_not_ack(
+        eps, broker_factory, tmp_path):
+    """SIGKILL the sink mid-stream: workers carry on, the source waits once --max-pending
+    results are unacknowledged (a subscriber beside it loses nothing), and a new sink is
+    sent every frame from the oldest one its predecessor had not acknowledged, in order."""
+    b = broker_factory("--fps", "500", "--frames", "1500", "--shape", "64x80",
+                       "--wait-workers", "2", "--sndhwm", "5000", "--wait-subscribers", "1")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+                "--timeout", "60", "--rcvhwm", "5000")
+    workers = [cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
+                   "--output", "spectrum", "--timeout", "60") for _ in range(2)]
+    first = cli("sink", "--broker", eps.control, "--json", "--timeout", "60")
+    wait_status(eps.control, acked("fft", 200))
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    stalled = wait_status(eps.control, lambda s: s["work"]["groups"]["fft"]["ackers"] == 0)
+    out = tmp_path / "second.h5"
+    second = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
+    res = summary(second)
+    assert (res["total"], res["gaps"], res["late"]) == (1500, 0, 0)
+    with h5py.File(out) as f:
+        ids, spectra = f["frame_id"][:], f["result"][:]
+    start = int(ids[0])
+    assert start <= stalled["work"]["groups"]["fft"]["acked"] + 64  # what the first had not acked
+    np.testing.assert_array_equal(ids, np.arange(start, 1500))
+    for k in (0, len(ids) // 2, len(ids) - 1):
+        ref = np.fft.rfft2(synthetic_frame(SHAPE, "uint8", int(ids[k])).astype(np.float64))
+        np.testing.assert_allclose(spectra[k], ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+    w = summary(watch)
+    assert (w["received"], w["gaps"], w["corrupt"]) == (1500, 0, 0)
+    for wk in workers:
+        assert summary(wk)["ended"] is True
+    assert b.finish()[0] == 0
