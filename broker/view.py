@@ -446,6 +446,9 @@ def _handler(view: View) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
+            # Each part is followed by the next boundary at once: a browser shows a part
+            # when it sees the boundary after it, and the next frame may be a while away.
+            self.wfile.write(f"--{BOUNDARY}\r\n".encode())
             seq = 0
             while not view.stop.is_set():
                 shot = view.wait_newer(seq, timeout=1.0)
@@ -455,10 +458,9 @@ def _handler(view: View) -> type[BaseHTTPRequestHandler]:
                 data = body(shot)
                 if data is None:
                     continue
-                self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                                 f"Content-Length: {len(data)}\r\n"
+                self.wfile.write(f"Content-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n"
                                  f"X-Frame-Id: {shot.frame.frame_id}\r\n\r\n".encode()
-                                 + data + b"\r\n")
+                                 + data + f"\r\n--{BOUNDARY}\r\n".encode())
                 self.wfile.flush()
 
     return Handler
