@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -393,6 +394,9 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
                         "from percentiles; uint8 frames are shown as they are)")
     p.add_argument("--quality", type=_positive_int, default=80, choices=range(1, 101),
                    metavar="1-100", help="JPEG quality of the stream (default %(default)s)")
+    p.add_argument("--nice", type=_nonneg_int, default=10,
+                   help="lower the viewer's CPU priority by this much, so on a busy host the "
+                        "broker wins the CPU (default %(default)s; 0 = unchanged)")
     p.add_argument("--insecure", action="store_true",
                    help="allow serving the page on a non-loopback address")
     p.set_defaults(func=cmd_view)
@@ -420,6 +424,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: view.stop.set())
+    os.nice(args.nice)
     view.log(f"serving {url} for the broker at {args.broker}")
     summary = view.run()  # renders in this thread, so the handlers above run promptly
     print(f"framebroker view: {summary_line(summary)}", flush=True)
