@@ -349,10 +349,19 @@ class View:
                 "dtype": str(shot.frame.array.dtype) if shot else None,
                 "latency_ms": round(shot.latency_ms, 2) if shot else None,
                 "range": list(shot.value_range) if shot else None,
-                "auto_range": self.cfg.value_range is None,
+                "range_mode": self._range_mode(shot),
                 "histogram": shot.histogram if shot else None,
                 "seconds_since_frame": (round(time.monotonic() - self.last_frame_t, 2)
                                         if self.last_frame_t else None)}
+
+    def _range_mode(self, shot: Shot | None) -> str | None:
+        """How the shown range was chosen: "fixed" (--range), "auto" (percentiles) or
+        "as received" (uint8 shown as it is)."""
+        if shot is None:
+            return None
+        if self.cfg.value_range is not None:
+            return "fixed"
+        return "as received" if as_picture(shot.frame.array).dtype == np.uint8 else "auto"
 
     def summary(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.t_start

@@ -216,9 +216,10 @@ def test_uint16_frames_fixed_range_and_auto_contrast(eps, broker_factory, view_f
         if view is fixed:
             expected = np.clip(raw * (255 / 4095) + 0.5, 0, 255).astype(np.uint8)
             assert np.abs(shown_frame.astype(int) - expected).max() <= 1
+            assert view.stats()["range_mode"] == "fixed"
         else:
             assert shown_frame.min() == 0 and shown_frame.max() == 255
-            assert view.stats()["auto_range"]
+            assert view.stats()["range_mode"] == "auto"
 
 
 def test_view_refuses_a_network_address_and_a_busy_port(eps) -> None:
