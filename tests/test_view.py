@@ -5,6 +5,7 @@ The browser tests skip only when chromium and chromium-driver are not installed
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -19,7 +20,7 @@ import pytest
 
 from broker.client import Control
 from broker.sources import check_synthetic, read_stamp, synthetic_frame
-from conftest import cli, free_port, run_cli
+from conftest import cli, free_port, make_endpoints, run_cli
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -196,6 +197,27 @@ def test_page_shows_frames_then_disconnected_then_recovers(eps, broker_factory, 
     assert "frames shown" in out and "broker sessions 2" in out, out
 
 
+def test_view_follows_a_new_broker_on_other_data_endpoints(eps, broker_factory,
+                                                          view_factory) -> None:
+    """A broker that comes back behind the same control endpoint but publishes elsewhere:
+    the viewer notices in the broker's status and subscribes there."""
+    serve = ("--fps", "30", "--shape", "x".join(map(str, SHAPE)))
+    first = broker_factory(*serve)
+    first.wait_ready()
+    view = view_factory(eps.control)
+    view.wait_stats(lambda s: s["shown"] > 0)
+    first.proc.terminate()
+    assert first.finish()[0] == 0
+    view.wait_stats(lambda s: not s["connected"])
+    before = view.stats()["shown"]
+    moved = dataclasses.replace(make_endpoints(), control=eps.control)
+    broker_factory(*serve, endpoints=moved).wait_ready()
+    view.wait_stats(lambda s: s["connected"] and s["shown"] > before and s["sessions"] == 2)
+    assert_frame_is_synthetic(view)
+    code, _, err = view.finish()
+    assert code == 0 and f"subscribed to 'cam' at {moved.pub}" in err, err
+
+
 def test_uint16_frames_fixed_range_and_auto_contrast(eps, broker_factory, view_factory) -> None:
     """Gray uint16 frames: ``?raw=1`` is the received frame, bit for bit; the displayed
     frame is the fixed range mapped onto 0..255, or spans 0..255 with auto contrast."""
@@ -206,10 +228,12 @@ def test_uint16_frames_fixed_range_and_auto_contrast(eps, broker_factory, view_f
         view.wait_stats(lambda s: s["shown"] > 0)
     Control(eps.control).pause()  # the same frame stays on display while we fetch it
     for view in (fixed, auto):
-        while True:
+        deadline = time.monotonic() + HANG
+        while True:  # until the last frame sent is on display
             (raw, rid), (shown_frame, sid) = view.png("?raw=1"), view.png()
             if rid == sid == view.stats()["frame_id"]:
                 break
+            assert time.monotonic() < deadline, "the viewer's frame never settled"
         assert raw.dtype == np.uint16 and raw.shape == (120, 160)
         assert check_synthetic(raw, rid) == -1
         assert shown_frame.dtype == np.uint8 and shown_frame.shape == (120, 160)
