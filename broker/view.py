@@ -82,9 +82,12 @@ def value_range(pic: np.ndarray) -> tuple[float, float]:
 
 
 def to_uint8(pic: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map [lo, hi] linearly onto 0..255 (rounded, clipped)."""
-    out = (pic.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-    np.clip(out, 0.0, 255.0, out=np.nan_to_num(out, copy=False))
+    """Map [lo, hi] linearly onto 0..255 (rounded, clipped). Huge or non-finite values
+    (a float frame may hold anything) overflow quietly and end up at 0 or 255."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = (pic.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    np.nan_to_num(out, copy=False)
+    np.clip(out, 0.0, 255.0, out=out)
     return (out + 0.5).astype(np.uint8)
 
 

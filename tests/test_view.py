@@ -229,7 +229,7 @@ def test_uint16_frames_fixed_range_and_auto_contrast(eps, broker_factory, view_f
     Control(eps.control).pause()  # the same frame stays on display while we fetch it
     for view in (fixed, auto):
         deadline = time.monotonic() + HANG
-        while True:  # until the last frame sent is on display
+        while True:  # until both images come from one frame
             (raw, rid), (shown_frame, sid) = view.png("?raw=1"), view.png()
             if rid == sid == view.stats()["frame_id"]:
                 break
