@@ -129,9 +129,15 @@ def screenshot(browser, element_id: str) -> np.ndarray:
     return cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
 
 
+def shows(browser, element_id: str, image: np.ndarray) -> bool:
+    """The element displays ``image`` (pixel for pixel, up to JPEG decoder rounding)."""
+    shot = screenshot(browser, element_id)
+    return shot.shape == image.shape and np.abs(shot.astype(np.int16) - image).mean() < 1
+
+
 def assert_shows_synthetic(browser, view: ViewProc, control: str) -> None:
-    """With the broker paused, the page's image is the last frame, as JPEG through the
-    browser: close to that synthetic frame, in its colours, and far from another one."""
+    """With the broker paused, the page's image settles on the last frame's JPEG, which
+    is close to that synthetic frame, in its colours, and farther from another one."""
     ctl = Control(control)
     try:
         ctl.pause()
@@ -139,18 +145,15 @@ def assert_shows_synthetic(browser, view: ViewProc, control: str) -> None:
         fid = assert_frame_is_synthetic(view)
         jpeg, headers = view.get("/frame.jpg")
         assert int(headers["X-Frame-Id"]) == fid
-        wait_page(browser, lambda d: text(d, "frame_id") == str(fid))
-        shot = screenshot(browser, "frame").astype(np.int16)
+        served = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)
+        wait_page(browser, lambda d: text(d, "frame_id") == str(fid) and shows(d, "frame", served))
         ctl.resume()
     finally:
         ctl.close()
-    assert shot.shape == SHAPE
-    served = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
-    assert np.abs(shot - served).mean() < 1, "the page does not show the served JPEG"
-    err = np.abs(shot - synthetic_frame(SHAPE, "uint8", fid)).mean()
-    other = np.abs(shot - synthetic_frame(SHAPE, "uint8", fid + 40)).mean()
+    err = np.abs(served - synthetic_frame(SHAPE, "uint8", fid)).mean()
+    other = np.abs(served - synthetic_frame(SHAPE, "uint8", fid + 40)).mean()
     assert err < other, f"mean error {err:.1f} against frame {fid}, {other:.1f} against another"
-    swapped = np.abs(shot - synthetic_frame(SHAPE, "uint8", fid)[:, :, ::-1]).mean()
+    swapped = np.abs(served - synthetic_frame(SHAPE, "uint8", fid)[:, :, ::-1]).mean()
     assert err < swapped, "the page shows the frame's colour channels swapped"
 
 
@@ -226,7 +229,9 @@ def test_uint16_frames_fixed_range_and_auto_contrast(eps, broker_factory, view_f
     auto = view_factory(eps.control)
     for view in (fixed, auto):
         view.wait_stats(lambda s: s["shown"] > 0)
-    Control(eps.control).pause()  # the same frame stays on display while we fetch it
+    ctl = Control(eps.control)
+    ctl.pause()  # the same frame stays on display while we fetch it
+    ctl.close()
     for view in (fixed, auto):
         deadline = time.monotonic() + HANG
         while True:  # until both images come from one frame
