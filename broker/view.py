@@ -299,12 +299,17 @@ class View:
         move) and the viewer's own rates."""
         ctl = Control(self.cfg.broker, timeout=self.cfg.poll_s)
         prev = (time.monotonic(), *self._counts())
+        was_connected: bool | None = None
         try:
             while not self.stop.wait(self.cfg.poll_s):
                 try:
                     self.status = ctl.status()
                 except (BrokerUnavailable, RuntimeError):
                     self.status = None
+                if self.connected != was_connected:
+                    was_connected = self.connected
+                    self.log(f"broker at {self.cfg.broker}: "
+                             + ("connected" if was_connected else "disconnected, retrying"))
                 sub = self.sub
                 if self.status is not None and sub is not None and (
                         self.status["endpoints"]["pub"] != sub.endpoint):
