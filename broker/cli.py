@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -415,6 +416,91 @@ def cmd_watch(args: argparse.Namespace) -> int:
               + (f", corrupt {corrupt}" if args.verify else ""))
     lost = sub.gaps or (summary["missed"] or 0) or corrupt
     return EXIT_LOST if lost else EXIT_OK
+
+
+def _http_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"HTTP address {text!r} must look like "
+                                         f"127.0.0.1:8080")
+    return host, int(port)
+
+
+def _value_range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition(":")
+    try:
+        bounds = float(lo), float(hi)
+    except ValueError:
+        bounds = ()
+    if not sep or len(bounds) != 2 or not bounds[0] < bounds[1] < float("inf"):
+        raise argparse.ArgumentTypeError(f"range {text!r} must be LO:HI with LO < HI, "
+                                         f"e.g. 0:4095")
+    return bounds
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return value
+
+
+def _add_view(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("view", help="serve a live web page: frame, spectrum, stats",
+                       description="Subscribe with the latest:1 policy (the broker never "
+                                   "waits for the viewer) and serve one page with the live "
+                                   "frame, its log-magnitude spectrum and the stream's stats. "
+                                   "Ends with a summary on Ctrl-C/SIGTERM.")
+    p.add_argument("--broker", type=_endpoint, default=DEFAULT_BROKER,
+                   help="the broker's control endpoint (default %(default)s)")
+    p.add_argument("--http", type=_http_address, default=("127.0.0.1", 8080),
+                   help="HOST:PORT to serve the page on (default 127.0.0.1:8080)")
+    p.add_argument("--max-fps", type=_positive_float, default=15.0,
+                   help="frames rendered and streamed per second at most (default %(default)s)")
+    p.add_argument("--scale", type=_positive_float, default=1.0,
+                   help="size of the streamed image relative to the frame (default %(default)s)")
+    p.add_argument("--range", type=_value_range, default=None, dest="value_range",
+                   help="LO:HI pixel values mapped to black..white (default: auto contrast "
+                        "from percentiles; uint8 frames are shown as they are)")
+    p.add_argument("--quality", type=_positive_int, default=80, choices=range(1, 101),
+                   metavar="1-100", help="JPEG quality of the stream (default %(default)s)")
+    p.add_argument("--nice", type=_nonneg_int, default=10,
+                   help="lower the viewer's CPU priority by this much, so on a busy host the "
+                        "broker wins the CPU (default %(default)s; 0 = unchanged)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow serving the page on a non-loopback address")
+    _add_security_args(p)
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    import signal
+
+    from .view import View, ViewConfig, ViewError, summary_line
+
+    host, port = args.http
+    if not is_loopback(f"tcp://{host}:{port}"):
+        if not args.insecure:
+            raise CliError(f"refusing to serve the page on {host}:{port}: anyone who can reach "
+                           f"it could watch every frame. Use 127.0.0.1 (and tunnel), or pass "
+                           f"--insecure to accept that risk", EXIT_USAGE)
+        print(f"framebroker view: warning: --insecure: {host}:{port} is reachable from the "
+              f"network without authentication", file=sys.stderr)
+    view = View(ViewConfig(broker=args.broker, host=host, port=port, max_fps=args.max_fps,
+                           scale=args.scale, value_range=args.value_range,
+                           quality=args.quality,
+                           security=_security(args, binds=False, connects=True)))
+    try:
+        url = view.bind()
+    except ViewError as exc:
+        raise CliError(str(exc)) from None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: view.stop.set())
+    os.nice(args.nice)
+    view.log(f"serving {url} for the broker at {args.broker}")
+    summary = view.run()  # renders in this thread, so the handlers above run promptly
+    print(f"framebroker view: {summary_line(summary)}", flush=True)
+    return EXIT_OK
 
 
 def _pct(values: Iterable[float], q: float) -> float | None:
@@ -1107,6 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_tune(sub)
     _add_keys(sub)
+    _add_view(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
