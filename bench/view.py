@@ -1,7 +1,7 @@
 """Does ``framebroker view`` slow the broker? Broker publish rate with and without a viewer.
 
-One run, interleaved rounds of three setups, each a fresh unpaced synthetic broker
-(``serve --frames N``, 480x640x3 by default) on fresh endpoints:
+One run, interleaved rounds of three setups, each a fresh synthetic broker
+(``serve --frames N``, 480x640x3 by default, unpaced unless ``--fps``) on fresh endpoints:
 
 * ``alone``: no subscriber at all (the broker's own ceiling);
 * ``watch``: one plain ``watch --policy latest:1`` subscriber (what any subscriber costs);
@@ -40,11 +40,11 @@ def cli(*args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def serve(eps: list[str], frames: int, shape: str, wait: bool) -> subprocess.Popen:
+def serve(eps: list[str], frames: int, shape: str, wait: bool, fps: float) -> subprocess.Popen:
     names = ("--pub", "--work", "--control", "--results")
     flags = [x for pair in zip(names, eps) for x in pair]
     return cli("serve", *flags, "--frames", str(frames), "--shape", shape, "--quiet", "--json",
-               "--wait-subscribers", "1" if wait else "0")
+               "--wait-subscribers", "1" if wait else "0", "--fps", str(fps))
 
 
 def broker_fps(proc: subprocess.Popen) -> float:
@@ -98,18 +98,19 @@ def wait_http(base: str, proc: subprocess.Popen) -> None:
             time.sleep(0.05)
 
 
-def one(setup: str, frames: int, shape: str) -> dict[str, Any]:
+def one(setup: str, frames: int, shape: str, fps: float) -> dict[str, Any]:
     """One broker run in ``setup``; returns its rate and what the consumer saw."""
     eps = free_tcp_endpoints(5)
     control, http = eps[2], eps[4].removeprefix("tcp://")
     if setup == "alone":
-        return {"setup": setup, "broker_fps": broker_fps(serve(eps[:4], frames, shape, False))}
+        return {"setup": setup,
+                "broker_fps": broker_fps(serve(eps[:4], frames, shape, False, fps))}
     if setup == "watch":
         watch = cli("watch", "--broker", control, "--policy", "latest:1", "--interval", "0",
                     "--json", "--timeout", "30")
-        fps = broker_fps(serve(eps[:4], frames, shape, True))
+        rate = broker_fps(serve(eps[:4], frames, shape, True, fps))
         out, _ = watch.communicate(timeout=60)
-        return {"setup": setup, "broker_fps": fps,
+        return {"setup": setup, "broker_fps": rate,
                 "received": json.loads(out.strip().splitlines()[-1])["received"]}
     view = cli("view", "--broker", control, "--http", http)
     base = f"http://{http}"
@@ -117,14 +118,14 @@ def one(setup: str, frames: int, shape: str) -> dict[str, Any]:
         wait_http(base, view)
         client = MjpegClient(base)
         client.start()
-        fps = broker_fps(serve(eps[:4], frames, shape, True))
+        rate = broker_fps(serve(eps[:4], frames, shape, True, fps))
         stats = get_json(base + "/stats")
         client.done.set()
     finally:
         view.terminate()
         view.communicate(timeout=60)
     client.join(10)
-    return {"setup": setup, "broker_fps": fps, "received": stats["received"],
+    return {"setup": setup, "broker_fps": rate, "received": stats["received"],
             "shown": stats["shown"], "mjpeg_parts": client.parts,
             "mjpeg_mb": round(client.bytes / 1e6, 2)}
 
@@ -134,13 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=5000, help="frames per broker run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the three setups")
     ap.add_argument("--shape", default="480x640x3")
+    ap.add_argument("--fps", type=float, default=0.0,
+                    help="pace the source like a camera (0 = unpaced, the broker's ceiling)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "view.json")
     args = ap.parse_args(argv)
     runs = []
     for r in range(args.rounds):
         order = SETUPS[r % 3:] + SETUPS[:r % 3]  # rotate, so no setup always goes first
         for setup in order:
-            res = one(setup, args.frames, args.shape)
+            res = one(setup, args.frames, args.shape, args.fps)
             print(f"round {r + 1} {setup:>5}: broker {res['broker_fps']:.0f} fps "
                   + " ".join(f"{k} {v}" for k, v in res.items()
                              if k not in ("setup", "broker_fps")), flush=True)
@@ -148,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {s: statistics.median(x["broker_fps"] for x in runs if x["setup"] == s)
            for s in SETUPS}
     result = {"frames": args.frames, "shape": args.shape, "rounds": args.rounds,
+              "fps": args.fps,
               "median_broker_fps": {s: round(v, 1) for s, v in med.items()},
               "ratio_view_vs_alone": round(med["view"] / med["alone"], 3),
               "ratio_view_vs_watch": round(med["view"] / med["watch"], 3),

@@ -9,8 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import soak  # noqa: E402
 
 # After warm-up. The recorder legitimately holds up to its window (16 frames, 15 MB at
-# 640x480x3) in flight, so the bound is 32 MB; leaking one frame a second would pass
-# it within the 33 s measured.
+# 640x480x3) in flight, so the bound is 32 MB; leaking one frame a second would exceed
+# it within the 33 s measured. The broker's buffer pool is measured apart: it may grow
+# to --max-pending frames when a consumer stalls, and keeps them.
 RSS_BOUND_MB = 32
 
 
@@ -23,6 +24,8 @@ def test_short_soak_memory_and_fds_stay_flat():
     parts = {name.split("-")[0] for name in res["growth"]}
     assert parts == {"serve", "sink", "worker", "record"}, res["growth"]
     for name, g in res["growth"].items():
-        assert g["rss_mb_growth"] <= RSS_BOUND_MB, res["growth"]
+        # the broker's buffer pool may grow by design (a stalled consumer lets frames pile
+        # up to --max-pending; the pool keeps them): what is beyond it must stay flat
+        assert g.get("rss_mb_beyond_pool", g["rss_mb_growth"]) <= RSS_BOUND_MB, res["growth"]
         # a sample can catch a file or socket being opened; a leak grows every second
         assert g["fds_growth"] <= 4, res["growth"]
