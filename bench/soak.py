@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {g['rss_mb_first']} | {g['rss_mb_last']} | {g['rss_mb_growth']} | "
               f"{g.get('pool_mb_growth', '')} | {g['fds_growth']} |")
     stages = res["run"].get("stages", {})
-    print(f"frames: " + ", ".join(f"{k} {v['frames']}" for k, v in stages.items()))
+    print("frames: " + ", ".join(f"{k} {v['frames']}" for k, v in stages.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out}")

@@ -233,6 +233,14 @@ class _Receiver:
             self._reporter.join()
             self._reporter = None
 
+    def recv(self, timeout: float | None = None) -> Frame | None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Frame]:
+        """Frames until end-of-stream (each ``recv`` may raise ReceiveTimeout)."""
+        while (frame := self.recv()) is not None:
+            yield frame
+
     def _reject(self, exc: proto.ProtocolError) -> None:
         self.rejected[exc.reason] += 1
         self.last_error = str(exc)
@@ -407,13 +415,6 @@ class Subscriber(_Receiver):
         return {**super().stats(), "policy": self.policy, "dropped": self.dropped,
                 "name": self.name}
 
-    def __iter__(self) -> Iterator[Frame]:
-        while True:
-            frame = self.recv()
-            if frame is None:
-                return
-            yield frame
-
     def close(self) -> None:
         self._closing = True
         if self._thread is not None:
@@ -543,13 +544,6 @@ class BlockingSubscriber(WorkConsumer):
         if self._handed_out is not None:
             self.done(self._handed_out)
             self._handed_out = None
-
-    def __iter__(self) -> Iterator[Frame]:
-        while True:
-            frame = self.recv()
-            if frame is None:
-                return
-            yield frame
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "policy": self.policy, "dropped": 0, "name": self.name}

@@ -13,6 +13,7 @@ import pytest
 
 from broker.broker import free_tcp_endpoints
 from broker.client import Control
+from broker.security import PLAIN, Security
 
 PY = sys.executable
 
@@ -99,10 +100,10 @@ def broker_factory(eps: Endpoints) -> Iterator:
         b.kill()
 
 
-def wait_status(control: str, ready, timeout: float = 60) -> dict:
+def wait_status(control: str, ready, timeout: float = 60, security: Security = PLAIN) -> dict:
     """Poll the broker's status until ``ready(status)``; fails the test after ``timeout``
     (a bound on a hang, not a performance threshold)."""
-    ctl = Control(control, timeout=5)
+    ctl = Control(control, timeout=5, security=security)
     deadline = time.monotonic() + timeout
     try:
         while True:

@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -37,24 +36,6 @@ def _server_flags(keys: Path) -> list[str]:
 def _client_flags(secret: Path, keys: Path) -> list[str]:
     return ["--curve-secret", str(secret), "--curve-server-key",
             str(keys / "public" / "server.key")]
-
-
-def _wait_curve_status(control: str, security: Security, ready, timeout: float = 60) -> dict:
-    """``conftest.wait_status`` through a CURVE control client (``timeout`` bounds a hang)."""
-    ctl = Control(control, timeout=5, security=security)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                status = ctl.status()
-                if ready(status):
-                    return status
-            except TimeoutError:
-                pass
-            assert time.monotonic() < deadline, "broker never reached the awaited state"
-            time.sleep(0.02)
-    finally:
-        ctl.close()
 
 
 def test_configure_socket_sets_every_shared_option(tmp_path):
@@ -118,7 +99,7 @@ def test_allowed_client_gets_frames_unknown_key_and_plain_client_are_refused(
     for proc in refused:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 1 and "no frame from" in err, (out, err)
-    status = _wait_curve_status(eps.control, client, lambda s: s["auth_refused"] >= 2)
+    status = wait_status(eps.control, lambda s: s["auth_refused"] >= 2, security=client)
     assert status["curve"] is True and status["peak_subscribers"] == 1
     with pytest.raises(BrokerUnavailable, match="if it runs with CURVE"):  # plain: silence
         Control(eps.control, timeout=1).status()
