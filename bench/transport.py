@@ -271,7 +271,7 @@ def platform_info() -> dict[str, Any]:
 
 def print_table(rows: list[dict]) -> None:
     by = {(r["size"], r["transport"], r["method"]): r for r in rows}
-    print("\n| frame | transport | pickle fps | framebroker fps | raw pyzmq fps | "
+    print(f"\n| frame | transport | pickle fps | framebroker fps | raw pyzmq fps | "
           f"framebroker MB/s | vs pickle | vs raw |")
     print("|---|---|---|---|---|---|---|---|")
     for size in dict.fromkeys(r["size"] for r in rows):
