@@ -114,6 +114,22 @@ def _policy(text: str) -> str:
     return text
 
 
+def _ring_size(text: str) -> str:
+    from .shm import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_no_shm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-shm", action="store_true",
+                   help="receive full payloads over the socket even if the broker offers a "
+                        "shared-memory ring on this host")
+
+
 def _mib(text: str) -> int:
     return int(_nonneg_float(text) * 1024 * 1024)
 
@@ -182,6 +198,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest frame accepted from a source, MiB (default 256)")
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
+    p.add_argument("--shm", type=_ring_size, default="",
+                   help="also serve same-host consumers from a shared-memory ring in "
+                        "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
+                        "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without encryption")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -241,15 +261,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
                        worker_timeout=args.worker_timeout, drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress)
+                       progress=0.0 if args.quiet else args.progress, shm=args.shm)
     try:
         broker = Broker(source, cfg)
-    except SourceError as exc:
+    except (SourceError, ValueError, OSError) as exc:
         source.close()
         raise CliError(str(exc)) from None
     install_signal_handlers(broker)
     broker.log(f"serving {source.description} as {args.stream!r} on {args.pub} "
-               f"(control {args.control}, work {args.work})")
+               f"(control {args.control}, work {args.work})"
+               + (f", ring {broker.ring.path} ({broker.ring.info.nslots} slots)"
+                  if broker.ring is not None else ""))
     try:
         status = broker.run()
     finally:
@@ -283,6 +305,7 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=_nonneg_float, default=1.0,
                    help="seconds between progress lines (0 = none)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_no_shm(p)
     p.set_defaults(func=cmd_watch)
 
 
@@ -293,7 +316,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         sub = Subscriber(args.pub, broker=args.broker,
                          topics=(args.stream,) if args.stream else None,
                          timeout=args.timeout, rcvhwm=args.rcvhwm, connect_wait=args.timeout,
-                         policy=args.policy)
+                         policy=args.policy, shm=not args.no_shm)
     except BrokerUnavailable as exc:
         raise CliError(str(exc)) from None
     latencies: deque[float] = deque(maxlen=100_000)
@@ -307,12 +330,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if frame is None:
                 break
             latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
-            if args.verify and check_synthetic(frame.array, frame.frame_id) >= 0:
+            # a ring slot reused while we checked it is a drop (counted), not corruption
+            if (args.verify and check_synthetic(frame.array, frame.frame_id) >= 0
+                    and sub.confirm(frame)):
                 corrupt += 1
             now = time.monotonic()
             if next_line is not None and now >= next_line:
                 rate = (sub.received - last_n) / (now - last_t)
-                print(f"watch: {sub.received} frames, {rate:.1f} fps, "
+                print(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
                       f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
                       f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
                       flush=True)
@@ -337,8 +362,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"watch: {summary['received']} frames in {elapsed:.2f} s ({summary['fps']} fps, "
-              f"{summary['mb_per_s']} MB/s), gaps {sub.gaps}, missed {summary['missed']}, "
+        print(f"watch: {summary['received']} frames over {sub.transport} in {elapsed:.2f} s "
+              f"({summary['fps']} fps, {summary['mb_per_s']} MB/s), gaps {sub.gaps}, "
+              f"overwritten {sub.overwritten}, missed {summary['missed']}, "
               f"dropped by --policy {sub.dropped}, "
               f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
               f"ms p99 {summary['latency_ms_p99']} ms"
@@ -372,9 +398,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
                 "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused"):
         print(f"{key:>12}: {status[key]}")
+    subs, workers = status["transports"]["subscribers"], status["transports"]["workers"]
+    print(f"{'transports':>12}: subscribers tcp {subs['tcp']} shm {subs['shm']}, "
+          f"workers tcp {workers['tcp']} shm {workers['shm']}")
+    if status["shm"]:
+        ring = status["shm"]
+        print(f"{'ring':>12}: {ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "
+              f"bytes, {ring['slots_held']} held, stalls {ring['stalls']}")
     for name, g in status["work"]["groups"].items():
-        print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "
-              f"acked {g['acked']}, re-dispatched {g['redispatched']}")
+        shm = sum(m["transport"] == "shm" for m in g["members"].values())
+        print(f"{'group ' + name:>12}: {len(g['members'])} members ({shm} shm), pending "
+              f"{g['pending']}, acked {g['acked']}, re-dispatched {g['redispatched']}")
     return EXIT_OK
 
 
@@ -472,6 +506,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
+    _add_no_shm(p)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -481,7 +516,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        output=args.output, backend=args.backend, color=args.color,
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       timeout=args.timeout, keep_running=args.keep_running)
+                       timeout=args.timeout, keep_running=args.keep_running,
+                       shm=not args.no_shm)
     summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
                         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
                                   f"compute p50 {s['compute_ms_p50']} ms, rejected "
@@ -588,6 +624,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throttle", type=_nonneg_float, default=0.0,
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
+    _add_no_shm(p)  # live mode always receives payloads: its queue outlives slots
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -603,7 +640,7 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       timeout=args.timeout)
+                       timeout=args.timeout, shm=not args.no_shm)
     summary = _run_part(
         lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
         lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "

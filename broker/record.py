@@ -49,6 +49,7 @@ class RecordConfig:
     compress_threads: int = 2
     throttle_s: float = 0.0  # per-frame sleep in the writer: simulates a slow disk
     timeout: float = 30.0
+    shm: bool = True  # lossless only: the broker holds a ring slot until DONE
 
 
 class Recording:
@@ -81,11 +82,12 @@ class Recording:
         if cfg.mode == "lossless":
             self.source: WorkConsumer | Subscriber = WorkConsumer(
                 cfg.work, broker=cfg.broker, group="record", window=cfg.window, acks="self",
-                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout, ctx=self.ctx)
-        else:
+                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
+                shm=cfg.shm, ctx=self.ctx)
+        else:  # queued frames outlive a live ring slot: always take payloads
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
-                                     ctx=self.ctx)
+                                     shm=False, ctx=self.ctx)
 
     def _open_from_status(self) -> None:
         """Create the file before joining, so a bad path fails before any frame is held."""

@@ -46,6 +46,7 @@ class WorkerConfig:
     timeout: float = 10.0  # seconds without work (and without END) before giving up
     keep_running: bool = False  # survive END and wait for the next session
     sndhwm: int = 64
+    shm: bool = True  # read frames from the broker's ring when it offers one here
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Worker:
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
                                      window=cfg.window, acks="sink" if cfg.sink else "self",
                                      name=f"worker-{self.worker_id}", connect_wait=cfg.timeout,
-                                     ctx=self.ctx)
+                                     shm=cfg.shm, ctx=self.ctx)
         self.push: zmq.Socket | None = None
         if cfg.sink:
             results = cfg.results or self.consumer.endpoints.get("results")
