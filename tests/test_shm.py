@@ -1,0 +1,231 @@
+"""The shared-memory transport with real broker processes: integrity, overwrite
+detection, back-pressure for lossless consumers, and ring lifetimes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker import protocol as proto
+from broker import shm
+from broker.client import Control, Subscriber, WorkConsumer
+from broker.sources import check_synthetic
+from conftest import cli, make_endpoints, wait_status
+
+SMALL = ("--shape", "64x80x3")
+
+
+def watch(eps, *args: str):
+    return cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+               "--timeout", "30", *args)
+
+
+def summary(proc) -> dict:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, (out, err)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def ring_of(b) -> Path:
+    return Path(b.wait_ready()["shm"]["path"])
+
+
+def test_shm_and_tcp_subscribers_get_the_same_2000_intact_frames(eps, broker_factory):
+    """The ring holds the whole stream, so a slow verifier loses nothing to overwrites:
+    any content error is a transport bug, not a drop."""
+    subs = {"shm": watch(eps, "--rcvhwm", "2500"),
+            "tcp": watch(eps, "--rcvhwm", "2500", "--no-shm")}
+    b = broker_factory("--frames", "2000", "--wait-subscribers", "2", "--sndhwm", "2500",
+                       "--shm", "2100slots", *SMALL)
+    ring = ring_of(b)
+    assert ring.exists() and ring.name.startswith("framebroker-cam-")
+    results = {t: summary(p) for t, p in subs.items()}
+    for transport, res in results.items():
+        assert res["transport"] == transport
+        assert (res["received"], res["total"], res["gaps"], res["missed"]) == (2000, 2000, 0, 0)
+        assert res["corrupt"] == 0 and res["overwritten"] == 0 and res["rejected"] == {}
+    rc, out, _ = b.finish()
+    assert rc == 0 and "sent 2000 frames" in out
+    assert not ring.exists()
+
+
+def test_frame_ids_match_across_transports(eps, broker_factory):
+    b = broker_factory("--frames", "300", "--wait-subscribers", "2", "--sndhwm", "400",
+                       "--shm", "400slots", *SMALL)
+    b.wait_ready()
+    with Subscriber(broker=eps.control, timeout=20, rcvhwm=400) as s_shm, \
+            Subscriber(broker=eps.control, timeout=20, rcvhwm=400, shm=False) as s_tcp:
+        assert (s_shm.transport, s_tcp.transport) == ("shm", "tcp")
+        got: dict[str, list[int]] = {"shm": [], "tcp": []}
+        for sub in (s_shm, s_tcp):
+            for frame in sub:
+                assert frame.transport == sub.transport
+                assert not frame.array.flags.writeable
+                assert check_synthetic(frame.array, frame.frame_id) == -1
+                assert sub.confirm(frame)
+                got[sub.transport].append(frame.frame_id)
+        assert got["shm"] == got["tcp"] == list(range(300))
+    assert b.finish()[0] == 0
+
+
+def test_slow_shm_subscriber_counts_overwrites_and_never_gets_a_wrong_frame(eps, broker_factory):
+    """The subscriber stops reading (holding one frame) until the broker has lapped the
+    8-slot ring many times: the held frame fails the seqlock's second check, and every
+    queued header names a reused slot, which must be counted, never delivered."""
+    b = broker_factory("--wait-subscribers", "1", "--shm", "8slots", *SMALL)
+    b.wait_ready()
+    with Subscriber(broker=eps.control, timeout=20, rcvhwm=1000) as sub:
+        assert sub.transport == "shm"
+        first = sub.recv()
+        assert first is not None and check_synthetic(first.array, first.frame_id) == -1
+        wait_status(eps.control, lambda s: s["frames_sent"] >= first.frame_id + 100)
+        Control(eps.control).stop()
+        assert not first.intact()
+        with pytest.raises(shm.FrameOverwritten):
+            first.copy()
+        assert not sub.confirm(first)
+        delivered = 0
+        for frame in sub:
+            kept = frame.copy()  # copy() rechecks the stamps: the copy is the frame's
+            assert check_synthetic(kept, frame.frame_id) == -1
+            delivered += 1
+        stats = sub.stats()
+    assert stats["overwritten"] > 1 and stats["ended"]
+    assert stats["received"] == delivered + 1 and stats["rejected"] == {}
+    assert stats["gaps"] >= stats["overwritten"] - 1  # every one lost is also a gap
+    assert b.finish()[0] == 0
+
+
+def test_lossless_shm_consumer_throttles_the_source_instead_of_overwriting(eps, broker_factory):
+    """4 slots, a window of 4: once the consumer holds 4 frames every slot is busy, so
+    the source must stall (counted) until a DONE frees one. Then every frame arrives."""
+    b = broker_factory("--frames", "300", "--wait-recorders", "1", "--shm", "4slots", *SMALL)
+    b.wait_ready()
+    cons = WorkConsumer(broker=eps.control, group="record", window=4, acks="self")
+    try:
+        assert cons.transport == "shm"
+        ids = []
+        frame = cons.recv(timeout=20)
+        wait_status(eps.control, lambda s: s["shm"]["stalls"] > 0)
+        while frame is not None:
+            assert frame.transport == "shm" and frame.intact()
+            assert check_synthetic(frame.array, frame.frame_id) == -1
+            ids.append(frame.frame_id)
+            cons.done(frame.frame_id)
+            frame = cons.recv(timeout=20)
+        assert ids == list(range(300))
+        assert cons.overwritten == 0 and dict(cons.rejected) == {}
+    finally:
+        cons.close()
+    rc, out, _ = b.finish()
+    assert rc == 0 and "sent 300 frames" in out
+
+
+def test_status_shows_transports_and_the_ring(eps, broker_factory):
+    b = broker_factory("--fps", "200", "--shm", "16slots", "--drain-timeout", "0.5", *SMALL)
+    b.wait_ready()
+    with Subscriber(broker=eps.control, timeout=10) as s_shm, \
+            Subscriber(broker=eps.control, timeout=10, shm=False) as s_tcp:
+        assert s_shm.recv() is not None and s_tcp.recv() is not None
+        worker = WorkConsumer(broker=eps.control, group="record", window=2, acks="self")
+        try:
+            status = wait_status(eps.control, lambda s: s["transports"]["subscribers"] == {
+                "tcp": 1, "shm": 1} and s["transports"]["workers"]["shm"] == 1)
+        finally:
+            worker.close()
+    assert status["shm"]["slots"] == 16 and status["subscribers"] == 2
+    member = next(iter(status["work"]["groups"]["record"]["members"].values()))
+    assert member["transport"] == "shm"
+    r = cli("status", "--broker", eps.control)
+    out, _ = r.communicate(timeout=30)
+    assert "transports: subscribers tcp" in out and "16 slots" in out
+    Control(eps.control).stop()
+    assert b.finish()[0] == 0
+
+
+def test_sigkill_of_the_broker_leaves_a_stale_ring_the_next_broker_removes(broker_factory):
+    first = broker_factory("--fps", "100", "--shm", "8slots", *SMALL,
+                           endpoints=make_endpoints())
+    stale = ring_of(first)
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait(30)
+    assert stale.exists()  # nothing can unlink on SIGKILL...
+    nxt = broker_factory("--fps", "100", "--shm", "8slots", *SMALL, endpoints=make_endpoints())
+    fresh = ring_of(nxt)
+    assert not stale.exists() and fresh.exists()  # ...the next broker of the stream does
+    Control(nxt.eps.control).stop()
+    rc, _, err = nxt.finish()
+    assert rc == 0 and f"removed stale ring {stale}" in err
+    assert not fresh.exists()
+
+
+def test_sigkill_of_a_consumer_leaks_nothing(eps, broker_factory):
+    b = broker_factory("--fps", "300", "--shm", "8slots", *SMALL)
+    ring = ring_of(b)
+    viewer = watch(eps)
+    wait_status(eps.control, lambda s: s["transports"]["subscribers"]["shm"] == 1)
+    viewer.send_signal(signal.SIGKILL)
+    viewer.communicate(timeout=30)
+    with Subscriber(broker=eps.control, timeout=10) as sub:  # still serving
+        frame = sub.recv()
+        assert sub.transport == "shm" and check_synthetic(frame.array, frame.frame_id) == -1
+    Control(eps.control).stop()
+    assert b.finish()[0] == 0
+    assert not ring.exists()
+
+
+def test_a_ring_that_is_not_here_falls_back_to_tcp(eps, broker_factory):
+    """A client on another host sees an advert whose file does not exist or is another
+    file: it must quietly take payloads instead."""
+    b = broker_factory("--fps", "200", "--shm", "8slots", *SMALL)
+    advert = b.wait_ready()["shm"]
+    for bad in ({**advert, "inode": advert["inode"] + 1}, {**advert, "boot_id": "0" * 36},
+                {**advert, "path": "/dev/shm/framebroker-elsewhere-0"}):
+        with pytest.raises((OSError, proto.BadRing)):
+            shm.RingReader(bad)
+    reader = shm.RingReader(advert)
+    assert reader.info.nslots == 8 and reader.info.owner_pid == b.proc.pid
+    Control(eps.control).stop()
+    assert b.finish()[0] == 0
+
+
+def test_bad_slot_and_wrong_size_ring_are_specific_errors(eps, broker_factory, tmp_path):
+    b = broker_factory("--fps", "200", "--shm", "8slots", *SMALL)
+    advert = b.wait_ready()["shm"]
+    reader = shm.RingReader(advert)
+    frame = np.zeros((64, 80, 3), np.uint8)
+    for slot, err in ((8, proto.BadSlot), (2**32 - 1, proto.BadSlot)):
+        h = proto.decode([proto.shm_frame_header("cam", 0, 0, frame, advert["session"], slot,
+                                                 1), b""])[0]
+        with pytest.raises(err, match="out of range"):
+            reader.view(h)
+    wrong = proto.decode([proto.shm_frame_header("cam", 0, 0, frame[:, :40],
+                                                 advert["session"], 0, 1), b""])[0]
+    with pytest.raises(proto.BadRing):
+        reader.view(wrong)
+    with pytest.raises(proto.PayloadSizeMismatch):  # SHM_FRAME carries no payload
+        proto.decode([proto.shm_frame_header("cam", 0, 0, frame, 1, 0, 1), b"x"])
+    ring = Path(advert["path"])
+    copy = shm.SHM_DIR / f"{shm.PREFIX}test-wrong-size-{os.getpid()}"
+    try:
+        copy.write_bytes(ring.read_bytes()[:-4096])
+        st = copy.stat()
+        with pytest.raises(proto.BadRing, match="ring file is"):
+            shm.RingReader({**advert, "path": str(copy), "inode": st.st_ino,
+                            "device": st.st_dev})
+    finally:
+        copy.unlink()
+    Control(eps.control).stop()
+    assert b.finish()[0] == 0
+
+
+@pytest.mark.parametrize("text,slots", [("64slots", 64), ("1MiB", 51), ("2GB", 97656)])
+def test_ring_size_syntax(text, slots):
+    assert shm.ring_slots(text, 20480 - 64) == slots  # 5-page slots
+    for bad in ("1slots", "lots", "0.5slots", "1kB"):
+        with pytest.raises(ValueError):
+            shm.ring_slots(bad, 20480 - 64)
