@@ -34,7 +34,7 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
-from .shm import Ring, pub_endpoint, ring_slots
+from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
 from .sources import Pacer, Source, SourceError, format_shape
 
 COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop")
@@ -205,9 +205,10 @@ class Broker:
         if self.ring is not None:
             self.shm_pub = self.ctx.socket(zmq.XPUB)
             self.shm_pub.setsockopt(zmq.XPUB_VERBOSER, 1)
-            # a header queued longer than the ring is long names an overwritten slot
-            self.shm_pub.setsockopt(zmq.SNDHWM, max(1, min(cfg.sndhwm,
-                                                           self.ring.info.nslots // 2)))
+            # a header queued longer than the ring is long names an overwritten slot, so
+            # the queue (HWM, and the kernel buffer: headers are small) stays well short
+            self.shm_pub.setsockopt(zmq.SNDHWM, shm_queue(cfg.sndhwm, self.ring.info.nslots))
+            self.shm_pub.setsockopt(zmq.SNDBUF, SHM_SOCKET_BUFFER)
             socks.append((self.shm_pub, pub_endpoint(cfg.stream, self.session)))
         try:
             for sock, ep in socks:

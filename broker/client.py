@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from . import protocol as proto
-from .shm import FrameOverwritten, RingReader
+from .shm import SHM_SOCKET_BUFFER, FrameOverwritten, RingReader, shm_queue
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
 
@@ -315,6 +315,9 @@ class Subscriber(_Receiver):
             topics = (eps["stream"],) if eps else ("",)
         self.timeout = timeout
         self.sock = self.ctx.socket(zmq.SUB)
+        if self.ring is not None:
+            self.sock.setsockopt(zmq.RCVBUF, SHM_SOCKET_BUFFER)
+            rcvhwm = shm_queue(rcvhwm, self.ring.info.nslots)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, max_bytes + 4096)

@@ -38,6 +38,14 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(slots|gib|mib|kib|gb|mb|kb|b)?\s*
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,
           "gib": 2**30}
 MIN_SLOTS = 2
+#: kernel buffer of the header sockets (bytes): about 30 headers, not thousands
+SHM_SOCKET_BUFFER = 4096
+
+
+def shm_queue(hwm: int, nslots: int) -> int:
+    """The HWM for a header socket: at most half the ring, so that a header still queued
+    at each end names a slot that is not about to be reused."""
+    return max(1, min(hwm, nslots // 2))
 
 
 class FrameOverwritten(RuntimeError):
