@@ -712,6 +712,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_record_args(p)
     p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
+    p.add_argument("--shm", type=_ring_size, default="",
+                   help="broker --shm: workers and the lossless recorder read frames from a "
+                        "shared-memory ring of this size ('128slots', '1GiB')")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name")
     for name, port in (("pub", 5555), ("work", 5556), ("control", 5557), ("results", 5558)):
         p.add_argument(f"--{name}", type=_endpoint, default=f"tcp://127.0.0.1:{port}",
@@ -739,6 +742,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
              "--wait-recorders", "1" if lossless else "0", "--quiet", "--json"]
+    serve += ["--shm", args.shm] if args.shm else []
     if args.loop:
         serve.append("--loop")
     client = ["--broker", args.control, "--json"]

@@ -441,6 +441,7 @@ class WorkConsumer(_Receiver):
                  ctx: zmq.Context | None = None) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
+        self.broker = broker
         self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx)
         self._map_ring(self.endpoints, shm)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
@@ -471,6 +472,9 @@ class WorkConsumer(_Receiver):
                     if header.kind == proto.Kind.END:
                         self._account(header)
                         return None
+                    if (header.kind == proto.Kind.SHM_FRAME and self.ring is not None
+                            and header.session != self.ring.info.session):
+                        self._remap()
                     frame = self._frame(header, array)
                 except proto.ProtocolError as exc:
                     self._reject(exc)
@@ -483,6 +487,15 @@ class WorkConsumer(_Receiver):
                 return frame
             if time.monotonic() - self._last_sent >= self.heartbeat:
                 self._join()  # doubles as heartbeat: idempotent at the broker
+
+    def _remap(self) -> None:
+        """A new broker session (we re-joined a restarted broker) has a new ring: map it."""
+        try:
+            _, eps = resolve(self.broker, None, "work", 2.0, self.ctx)
+        except BrokerUnavailable:
+            return
+        self.ring = None
+        self._map_ring(eps, True)
 
     def heartbeat_now(self) -> None:
         """Tell the broker we are alive while busy with something other than frames."""

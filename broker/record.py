@@ -212,7 +212,7 @@ class Recording:
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
-                "session_changed": self.session_changed,
+                "session_changed": self.session_changed, "transport": self.source.transport,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:

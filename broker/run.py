@@ -229,6 +229,9 @@ class Runner:
             "duplicates": s.get("duplicates", 0),
             "per_worker": s.get("per_worker", {}),
             "cpu_s": {p.name: p.summary.get("cpu_s") for p in self.parts},
+            "transports": {p.name: p.summary["transport"] for p in self.parts
+                           if "transport" in p.summary},
+            "shm_stalls": (b.get("shm") or {}).get("stalls", 0),
             "recording": rec.get("files") if rec else None,
             "failed": [{"part": n, "exit": rc, "stderr": tail} for n, rc, tail in self.failed],
             "interrupted": self.interrupted,

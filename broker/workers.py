@@ -65,7 +65,7 @@ class WorkerStats:
                 "fps": round((self.frames - 1) / elapsed, 2) if elapsed > 0 else 0.0,
                 "compute_ms_p50": round(float(np.median(comp)), 3),
                 "plans": list(self.plans), "rejected": dict(consumer.rejected),
-                "unusable": self.unusable,
+                "unusable": self.unusable, "transport": consumer.transport,
                 "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds()}
 
 
