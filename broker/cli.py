@@ -198,7 +198,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest frame accepted from a source, MiB (default 256)")
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
-    p.add_argument("--shm", type=_ring_size, default="",
+    p.add_argument("--shm", type=_ring_size, default=None,
                    help="also serve same-host consumers from a shared-memory ring in "
                         "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
                         "'512MiB'); only headers then go over zmq to them")
@@ -261,7 +261,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
                        worker_timeout=args.worker_timeout, drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress, shm=args.shm)
+                       progress=0.0 if args.quiet else args.progress, shm=args.shm or "")
     try:
         broker = Broker(source, cfg)
     except (SourceError, ValueError, OSError) as exc:
@@ -712,7 +712,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_record_args(p)
     p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
-    p.add_argument("--shm", type=_ring_size, default="",
+    p.add_argument("--shm", type=_ring_size, default=None,
                    help="broker --shm: workers and the lossless recorder read frames from a "
                         "shared-memory ring of this size ('128slots', '1GiB')")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name")
