@@ -267,3 +267,63 @@ def test_pipeline_over_shm_records_and_transforms_every_frame(tmp_path):
         np.testing.assert_array_equal(f["frame_id"][:], np.arange(300))
         for i in range(300):
             assert check_synthetic(f["frames"][i], i) == -1, i
+
+
+def test_bad_shm_headers_are_counted_and_the_subscriber_keeps_going(eps, broker_factory):
+    """A peer that sends SHM_FRAME headers naming slots out of range, another ring's
+    session or another geometry: each is rejected by reason, then a valid header for
+    a slot the real broker wrote is delivered. (A fake control socket advertises the
+    real ring with our own header PUB.)"""
+    import threading
+
+    import zmq
+
+    b = broker_factory("--fps", "200", "--shm", "8slots", *SMALL)
+    real = b.wait_ready()
+    wait_status(eps.control, lambda s: s["frames_sent"] >= 10)
+    Control(eps.control).pause()  # the slots stay as they are from now on
+    wait_status(eps.control, lambda s: s["state"] == "paused")
+    ctx = zmq.Context.instance()
+    pub_ep = f"ipc://@framebroker-test-fake-{os.getpid()}"
+    pub = ctx.socket(zmq.XPUB)
+    pub.bind(pub_ep)
+    rep = ctx.socket(zmq.REP)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    advert = {k: v for k, v in real.items() if k != "ok"}
+    advert["shm"] = {**real["shm"], "pub": pub_ep}
+
+    def serve_endpoints() -> None:
+        rep.recv()
+        rep.send(proto.encode_reply(True, **advert))
+
+    t = threading.Thread(target=serve_endpoints)
+    t.start()
+    sub = Subscriber(broker=f"tcp://127.0.0.1:{port}", timeout=10)
+    t.join()
+    try:
+        assert sub.transport == "shm"
+        pub.recv()  # the subscription arrived: what we send now reaches it
+        reader = shm.RingReader(real["shm"])
+        slot = 3
+        fid = int(reader.heads[slot, 2])
+        frame = np.zeros((64, 80, 3), np.uint8)
+        session = real["session"]
+        bad = [proto.shm_frame_header("cam", fid, 0, frame, session, 8, fid + 1),
+               proto.shm_frame_header("cam", fid, 0, frame, session + 1, slot, fid + 1),
+               proto.shm_frame_header("cam", fid, 0, frame[:32], session, slot, fid + 1)]
+        for h in bad:
+            pub.send_multipart([b"cam", h, b""])
+        pub.send_multipart([b"cam", proto.shm_frame_header("cam", fid, 0, frame, session, slot,
+                                                           fid + 2), b""])  # stale stamp
+        pub.send_multipart([b"cam", proto.shm_frame_header("cam", fid, 0, frame, session, slot,
+                                                           fid + 1), b""])
+        got = sub.recv()
+        assert got.frame_id == fid and check_synthetic(got.array, fid) == -1 and got.intact()
+        assert dict(sub.rejected) == {"bad_slot": 1, "bad_ring": 2}
+        assert sub.overwritten == 1
+    finally:
+        sub.close()
+        pub.close(linger=0)
+        rep.close(linger=0)
+    Control(eps.control).stop()
+    assert b.finish()[0] == 0
