@@ -30,7 +30,8 @@ The sender process is pinned to one core and the receiver to the other (``--no-p
 to let the scheduler place them); without that, placement alone moves a cell 2x.
 
 Run ``python bench/transport.py`` (``--quick`` for a short run); prints a table and
-writes ``bench/results/transport.json``.
+writes ``bench/results/transport.json``. ``--transports ipc shm`` adds the
+shared-memory table (shm vs zero-copy ipc vs memcpy).
 """
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
          "2048x2048 u16": ((2048, 2048), "uint16")}
 METHODS = ("pickle", "framebroker", "raw")
 TRANSPORTS = ("tcp", "ipc", "inproc", "shm")
+#: shm is opt-in (``--transports ipc shm``): ``framebroker bench`` keeps its table
+DEFAULT_TRANSPORTS = ("tcp", "ipc", "inproc")
 #: what each transport compares; shm rows are the broker's ring and plain memcpy
 TRANSPORT_METHODS = {"tcp": METHODS, "ipc": METHODS, "inproc": METHODS,
                      "shm": ("framebroker", "framebroker-copy", "memcpy", "memcpy-ring")}
@@ -316,7 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="interleaved runs per cell; the median is reported (default 3)")
     ap.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    ap.add_argument("--transports", nargs="*", default=list(TRANSPORTS), choices=TRANSPORTS)
+    ap.add_argument("--transports", nargs="*", default=list(DEFAULT_TRANSPORTS),
+                    choices=TRANSPORTS,
+                    help="default: tcp ipc inproc; add shm for the shared-memory columns")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the scheduler place sender and receiver (noisier)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport.json")
