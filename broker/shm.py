@@ -102,10 +102,11 @@ def remove_stale(stream: str | None = None) -> list[Path]:
     owner's flock is free. Returns what was removed."""
     pattern = f"{PREFIX}{safe_name(stream)}-*" if stream is not None else f"{PREFIX}*"
     removed = []
-    for path in SHM_DIR.glob(pattern):
+    # ".NAME.new": a ring whose broker died while creating it, before the rename
+    for path in [*SHM_DIR.glob(pattern), *SHM_DIR.glob(f".{pattern}.new")]:
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        except OSError:  # gone meanwhile, or another user's
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
