@@ -5,6 +5,10 @@
   ``wait_subscribers`` have joined, instead of sleeping and hoping.
 * REP at ``control``: JSON requests (endpoints, status, snapshot, pause, resume, stop).
 * ROUTER at ``work``: credit-based dispatch to consumer groups (see dispatch.py).
+* with ``shm``: a second XPUB (an abstract ipc socket, see shm.py) carrying only
+  SHM_FRAME headers that name a slot of the shared-memory ring the source captures
+  into. tcp subscribers then get a copy of each frame in a pool buffer (only while
+  any are subscribed), so their behaviour does not depend on the ring.
 
 Payloads go out zero-copy from a pool of recycled buffers. A buffer is reused only
 when libzmq has released every message that points into it (a MessageTracker per
@@ -31,6 +35,7 @@ from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
 from .security import PLAIN, Guard, Security, configure_socket
+from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
 from .sources import Pacer, Source, SourceError, format_shape
 
 COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop", "report")
@@ -63,6 +68,7 @@ class BrokerConfig:
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
     pool_keep: int = 64
     security: Security = PLAIN  # CURVE keys (optional) and the ZMTP heartbeat
+    shm: str = ""  # ring size ("64slots", "1GiB"); "" = no shared-memory transport
 
 
 @dataclass(eq=False)
@@ -72,6 +78,7 @@ class Slot:
     array: np.ndarray
     trackers: list[zmq.MessageTracker] = field(default_factory=list)
     holds: int = 0
+    index: int = -1  # the ring slot it is, -1 for a heap buffer
 
     def free(self) -> bool:
         if self.holds:
@@ -162,6 +169,12 @@ class Broker:
         self.control_rejected: dict[str, int] = {}
         self.clients: dict[str, tuple[float, dict[str, Any]]] = {}
         self.backpressure_waits = 0
+        self.shm_stalls = 0
+        self.shm_subscribers = 0
+        self.ring: Ring | None = None
+        self.ring_slots: list[Slot] = []
+        self._ring_next = 0
+        self._ring_ready: Slot | None = None
         self.latest: tuple[bytes, Slot] | None = None
         self._stop_requested = False
         self._t_start = time.monotonic()
@@ -169,7 +182,17 @@ class Broker:
         self._t_last = 0.0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
         self._pacer = Pacer(cfg.fps)
-        self._bind()
+        if cfg.shm:
+            self.ring = Ring(cfg.stream, self.session, source.shape, source.dtype,
+                             ring_slots(cfg.shm, self.frame_bytes))
+            self.ring_slots = [Slot(a, index=i) for i, a in enumerate(self.ring.pixels)]
+            for path in self.ring.removed_stale:
+                self.log(f"removed stale ring {path} (its broker is gone)")
+        try:
+            self._bind()
+        except BaseException:
+            self.close()
+            raise
 
     # --- sockets ------------------------------------------------------------------
     def _bind(self) -> None:
@@ -182,7 +205,16 @@ class Broker:
         self.work = self._server_socket(zmq.ROUTER, 16 * 1024 * 1024)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished consumer fails the send
         self.work.setsockopt(zmq.SNDHWM, 0)  # credit windows bound the queue, not the HWM
-        socks = ((self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work))
+        socks = [(self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work)]
+        self.shm_pub: zmq.Socket | None = None
+        if self.ring is not None:
+            self.shm_pub = self._server_socket(zmq.XPUB, None)
+            self.shm_pub.setsockopt(zmq.XPUB_VERBOSER, 1)
+            # a header queued longer than the ring is long names an overwritten slot, so
+            # the queue (HWM, and the kernel buffer: headers are small) stays well short
+            self.shm_pub.setsockopt(zmq.SNDHWM, shm_queue(cfg.sndhwm, self.ring.info.nslots))
+            self.shm_pub.setsockopt(zmq.SNDBUF, SHM_SOCKET_BUFFER)
+            socks.append((self.shm_pub, pub_endpoint(cfg.stream, self.session)))
         try:
             for sock, ep in socks:
                 sock.setsockopt(zmq.LINGER, cfg.linger_ms)
@@ -197,7 +229,7 @@ class Broker:
                                      orphan_timeout=cfg.orphan_timeout, send=self._send_work,
                                      release=self._release, log=self.log)
         self.poller = zmq.Poller()
-        for sock in (self.pub, self.control, self.work):
+        for sock, _ in socks:
             self.poller.register(sock, zmq.POLLIN)
 
     def _server_socket(self, kind: int, max_bytes: int | None) -> zmq.Socket:
@@ -208,14 +240,19 @@ class Broker:
         return {"pub": advertised(self.cfg.pub, host), "work": advertised(self.cfg.work, host),
                 "control": advertised(self.cfg.control, host),
                 "results": advertised(self.cfg.results, host), "stream": self.cfg.stream,
-                "session": self.session}
+                "session": self.session,
+                **({"shm": self.ring.advert(pub_endpoint(self.cfg.stream, self.session))}
+                   if self.ring is not None else {})}
 
     def close(self) -> None:
-        for name in ("pub", "control", "work"):
+        """Close the sockets and unlink the ring (safe to call more than once)."""
+        for name in ("pub", "control", "work", "shm_pub"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
                 sock.close(linger=self.cfg.linger_ms)
         self.guard.close()
+        if self.ring is not None:
+            self.ring.close()
 
     # --- buffers ------------------------------------------------------------------
     def _hold(self, slot: Slot) -> None:
@@ -224,10 +261,26 @@ class Broker:
     def _release(self, slot: Slot) -> None:
         slot.holds -= 1
 
-    def _send_work(self, ident: bytes, header: bytes, slot: Slot) -> None:
+    def _send_work(self, ident: bytes, header: bytes, slot: Slot, shm: bool) -> None:
+        """Frame to a work member: the header alone for a ring reader (the group's hold
+        keeps the slot), else header + zero-copy payload (tracked)."""
+        if shm:
+            self.work.send_multipart([ident, header, b""], flags=zmq.NOBLOCK)
+            return
         tracker = self.work.send_multipart([ident, header, slot.array], copy=False, track=True,
                                            flags=zmq.NOBLOCK)
         slot.trackers.append(tracker)
+
+    def _free_ring_slot(self) -> Slot | None:
+        """The next ring slot, in write order, that no group, snapshot or zero-copy send
+        still needs; None when every slot is busy (the source must wait)."""
+        n = len(self.ring_slots)
+        for k in range(n):
+            slot = self.ring_slots[(self._ring_next + k) % n]
+            if slot.free():
+                self._ring_next = (slot.index + 1) % n
+                return slot
+        return None
 
     # --- the loop -------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -250,6 +303,12 @@ class Broker:
                     self.backpressure_waits += 1
                     self._serve(50)
                     continue
+                if self.ring is not None and self._ring_ready is None:
+                    self._ring_ready = self._free_ring_slot()
+                    if self._ring_ready is None:  # lossless consumers hold every slot
+                        self.shm_stalls += 1
+                        self._serve(1)
+                        continue
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
                 if delay > 0.0005 or self._stop_requested:
@@ -275,7 +334,7 @@ class Broker:
         if self.sent:
             return False
         blocking = self.dispatcher.members_prefixed(proto.BLOCK_GROUP_PREFIX)
-        return (self.subscribers + blocking < cfg.wait_subscribers
+        return (self.subscribers + self.shm_subscribers + blocking < cfg.wait_subscribers
                 or self.dispatcher.members("fft") < cfg.wait_workers
                 or self.dispatcher.members("record") < cfg.wait_recorders)
 
@@ -285,7 +344,13 @@ class Broker:
         if self.control in events:
             self._handle_control()
         if self.pub in events:
-            self._handle_subscriptions()
+            self.subscribers += self._subscription_changes(self.pub)
+            self.peak_subscribers = max(self.peak_subscribers,
+                                        self.subscribers + self.shm_subscribers)
+        if self.shm_pub is not None and self.shm_pub in events:
+            self.shm_subscribers += self._subscription_changes(self.shm_pub)
+            self.peak_subscribers = max(self.peak_subscribers,
+                                        self.subscribers + self.shm_subscribers)
         if self.work in events:
             for _ in range(256):
                 try:
@@ -296,16 +361,15 @@ class Broker:
         self.dispatcher.reap()
 
     def _capture_and_send(self) -> bool:
-        slot = self.pool.acquire()
-        if not self.source.read_into(slot.array):
-            return False
-        ts = time.time_ns()
         fid = self.sent
-        header = proto.frame_header(self.cfg.stream, fid, ts, slot.array, self.session)
-        tracker = self.pub.send_multipart([self.topic, header, slot.array], copy=False,
-                                          track=True)
-        slot.trackers.append(tracker)
-        self.dispatcher.submit(fid, header, slot, self._hold)
+        if self.ring is None:
+            slot, header, shm_header = self._capture_into_pool(fid)
+        else:
+            ready, self._ring_ready = self._ring_ready, None
+            slot, header, shm_header = self._capture_into_ring(ready, fid)
+        if slot is None:
+            return False
+        self.dispatcher.submit(fid, header, slot, self._hold, shm_header)
         if self.latest is not None:
             self._release(self.latest[1])
         self._hold(slot)
@@ -318,6 +382,44 @@ class Broker:
         self._t_last = now
         self._rate_window.append((now, self.sent))
         return True
+
+    def _publish(self, slot: Slot, header: bytes) -> None:
+        """The frame to tcp/ipc subscribers, zero-copy from ``slot`` (tracked)."""
+        tracker = self.pub.send_multipart([self.topic, header, slot.array], copy=False,
+                                          track=True)
+        slot.trackers.append(tracker)
+
+    def _capture_into_pool(self, fid: int) -> tuple[Slot | None, bytes, bytes]:
+        """Capture frame ``fid`` into a recycled buffer and publish it (no ring)."""
+        slot = self.pool.acquire()
+        if not self.source.read_into(slot.array):
+            return None, b"", b""
+        header = proto.frame_header(self.cfg.stream, fid, time.time_ns(), slot.array,
+                                    self.session)
+        self._publish(slot, header)
+        return slot, header, b""
+
+    def _capture_into_ring(self, slot: Slot, fid: int) -> tuple[Slot | None, bytes, bytes]:
+        """Capture frame ``fid`` into ring ``slot`` under the seqlock; headers to the shm
+        subscribers, and a pool copy to tcp subscribers if there are any. Returns
+        (slot or None at the source's end, FRAME header, SHM_FRAME header)."""
+        ring, stamp = self.ring, fid + 1
+        ring.begin(slot.index, stamp, fid)
+        if not self.source.read_into(slot.array):
+            return None, b"", b""
+        ts = time.time_ns()
+        ring.end(slot.index, stamp, ts)
+        stream = self.cfg.stream
+        header = proto.frame_header(stream, fid, ts, slot.array, self.session)
+        shm_header = proto.shm_frame_header(stream, fid, ts, slot.array, self.session,
+                                            slot.index, stamp)
+        if self.shm_subscribers > 0:
+            self.shm_pub.send_multipart([self.topic, shm_header, b""])
+        if self.subscribers > 0:
+            copy = self.pool.acquire()
+            np.copyto(copy.array, slot.array)
+            self._publish(copy, header)
+        return slot, header, shm_header
 
     def _finish(self) -> None:
         """End of stream: END on PUB, drain the work groups, END to every consumer."""
@@ -335,22 +437,26 @@ class Broker:
         linger_end = time.monotonic() + self.cfg.end_linger
         while True:
             self.pub.send_multipart([self.topic, end, b""])
-            if self.subscribers <= 0 or time.monotonic() >= linger_end:
+            if self.shm_pub is not None:
+                self.shm_pub.send_multipart([self.topic, end, b""])
+            if (self.subscribers <= 0 and self.shm_subscribers <= 0
+                    or time.monotonic() >= linger_end):
                 break
             self._serve(50)
         self.state = "stopped"
 
     # --- subscriptions and control ------------------------------------------------
-    def _handle_subscriptions(self) -> None:
+    def _subscription_changes(self, sock: zmq.Socket) -> int:
+        """Net (un)subscriptions to our stream that arrived on XPUB ``sock``."""
+        change = 0
         while True:
             try:
-                msg = self.pub.recv(zmq.NOBLOCK)
+                msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return change
             if not msg or msg[0] not in (0, 1) or not self.topic.startswith(msg[1:]):
                 continue
-            self.subscribers += 1 if msg[0] == 1 else -1
-            self.peak_subscribers = max(self.peak_subscribers, self.subscribers)
+            change += 1 if msg[0] == 1 else -1
 
     def _handle_control(self) -> None:
         try:
@@ -438,7 +544,9 @@ class Broker:
                 "rate_fps": round(self.rate(), 2), "avg_fps": round(avg, 2),
                 "mb_per_s": round(avg * self.frame_bytes / 1e6, 2),
                 "uptime_s": round(time.monotonic() - self._t_start, 3),
-                "subscribers": self.subscribers, "peak_subscribers": self.peak_subscribers,
+                "subscribers": self.subscribers + self.shm_subscribers,
+                "peak_subscribers": self.peak_subscribers,
+                "transports": self.transports(), "shm": self.shm_status(),
                 "paused": self.paused, "sndhwm": self.cfg.sndhwm,
                 "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
                 "backpressure_waits": self.backpressure_waits,
@@ -449,13 +557,29 @@ class Broker:
                 "consumers": self.consumers(),
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
+    def transports(self) -> dict[str, dict[str, int]]:
+        """How many subscribers and work members use each transport."""
+        return {"subscribers": {"tcp": self.subscribers, "shm": self.shm_subscribers},
+                "workers": self.dispatcher.transports()}
+
+    def shm_status(self) -> dict[str, Any] | None:
+        """The ring's geometry and how often lossless consumers made the source wait."""
+        if self.ring is None:
+            return None
+        info = self.ring.info
+        return {"path": str(self.ring.path), "slots": info.nslots,
+                "slot_bytes": info.slot_stride, "ring_bytes": info.file_size,
+                "stalls": self.shm_stalls,
+                "slots_held": sum(1 for s in self.ring_slots if not s.free())}
+
     def progress_line(self) -> str:
         s = self.status()
         groups = " ".join(f"{n}:{g['acked']}/{g['dispatched']}"
                           for n, g in s["work"]["groups"].items())
         mbps = s["rate_fps"] * self.frame_bytes / 1e6
         return (f"{s['frames_sent']} frames, {s['rate_fps']:.0f} fps, {mbps:.1f} MB/s, "
-                f"{s['subscribers']} subscribers {groups}").rstrip()
+                f"{s['subscribers']} subscribers ({s['transports']['subscribers']['shm']} shm) "
+                f"{groups}").rstrip()
 
     def summary_line(self) -> str:
         s = self.status()

@@ -124,6 +124,22 @@ def _policy(text: str) -> str:
     return text
 
 
+def _ring_size(text: str) -> str:
+    from .shm import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _add_no_shm(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-shm", action="store_true",
+                   help="receive full payloads over the socket even if the broker offers a "
+                        "shared-memory ring on this host")
+
+
 def _mib(text: str) -> int:
     return int(_nonneg_float(text) * 1024 * 1024)
 
@@ -226,6 +242,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest frame accepted from a source, MiB (default 256)")
     p.add_argument("--progress", type=_nonneg_float, default=5.0,
                    help="seconds between progress lines on stderr (0 = none)")
+    p.add_argument("--shm", type=_ring_size, default=None,
+                   help="also serve same-host consumers from a shared-memory ring in "
+                        "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
+                        "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without CURVE")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -295,15 +315,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        worker_timeout=args.worker_timeout, orphan_timeout=args.orphan_timeout,
                        drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress, security=security)
+                       progress=0.0 if args.quiet else args.progress, security=security,
+                       shm=args.shm or "")
     try:
         broker = Broker(source, cfg)
-    except SourceError as exc:
+    except (SourceError, ValueError, OSError) as exc:
         source.close()
         raise CliError(str(exc)) from None
     install_signal_handlers(broker)
     broker.log(f"serving {source.description} as {args.stream!r} on {args.pub} "
-               f"(control {args.control}, work {args.work})")
+               f"(control {args.control}, work {args.work})"
+               + (f", ring {broker.ring.path} ({broker.ring.info.nslots} slots)"
+                  if broker.ring is not None else ""))
     try:
         status = broker.run()
     finally:
@@ -341,6 +364,7 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interval", type=_nonneg_float, default=1.0,
                    help="seconds between progress lines (0 = none)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_no_shm(p)
     p.set_defaults(func=cmd_watch)
 
 
@@ -349,7 +373,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     try:
         common = {"broker": args.broker, "timeout": args.timeout,
-                  "connect_wait": args.timeout, "name": args.name,
+                  "connect_wait": args.timeout, "name": args.name, "shm": not args.no_shm,
                   "security": _security(args, binds=False, connects=True)}
         if args.policy == "block":
             if args.pub or args.stream:
@@ -372,7 +396,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
             if frame is None:
                 break
             latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
-            if args.verify and check_synthetic(frame.array, frame.frame_id) >= 0:
+            # a ring slot reused while we checked it is a drop (counted), not corruption
+            if (args.verify and check_synthetic(frame.array, frame.frame_id) >= 0
+                    and sub.confirm(frame)):
                 corrupt += 1
             if len(sub.restarts) != restarts_seen:
                 restarts_seen = len(sub.restarts)
@@ -383,7 +409,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if next_line is not None and now >= next_line:
                 rate = (sub.received - last_n) / (now - last_t)
-                print(f"watch: {sub.received} frames, {rate:.1f} fps, "
+                print(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
                       f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
                       f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
                       flush=True)
@@ -408,8 +434,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"watch: {summary['received']} frames in {elapsed:.2f} s ({summary['fps']} fps, "
-              f"{summary['mb_per_s']} MB/s), gaps {sub.gaps}, missed {summary['missed']}, "
+        print(f"watch: {summary['received']} frames over {sub.transport} in {elapsed:.2f} s "
+              f"({summary['fps']} fps, {summary['mb_per_s']} MB/s), gaps {sub.gaps}, "
+              f"overwritten {sub.overwritten}, missed {summary['missed']}, "
               f"dropped by --policy {sub.dropped}, "
               f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
               f"ms p99 {summary['latency_ms_p99']} ms"
@@ -530,9 +557,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
                 "auth_refused"):
         print(f"{key:>12}: {status[key]}")
+    subs, workers = status["transports"]["subscribers"], status["transports"]["workers"]
+    print(f"{'transports':>12}: subscribers tcp {subs['tcp']} shm {subs['shm']}, "
+          f"workers tcp {workers['tcp']} shm {workers['shm']}")
+    if status["shm"]:
+        ring = status["shm"]
+        print(f"{'ring':>12}: {ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "
+              f"bytes, {ring['slots_held']} held, stalls {ring['stalls']}")
     for name, g in status["work"]["groups"].items():
-        print(f"{'group ' + name:>12}: {len(g['members'])} members, pending {g['pending']}, "
-              f"acked {g['acked']}, re-dispatched {g['redispatched']}")
+        shm = sum(m["transport"] == "shm" for m in g["members"].values())
+        print(f"{'group ' + name:>12}: {len(g['members'])} members ({shm} shm), pending "
+              f"{g['pending']}, acked {g['acked']}, re-dispatched {g['redispatched']}")
     for name, c in status["consumers"].items():
         print(f"{'subscriber':>12}: {name} ({c['policy']}): received {c['received']}, "
               f"dropped {c['dropped']}, gaps {c['gaps']}, rejected {c['rejected']}, "
@@ -634,6 +669,7 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
+    _add_no_shm(p)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -644,6 +680,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
                        timeout=args.timeout, keep_running=args.keep_running,
+                       shm=not args.no_shm,
                        security=_security(args, binds=False, connects=True))
     summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
                         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
@@ -752,6 +789,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--throttle", type=_nonneg_float, default=0.0,
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
+    _add_no_shm(p)  # live mode always receives payloads: its queue outlives slots
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -767,7 +805,8 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       timeout=args.timeout, security=_security(args, binds=False, connects=True))
+                       timeout=args.timeout, shm=not args.no_shm,
+                       security=_security(args, binds=False, connects=True))
     summary = _run_part(
         lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
         lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
@@ -839,6 +878,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_record_args(p)
     p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
+    p.add_argument("--shm", type=_ring_size, default=None,
+                   help="broker --shm: workers and the lossless recorder read frames from a "
+                        "shared-memory ring of this size ('128slots', '1GiB')")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name")
     for name, port in (("pub", 5555), ("work", 5556), ("control", 5557), ("results", 5558)):
         p.add_argument(f"--{name}", type=_endpoint, default=f"tcp://127.0.0.1:{port}",
@@ -897,6 +939,7 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
              "--wait-recorders", "1" if lossless else "0", "--quiet", "--json",
              *server.argv()]
+    serve += ["--shm", args.shm] if args.shm else []
     if args.loop:
         serve.append("--loop")
     client = ["--broker", args.control, "--json", *client_sec.argv()]

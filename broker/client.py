@@ -25,6 +25,7 @@ import zmq
 
 from . import protocol as proto
 from .security import PLAIN, Security, configure_socket
+from .shm import SHM_SOCKET_BUFFER, FrameOverwritten, RingReader, shm_queue
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
 
@@ -47,12 +48,34 @@ class ReceiveTimeout(TimeoutError):
 class Frame:
     """A received frame: the header fields and a read-only array over the message buffer.
 
-    The array shares memory with the zmq message: it is read-only and stays valid as
-    long as you hold the Frame. ``array.copy()`` if you need to modify it.
+    Over tcp/ipc the array shares memory with the zmq message: it stays valid as long
+    as you hold the Frame. Over shm (``transport == "shm"``) it is a view of a ring
+    slot: a live subscriber's frame is valid only until the broker reuses the slot
+    (about ``slots`` frames later), so check ``intact()`` after using it, or take
+    ``copy()`` (which checks for you) to keep it. A work consumer's frame stays valid
+    until its ``done()`` (or the sink's ACK): the broker holds the slot until then.
     """
 
     header: proto.Header
     array: np.ndarray
+    ring: RingReader | None = None
+
+    @property
+    def transport(self) -> str:
+        return "tcp" if self.ring is None else "shm"
+
+    def intact(self) -> bool:
+        """True if the pixels are still this frame's (always over tcp): the seqlock's
+        check after reading; False means what you read may be a later frame's."""
+        return self.ring is None or self.ring.intact(self.header.slot, self.header.stamp)
+
+    def copy(self) -> np.ndarray:
+        """A private, writable copy of the pixels; raises FrameOverwritten if the broker
+        reused the slot before the copy was complete."""
+        out = self.array.copy()
+        if not self.intact():
+            raise FrameOverwritten(f"frame {self.frame_id} was overwritten while copied")
+        return out
 
     @property
     def frame_id(self) -> int:
@@ -172,10 +195,14 @@ def resolve(broker: str, override: str | None, key: str, wait_s: float = 10.0,
 
 
 class _Receiver:
-    """Stream bookkeeping shared by subscribers and work consumers: gaps, rejects, END."""
+    """Stream bookkeeping shared by subscribers and work consumers: gaps, rejects, END,
+    and the transport: a ring it maps (shm) or payloads over the socket (tcp)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self.ring: RingReader | None = None
+        self.shm_fallback = ""  # why the ring was not used, if the broker offered one
+        self.overwritten = 0  # shm frames the broker reused before they were read
         self.received = 0
         self.session_received = 0  # frames of the current session (what END's total counts)
         self.bytes = 0
@@ -245,6 +272,34 @@ class _Receiver:
         self.rejected[exc.reason] += 1
         self.last_error = str(exc)
 
+    @property
+    def transport(self) -> str:
+        return "tcp" if self.ring is None else "shm"
+
+    def _map_ring(self, eps: dict[str, Any], use_shm: bool) -> None:
+        """Map the broker's ring if it offers one and it is really here (same boot,
+        same file); otherwise stay on tcp and remember why."""
+        advert = eps.get("shm")
+        if not (use_shm and advert):
+            return
+        try:
+            self.ring = RingReader(advert)
+        except (OSError, proto.ProtocolError) as exc:
+            self.shm_fallback = str(exc)
+
+    def _frame(self, header: proto.Header, array: np.ndarray | None) -> Frame | None:
+        """The Frame for a decoded FRAME or SHM_FRAME; None (counted) if its slot was
+        already overwritten. Bad headers raise ProtocolError for the caller to count."""
+        if header.kind != proto.Kind.SHM_FRAME:
+            return Frame(header, array)
+        if self.ring is None:
+            raise proto.UnknownKind("SHM_FRAME for a receiver that has no ring mapped")
+        try:
+            return Frame(header, self.ring.view(header), self.ring)
+        except FrameOverwritten:
+            self.overwritten += 1
+            return None
+
     def _account(self, header: proto.Header) -> None:
         if header.session != self.session:
             if self.session is not None:  # the broker restarted: ids begin again at 0
@@ -281,7 +336,9 @@ class _Receiver:
                 "rejected": dict(self.rejected), "ended": self.ended, "total": self.total,
                 "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error,
                 "restarts": [{"old_session": o, "last_id": li, "new_session": n, "first_id": fi}
-                             for o, li, n, fi in self.restarts]}
+                             for o, li, n, fi in self.restarts],
+                "transport": self.transport, "overwritten": self.overwritten,
+                "shm_fallback": self.shm_fallback}
 
 
 def parse_policy(text: str) -> int:
@@ -325,13 +382,19 @@ class Subscriber(_Receiver):
     ``report_every`` seconds under ``name``, so ``framebroker status`` shows what each
     consumer lost; 0 turns reporting off. A broker that does not answer costs nothing
     but a skipped report.
+
+    ``shm`` (default True): if the broker offers a shared-memory ring and it is on
+    this host, subscribe to its header-only PUB and read pixels from the ring
+    (``transport`` says which was chosen, ``shm_fallback`` why not). Slots the broker
+    reused before we read them are counted in ``overwritten`` (and, like every lost
+    frame, in ``gaps``); never delivered. See ``Frame`` for how long a frame is valid.
     """
 
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  topics: tuple[str, ...] | None = None, timeout: float = 5.0,
                  rcvhwm: int = 64, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, policy: str = "drop", name: str = "",
-                 report_every: float = 1.0, ctx: zmq.Context | None = None,
+                 connect_wait: float = 10.0, policy: str = "drop", shm: bool = True,
+                 name: str = "", report_every: float = 1.0, ctx: zmq.Context | None = None,
                  security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.keep = parse_policy(policy)
@@ -344,11 +407,17 @@ class Subscriber(_Receiver):
         self.ctx = ctx or zmq.Context.instance()
         self.security = security
         self.endpoint, eps = resolve(broker, endpoint, "pub", connect_wait, self.ctx, security)
+        self._map_ring(eps, shm)
+        if self.ring is not None:
+            self.endpoint = eps["shm"]["pub"]
         if topics is None:
             topics = (eps["stream"],) if eps else ("",)
         self.timeout = timeout
         self.sock = configure_socket(self.ctx.socket(zmq.SUB), "client", security,
                                      max_bytes + 4096)
+        if self.ring is not None:
+            self.sock.setsockopt(zmq.RCVBUF, SHM_SOCKET_BUFFER)
+            rcvhwm = shm_queue(rcvhwm, self.ring.info.nslots)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         for t in topics:
@@ -381,11 +450,18 @@ class Subscriber(_Receiver):
                     continue  # the broker repeats END; one is enough
                 self._account(header)
                 return None
-            if header.kind != proto.Kind.FRAME:
+            if header.kind not in (proto.Kind.FRAME, proto.Kind.SHM_FRAME):
                 self._reject(proto.UnknownKind(f"{header.kind.name} on a frame stream"))
                 continue
+            try:
+                frame = self._frame(header, array)
+            except proto.ProtocolError as exc:
+                self._reject(exc)
+                continue
+            if frame is None:
+                continue  # overwritten before we got to it: counted, and a gap
             self._account(header)
-            return Frame(header, array)
+            return frame
 
     def _pump(self) -> None:
         """latest:N: the only user of the socket; keeps the newest N items."""
@@ -406,10 +482,23 @@ class Subscriber(_Receiver):
         wait = self.timeout if timeout is None else timeout
         if not self.keep:
             return self._next(int(wait * 1000))
+        deadline = time.monotonic() + wait
         with self._cond:
-            if not self._cond.wait_for(lambda: self._latest, timeout=wait):
-                raise ReceiveTimeout(f"no frame from {self.endpoint} within {wait:g} s")
-            return self._latest.popleft()
+            while True:
+                left = deadline - time.monotonic()
+                if not self._cond.wait_for(lambda: self._latest, timeout=max(left, 0)):
+                    raise ReceiveTimeout(f"no frame from {self.endpoint} within {wait:g} s")
+                frame = self._latest.popleft()
+                if frame is None or self.confirm(frame):
+                    return frame
+
+    def confirm(self, frame: Frame) -> bool:
+        """The seqlock's check after use: True if ``frame``'s pixels were not overwritten
+        while you read them; False (counted in ``overwritten``) if they may have been."""
+        if frame.intact():
+            return True
+        self.overwritten += 1
+        return False
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), "policy": self.policy, "dropped": self.dropped,
@@ -432,6 +521,10 @@ class Subscriber(_Receiver):
 class WorkConsumer(_Receiver):
     """DEALER member of a work group: frames arrive only while we have credit.
 
+    With ``shm`` (default) and a broker that offers a ring on this host, frames are
+    views of ring slots that the broker keeps until this frame is finished (DONE, or
+    the sink's ACK), so they need no copy and are never overwritten under us.
+
     Call ``done(frame_id)`` when a frame is finished; that returns the credit (and,
     in an ``acks="self"`` group, acknowledges it so the broker can forget it).
     While idle it heartbeats and repeats READY, so a broker that declared it dead or
@@ -441,15 +534,17 @@ class WorkConsumer(_Receiver):
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
                  heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, ctx: zmq.Context | None = None,
+                 connect_wait: float = 10.0, shm: bool = True, ctx: zmq.Context | None = None,
                  security: Security = PLAIN) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
         self.security = security
+        self.broker = broker
         self.endpoint, self.endpoints = resolve(broker, endpoint, "work", connect_wait, self.ctx,
                                                 security)
+        self._map_ring(self.endpoints, shm)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
-                                 "consumer")
+                                 "consumer", self.transport)
         self.heartbeat = heartbeat
         self.sock = configure_socket(self.ctx.socket(zmq.DEALER), "client", security,
                                      max_bytes + 4096)
@@ -473,15 +568,33 @@ class WorkConsumer(_Receiver):
                 parts = self.sock.recv_multipart(copy=False)
                 try:
                     header, array = proto.decode(parts, max_bytes=self.max_bytes)
+                    if header.kind == proto.Kind.END:
+                        self._account(header)
+                        return None
+                    if (header.kind == proto.Kind.SHM_FRAME and self.ring is not None
+                            and header.session != self.ring.info.session):
+                        self._remap()
+                    frame = self._frame(header, array)
                 except proto.ProtocolError as exc:
                     self._reject(exc)
                     continue
+                if frame is None:  # the broker holds our slots: only a broker bug
+                    self._reject(proto.BadSlot(f"slot of frame {header.frame_id} was "
+                                               f"reused before DONE"))
+                    continue
                 self._account(header)
-                if header.kind == proto.Kind.END:
-                    return None
-                return Frame(header, array)
+                return frame
             if time.monotonic() - self._last_sent >= self.heartbeat:
                 self._join()  # doubles as heartbeat: idempotent at the broker
+
+    def _remap(self) -> None:
+        """A new broker session (we re-joined a restarted broker) has a new ring: map it."""
+        try:
+            _, eps = resolve(self.broker, None, "work", 2.0, self.ctx, self.security)
+        except BrokerUnavailable:
+            return
+        self.ring = None
+        self._map_ring(eps, True)
 
     def heartbeat_now(self) -> None:
         """Tell the broker we are alive while busy with something other than frames."""
@@ -520,14 +633,14 @@ class BlockingSubscriber(WorkConsumer):
 
     def __init__(self, *, broker: str = DEFAULT_BROKER, name: str = "", window: int = 4,
                  timeout: float = 5.0, max_bytes: int = proto.DEFAULT_MAX_BYTES,
-                 connect_wait: float = 10.0, report_every: float = 1.0,
+                 connect_wait: float = 10.0, report_every: float = 1.0, shm: bool = True,
                  ctx: zmq.Context | None = None, security: Security = PLAIN) -> None:
         self.name = name or default_name()
         self.policy = "block"
         self.timeout = timeout
         super().__init__(broker=broker, group=block_group(self.name), window=window,
                          acks="self", name=self.name, max_bytes=max_bytes,
-                         connect_wait=connect_wait, ctx=ctx, security=security)
+                         connect_wait=connect_wait, shm=shm, ctx=ctx, security=security)
         self._handed_out: int | None = None
         if report_every > 0:
             self._start_reports(broker, report_every)

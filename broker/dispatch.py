@@ -41,6 +41,7 @@ class Pending:
     frame_id: int
     header: bytes
     slot: Any  # the broker's buffer slot; held until acknowledged
+    shm_header: bytes = b""  # SHM_FRAME header naming the slot, if it is a ring slot
     consumer: bytes | None = None  # identity it was last sent to
     done: bool = False  # the consumer finished it; waiting for the acker
 
@@ -53,6 +54,7 @@ class Consumer:
     last_seen: float
     inflight: set[int] = field(default_factory=set)
     dispatched: int = 0
+    transport: str = "tcp"  # "shm": it maps the ring and gets SHM_FRAME headers
 
 
 @dataclass(eq=False)
@@ -76,7 +78,8 @@ class Group:
     def status(self) -> dict[str, Any]:
         return {"members": {c.name or c.ident.hex(): {"inflight": len(c.inflight),
                                                       "window": c.window,
-                                                      "dispatched": c.dispatched}
+                                                      "dispatched": c.dispatched,
+                                                      "transport": c.transport}
                             for c in self.members.values()},
                 "ackers": len(self.ackers), "acks": self.acks, "pending": len(self.pending),
                 "oldest_pending": next(iter(self.pending), None),
@@ -88,12 +91,13 @@ class Group:
 class Dispatcher:
     """Owns the work ROUTER socket's bookkeeping; the broker calls it from its loop.
 
-    ``send`` is the broker's function that puts ``[ident, header, payload]`` on the
-    wire (it tracks zero-copy buffers); ``release`` gives a slot hold back.
+    ``send(ident, header, slot, shm)`` is the broker's function that puts a frame on
+    the wire (zero-copy and tracked, or the SHM_FRAME header alone when ``shm``);
+    ``release`` gives a slot hold back.
     """
 
     def __init__(self, sock: zmq.Socket, *, max_pending: int, timeout: float,
-                 orphan_timeout: float, send: Callable[[bytes, bytes, Any], None],
+                 orphan_timeout: float, send: Callable[[bytes, bytes, Any, bool], None],
                  release: Callable[[Any], None], log: Callable[[str], None]) -> None:
         self.sock = sock
         self.max_pending = max_pending
@@ -123,11 +127,13 @@ class Dispatcher:
         """Members of every group whose name starts with ``prefix``."""
         return sum(len(g.members) for n, g in self.groups.items() if n.startswith(prefix))
 
-    def submit(self, frame_id: int, header: bytes, slot: Any, hold: Callable[[Any], None]) -> None:
-        """Queue a new frame for every group; ``hold`` pins the slot once per group."""
+    def submit(self, frame_id: int, header: bytes, slot: Any, hold: Callable[[Any], None],
+               shm_header: bytes = b"") -> None:
+        """Queue a new frame for every group; ``hold`` pins the slot once per group.
+        ``shm_header`` (ring slots only) is what ring-reading members are sent."""
         for g in self.groups.values():
             hold(slot)
-            g.pending[frame_id] = Pending(frame_id, header, slot)
+            g.pending[frame_id] = Pending(frame_id, header, slot, shm_header)
             g.queue.append(frame_id)
         self.pump()
 
@@ -199,7 +205,7 @@ class Dispatcher:
             self._acker_group[ident] = g
             self._redispatch(g, [p for p in g.pending.values() if p.done], "new acker")
         else:
-            g.members[ident] = Consumer(ident, r.name, r.window, now)
+            g.members[ident] = Consumer(ident, r.name, r.window, now, transport=r.transport)
             self._member_group[ident] = g
         self._log(f"work: {r.role} {r.name or ident.hex()} joined group {r.group!r}")
 
@@ -248,8 +254,9 @@ class Dispatcher:
                 p = g.pending.get(fid)
                 if p is None:  # acknowledged while queued for re-dispatch
                     continue
+                shm = c.transport == "shm" and bool(p.shm_header)
                 try:
-                    self._send(c.ident, p.header, p.slot)
+                    self._send(c.ident, p.shm_header if shm else p.header, p.slot, shm)
                 except zmq.ZMQError as exc:  # ROUTER_MANDATORY: the peer is gone
                     g.queue.appendleft(fid)
                     self._drop(c.ident, f"unreachable ({exc})")
@@ -332,6 +339,14 @@ class Dispatcher:
         g.redispatched += len(held)
         self._log(f"work: group {g.name!r}: {why}; re-dispatching {len(held)} frames")
         self.pump()
+
+    def transports(self) -> dict[str, int]:
+        """Members of all groups by transport."""
+        counts = {t: 0 for t in proto.TRANSPORTS}
+        for g in self.groups.values():
+            for c in g.members.values():
+                counts[c.transport] += 1
+        return counts
 
     def status(self) -> dict[str, Any]:
         return {"groups": {name: g.status() for name, g in self.groups.items()},

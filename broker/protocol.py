@@ -39,6 +39,7 @@ class Kind(enum.IntEnum):
     FRAME = 1
     END = 2
     RESULT = 3
+    SHM_FRAME = 4  # a FRAME whose pixels are in the shared-memory ring, not the payload
 
 
 class Output(enum.IntEnum):
@@ -124,6 +125,14 @@ class BadControlMessage(ProtocolError):
     reason = "bad_control"
 
 
+class BadSlot(ProtocolError):
+    reason = "bad_slot"
+
+
+class BadRing(ProtocolError):
+    reason = "bad_ring"
+
+
 def dtype_code(dtype: Any) -> int:
     """Wire code of a dtype; raises UnknownDtype for anything off the allow-list."""
     dt = np.dtype(dtype)
@@ -149,11 +158,18 @@ class Header:
     output: Output = Output.NONE
     total: int = 0
     compute_ns: int = 0
+    slot: int = 0  # SHM_FRAME: ring slot holding the pixels
+    stamp: int = 0  # SHM_FRAME: the slot's sequence stamp while it holds this frame
 
     @property
     def nbytes(self) -> int:
-        """Payload size this header declares."""
+        """Pixel bytes this header declares (in the payload, or in a ring slot)."""
         return math.prod(self.shape) * self.dtype.itemsize if self.shape else 0
+
+    @property
+    def payload_nbytes(self) -> int:
+        """Bytes the payload part must have: none for END and SHM_FRAME."""
+        return 0 if self.kind in (Kind.END, Kind.SHM_FRAME) else self.nbytes
 
 
 def encode_header(h: Header) -> bytes:
@@ -167,9 +183,11 @@ def encode_header(h: Header) -> bytes:
         code, dims = dtype_code(h.dtype), tuple(int(d) for d in h.shape)
         _check_dims(dims)
     shape4 = dims + (0,) * (MAX_DIMS - len(dims))
+    shm = h.kind == Kind.SHM_FRAME
     return _FIXED.pack(MAGIC, VERSION, int(h.kind), code, len(dims), h.frame_id,
-                       h.timestamp_ns, h.session, *shape4, h.worker_id, int(h.output),
-                       len(name), 0, h.total, h.compute_ns) + name
+                       h.timestamp_ns, h.session, *shape4, h.slot if shm else h.worker_id,
+                       int(h.output), len(name), 0, h.stamp if shm else h.total,
+                       h.compute_ns) + name
 
 
 def _check_dims(dims: tuple[int, ...]) -> None:
@@ -222,6 +240,11 @@ def decode_header(buf: bytes | memoryview, max_bytes: int = DEFAULT_MAX_BYTES) -
     if nbytes > max_bytes:
         raise FrameTooLarge(f"declared frame of {nbytes} bytes ({dims} {dtype}) exceeds the "
                             f"limit of {max_bytes} bytes")
+    if kind == Kind.SHM_FRAME:
+        if total == 0:
+            raise BadSlot("SHM_FRAME stamp must be >= 1 (0 marks a never-written slot)")
+        return Header(kind, stream, frame_id, ts, dtype, dims, session, slot=worker,
+                      stamp=total)
     return Header(kind, stream, frame_id, ts, dtype, dims, session, worker, output, total,
                   compute_ns)
 
@@ -240,7 +263,8 @@ def decode(parts: Sequence[Any], *, topic: bool = False,
     """Validate a received multipart message and view its payload as a read-only array.
 
     ``parts`` are ``zmq.Frame`` objects (from ``recv_multipart(copy=False)``) or bytes.
-    Returns ``(header, array)``; the array is None for end-of-stream. The array shares
+    Returns ``(header, array)``; the array is None for end-of-stream and for SHM_FRAME
+    (whose pixels the caller reads from its mapped ring, see ``broker.shm``). The array shares
     memory with the received message and is read-only: copy it to keep or modify it.
     """
     expected = 3 if topic else 2
@@ -257,10 +281,11 @@ def decode(parts: Sequence[Any], *, topic: bool = False,
     header = decode_header(bytes(hbuf), max_bytes)
     payload = _buffer(parts[1])
     size = _nbytes(payload)
-    if size != header.nbytes:
-        raise PayloadSizeMismatch(f"payload is {size} bytes, header declares {header.nbytes} "
-                                  f"({header.shape} {header.dtype})")
-    if header.kind == Kind.END:
+    if size != header.payload_nbytes:
+        raise PayloadSizeMismatch(f"payload is {size} bytes, header declares "
+                                  f"{header.payload_nbytes} ({header.kind.name} "
+                                  f"{header.shape} {header.dtype})")
+    if header.kind in (Kind.END, Kind.SHM_FRAME):
         return header, None
     array = np.frombuffer(payload, dtype=header.dtype).reshape(header.shape)
     if array.flags.writeable:
@@ -283,6 +308,13 @@ def frame_header(stream: str, frame_id: int, timestamp_ns: int, array: np.ndarra
     """Encoded FRAME header for ``array`` (which must be C-contiguous)."""
     return encode_header(Header(Kind.FRAME, stream, frame_id, timestamp_ns, array.dtype,
                                 array.shape, session))
+
+
+def shm_frame_header(stream: str, frame_id: int, timestamp_ns: int, array: np.ndarray,
+                     session: int, slot: int, stamp: int) -> bytes:
+    """Encoded SHM_FRAME header: frame ``frame_id`` is in ring slot ``slot`` under ``stamp``."""
+    return encode_header(Header(Kind.SHM_FRAME, stream, frame_id, timestamp_ns, array.dtype,
+                                array.shape, session, slot=slot, stamp=stamp))
 
 
 def end_header(stream: str, total: int, timestamp_ns: int, session: int = 0) -> bytes:
@@ -414,11 +446,15 @@ class Ready:
     acks: str  # "self": DONE also acknowledges; "sink": a separate acker sends ACK
     name: str
     role: str  # "consumer" takes frames; "acker" only sends ACKs for the group
+    transport: str = "tcp"  # "shm": send SHM_FRAME headers, this consumer maps the ring
+
+
+TRANSPORTS = ("tcp", "shm")
 
 
 def encode_ready(r: Ready) -> bytes:
     return json.dumps({"group": r.group, "window": r.window, "acks": r.acks, "name": r.name,
-                       "role": r.role}).encode()
+                       "role": r.role, "transport": r.transport}).encode()
 
 
 def decode_ready(buf: bytes) -> Ready:
@@ -426,6 +462,7 @@ def decode_ready(buf: bytes) -> Ready:
     req = _json_object(buf, "READY body")
     group, window = req.get("group"), req.get("window", 1)
     acks, name, role = req.get("acks", "self"), req.get("name", ""), req.get("role", "consumer")
+    transport = req.get("transport", "tcp")
     if not isinstance(group, str) or not 1 <= len(group) <= 32 or set(group) - _GROUP_RE_CHARS:
         raise BadControlMessage("READY group must be 1-32 chars of [a-z0-9_-]")
     if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_WINDOW:
@@ -434,4 +471,95 @@ def decode_ready(buf: bytes) -> Ready:
         raise BadControlMessage('READY acks must be "self"|"sink", role "consumer"|"acker"')
     if not isinstance(name, str) or len(name) > 128:
         raise BadControlMessage("READY name must be a string of at most 128 chars")
-    return Ready(group, window, acks, name, role)
+    if transport not in TRANSPORTS:
+        raise BadControlMessage(f'READY transport must be one of {", ".join(TRANSPORTS)}')
+    return Ready(group, window, acks, name, role, transport)
+
+
+# --- shared-memory ring (same-host transport; see broker/shm.py for the mapping) -----
+#
+# A file in /dev/shm: a 4096-byte ring header, then ``nslots`` slots of
+# ``slot_stride`` bytes (a multiple of 4096). Each slot starts with a 64-byte slot
+# header (begin stamp, end stamp, frame id, timestamp, all u64) followed by the
+# pixels. The writer stores ``begin = stamp`` before the pixels and ``end = stamp``
+# after them; a reader trusts the pixels only if ``end == begin == stamp`` before
+# and ``begin == stamp`` after it read them (a seqlock with two stamps).
+
+RING_MAGIC = b"FBSHRING"
+RING_VERSION = 1
+RING_HEADER_BYTES = 4096
+SLOT_HEADER_BYTES = 64
+SLOT_ALIGN = 4096
+BOOT_ID_BYTES = 36
+#: magic, version, nslots, slot_stride, data_offset, session, owner_pid, dtype, ndim,
+#: shape[4], boot_id
+_RING = struct.Struct("<8sIIQQQIBB2x4I36s")
+#: begin stamp, end stamp, frame_id, timestamp_ns
+SLOT_HEADER = struct.Struct("<QQQQ")
+MAX_RING_SLOTS = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RingInfo:
+    """The decoded ring header: the geometry every slot has and who owns the ring."""
+
+    nslots: int
+    slot_stride: int
+    session: int
+    owner_pid: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    boot_id: str
+    data_offset: int = RING_HEADER_BYTES
+
+    @property
+    def frame_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.nslots * self.slot_stride
+
+
+def ring_slot_stride(frame_bytes: int) -> int:
+    """Bytes per slot: slot header + pixels, rounded up to whole pages."""
+    return -(-(SLOT_HEADER_BYTES + frame_bytes) // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def encode_ring_header(r: RingInfo) -> bytes:
+    dims = tuple(int(d) for d in r.shape)
+    _check_dims(dims)
+    boot = r.boot_id.encode("ascii")
+    if len(boot) != BOOT_ID_BYTES:
+        raise BadRing(f"boot id must be {BOOT_ID_BYTES} ASCII characters, got {r.boot_id!r}")
+    return _RING.pack(RING_MAGIC, RING_VERSION, r.nslots, r.slot_stride, r.data_offset,
+                      r.session, r.owner_pid, dtype_code(r.dtype), len(dims),
+                      *(dims + (0,) * (MAX_DIMS - len(dims))), boot)
+
+
+def decode_ring_header(buf: bytes | memoryview, file_size: int) -> RingInfo:
+    """Validate a ring header against the size of the file it came from; BadRing says
+    which rule broke (a reader maps nothing it has not checked)."""
+    if len(buf) < _RING.size:
+        raise BadRing(f"ring header is {len(buf)} bytes, at least {_RING.size} expected")
+    (magic, version, nslots, stride, offset, session, pid, code, ndim, s0, s1, s2, s3,
+     boot) = _RING.unpack_from(buf)
+    if magic != RING_MAGIC:
+        raise BadRing(f"bad ring magic {bytes(magic)!r}, expected {RING_MAGIC!r}")
+    if version != RING_VERSION:
+        raise BadRing(f"ring version {version} is not supported (this is {RING_VERSION})")
+    dtype = DTYPES.get(code)
+    if dtype is None or not 1 <= ndim <= MAX_DIMS:
+        raise BadRing(f"ring declares dtype code {code} and {ndim} dimensions")
+    dims = (s0, s1, s2, s3)[:ndim]
+    if any(d == 0 for d in dims) or not 1 <= nslots <= MAX_RING_SLOTS:
+        raise BadRing(f"ring declares shape {dims} and {nslots} slots")
+    info = RingInfo(nslots, stride, session, pid, dtype, dims,
+                    boot.decode("ascii", "replace"), offset)
+    if offset != RING_HEADER_BYTES or stride != ring_slot_stride(info.frame_bytes):
+        raise BadRing(f"ring declares data offset {offset} and slot stride {stride}; "
+                      f"expected {RING_HEADER_BYTES} and {ring_slot_stride(info.frame_bytes)}")
+    if file_size != info.file_size:
+        raise BadRing(f"ring file is {file_size} bytes, its header declares {info.file_size} "
+                      f"({nslots} slots of {stride} bytes + {offset})")
+    return info

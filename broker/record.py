@@ -51,6 +51,7 @@ class RecordConfig:
     throttle_s: float = 0.0  # per-frame sleep in the writer: simulates a slow disk
     timeout: float = 30.0
     security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
+    shm: bool = True  # lossless only: the broker holds a ring slot until DONE
 
 
 class Recording:
@@ -83,12 +84,12 @@ class Recording:
         if cfg.mode == "lossless":
             self.source: WorkConsumer | Subscriber = WorkConsumer(
                 cfg.work, broker=cfg.broker, group="record", window=cfg.window, acks="self",
-                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout, ctx=self.ctx,
-                security=cfg.security)
-        else:
+                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
+                shm=cfg.shm, ctx=self.ctx, security=cfg.security)
+        else:  # queued frames outlive a live ring slot: always take payloads
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
-                                     ctx=self.ctx, security=cfg.security)
+                                     shm=False, ctx=self.ctx, security=cfg.security)
 
     def _open_from_status(self) -> None:
         """Create the file before joining, so a bad path fails before any frame is held."""
@@ -214,7 +215,7 @@ class Recording:
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
-                "session_changed": self.session_changed,
+                "session_changed": self.session_changed, "transport": self.source.transport,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:

@@ -232,6 +232,9 @@ class Runner:
             "per_worker": s.get("per_worker", {}),
             "cpu_s": {p.name: p.summary.get("cpu_s") for p in self.parts},
             "curve": b.get("curve", False), "auth_refused": b.get("auth_refused", 0),
+            "transports": {p.name: p.summary["transport"] for p in self.parts
+                           if "transport" in p.summary},
+            "shm_stalls": (b.get("shm") or {}).get("stalls", 0),
             "recording": rec.get("files") if rec else None,
             "failed": [{"part": n, "exit": rc, "stderr": tail} for n, rc, tail in self.failed],
             "interrupted": self.interrupted,

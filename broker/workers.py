@@ -48,6 +48,7 @@ class WorkerConfig:
     keep_running: bool = False  # survive END and wait for the next session
     sndhwm: int = 64
     security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
+    shm: bool = True  # read frames from the broker's ring when it offers one here
 
 
 @dataclass
@@ -66,7 +67,7 @@ class WorkerStats:
                 "fps": round((self.frames - 1) / elapsed, 2) if elapsed > 0 else 0.0,
                 "compute_ms_p50": round(float(np.median(comp)), 3),
                 "plans": list(self.plans), "rejected": dict(consumer.rejected),
-                "unusable": self.unusable,
+                "unusable": self.unusable, "transport": consumer.transport,
                 "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds()}
 
 
@@ -84,7 +85,7 @@ class Worker:
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
                                      window=cfg.window, acks="sink" if cfg.sink else "self",
                                      name=f"worker-{self.worker_id}", connect_wait=cfg.timeout,
-                                     ctx=self.ctx, security=cfg.security)
+                                     shm=cfg.shm, ctx=self.ctx, security=cfg.security)
         self.push: zmq.Socket | None = None
         if cfg.sink:
             results = cfg.results or self.consumer.endpoints.get("results")

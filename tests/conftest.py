@@ -11,6 +11,7 @@ from typing import Iterator
 
 import pytest
 
+from broker import shm
 from broker.broker import free_tcp_endpoints
 from broker.client import Control
 from broker.security import PLAIN, Security
@@ -98,6 +99,22 @@ def broker_factory(eps: Endpoints) -> Iterator:
     yield start
     for b in procs:
         b.kill()
+    if any(b.proc.returncode == -signal.SIGKILL for b in procs):
+        shm.remove_stale()  # what the next broker of the stream would do
+
+
+def ring_files() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.glob(shm.PREFIX + "*")}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_ring_left_behind() -> Iterator[None]:
+    """No test may leave a framebroker ring in /dev/shm (files of other runs that were
+    there before the session are not ours to judge)."""
+    before = ring_files()
+    yield
+    left = ring_files() - before
+    assert not left, f"rings left in {shm.SHM_DIR}: {sorted(left)}"
 
 
 def wait_status(control: str, ready, timeout: float = 60, security: Security = PLAIN) -> dict:
