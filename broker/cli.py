@@ -489,6 +489,9 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--range", type=_value_range, default=None, dest="value_range",
                    help="LO:HI pixel values mapped to black..white (default: auto contrast "
                         "from percentiles; uint8 frames are shown as they are)")
+    p.add_argument("--results", type=_endpoint, default=None, metavar="ENDPOINT",
+                   help="a sink's --publish endpoint: show the FFT workers' spectra "
+                        "(outputs spectrum or magnitude) instead of computing one")
     p.add_argument("--quality", type=_positive_int, default=80, choices=range(1, 101),
                    metavar="1-100", help="JPEG quality of the stream (default %(default)s)")
     p.add_argument("--nice", type=_nonneg_int, default=10,
@@ -515,7 +518,7 @@ def cmd_view(args: argparse.Namespace) -> int:
               f"network without authentication", file=sys.stderr)
     view = View(ViewConfig(broker=args.broker, host=host, port=port, max_fps=args.max_fps,
                            scale=args.scale, value_range=args.value_range,
-                           quality=args.quality,
+                           quality=args.quality, results=args.results,
                            security=_security(args, binds=False, connects=True)))
     try:
         url = view.bind()
@@ -721,6 +724,9 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
                    help="results held back to restore order before a gap is declared "
                         "(default %(default)s; keep it >= the broker's --max-pending)")
     p.add_argument("--out", default=None, help="write results to a .npy or .h5 file")
+    p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
+                   help="also publish every result, in order, on a PUB bound here (for "
+                        "framebroker view --results)")
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -731,10 +737,13 @@ def cmd_sink(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: use a .npy or .h5 file name", EXIT_USAGE)
     if out is not None and not out.parent.is_dir():
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    security = _security(args, binds=True, connects=True)
+    if args.publish and not is_loopback(args.publish) and not security.curve:
+        raise CliError(f"refusing to publish results on {args.publish}: anyone who can reach "
+                       f"it could read them. Bind 127.0.0.1, or turn on CURVE", EXIT_USAGE)
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
-                     reorder=args.reorder, out=args.out, timeout=args.timeout,
-                     keep_running=args.keep_running,
-                     security=_security(args, binds=True, connects=True))
+                     reorder=args.reorder, out=args.out, publish=args.publish,
+                     timeout=args.timeout, keep_running=args.keep_running, security=security)
     summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
                         args.json, lambda s: f"framebroker sink: {summary_line(s)}")
     if summary["total"] is None:

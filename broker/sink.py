@@ -41,6 +41,7 @@ class SinkConfig:
     work: str | None = None
     reorder: int = 1024
     out: str | None = None  # .npy or .h5: results in frame-id order
+    publish: str | None = None  # bind a PUB here: every result in order, for viewers
     timeout: float = 30.0  # seconds without any message before giving up
     keep_running: bool = False
     ack_interval: float = 0.01
@@ -69,6 +70,7 @@ class Sink:
             self.guard.close()
             raise SinkError(f"cannot bind the results endpoint {self.results_ep}: "
                             f"{exc.strerror}") from None
+        self.pub = self._bind_publisher(cfg.publish) if cfg.publish else None
         self.guard.start()
         self.dealer = configure_socket(self.ctx.socket(zmq.DEALER), "client", sec)
         self.dealer.setsockopt(zmq.LINGER, 1000)
@@ -92,6 +94,22 @@ class Sink:
         self._last_ack = time.monotonic()
         self._t_first = 0.0
         self._t_last = 0.0
+
+    def _bind_publisher(self, endpoint: str) -> zmq.Socket:
+        """A PUB of the ordered results (topic: the stream name), for live viewers. It
+        never slows the sink: a viewer that falls 4 results behind misses some."""
+        pub = configure_socket(self.ctx.socket(zmq.PUB), "server", self.cfg.security)
+        pub.setsockopt(zmq.SNDHWM, 4)
+        pub.setsockopt(zmq.LINGER, 0)
+        self.guard.watch(pub, endpoint)
+        try:
+            pub.bind(endpoint)
+        except zmq.ZMQError as exc:
+            pub.close()
+            self.pull.close()
+            self.guard.close()
+            raise SinkError(f"cannot bind the results PUB {endpoint}: {exc.strerror}") from None
+        return pub
 
     def _first_expected(self, have_broker: bool) -> int:
         """The first id this sink will be sent: the FFT group's oldest unacknowledged
@@ -221,6 +239,9 @@ class Sink:
 
     def _emit(self, header: proto.Header, array: np.ndarray) -> None:
         self.emitted += 1
+        if self.pub is not None:
+            self.pub.send_multipart([header.stream.encode(), proto.encode_header(header), array],
+                                    copy=False)
         if self.cfg.out:
             self.results.append(np.array(array))  # own copy: the message buffer is zmq's
             self.result_ids.append(header.frame_id)
@@ -268,6 +289,8 @@ class Sink:
 
     def close(self) -> None:
         self.pull.close(linger=0)
+        if self.pub is not None:
+            self.pub.close(linger=0)
         self.dealer.close(linger=500)
         self.guard.close()
 

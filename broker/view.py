@@ -29,15 +29,18 @@ from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
+import zmq
 
+from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, resolve)
 from .fft import FFTProcessor
-from .security import PLAIN, Security
+from .security import PLAIN, Security, configure_socket
 from .sources import geometry
 
 AUTO_PERCENTILES = (0.5, 99.5)
 HIST_BINS = 64
+WORKER_SPECTRA = (proto.Output.SPECTRUM, proto.Output.MAGNITUDE)  # outputs shown as images
 BOUNDARY = "frame"
 
 
@@ -57,6 +60,7 @@ class ViewConfig:
     stale_s: float = 3.0  # no frame for this long and no status reply: disconnected
     poll_s: float = 1.0
     security: Security = PLAIN  # CURVE client keys when the broker requires them
+    results: str | None = None  # a sink's --publish endpoint: show the workers' spectra
 
 
 # --- pictures -----------------------------------------------------------------------
@@ -161,6 +165,7 @@ class Shot:
     value_range: tuple[float, float]
     histogram: list[list[int]]
     latency_ms: float
+    fft_source: str  # who computed the spectrum shown, for the page's caption
 
 
 # --- the viewer -----------------------------------------------------------------------
@@ -178,6 +183,8 @@ class View:
         self._cond = threading.Condition()
         self._shot: Shot | None = None
         self._ffts: dict[tuple[int, ...], FFTProcessor] = {}
+        self._result: tuple[float, proto.Header, np.ndarray] | None = None  # workers' newest
+        self.results_received = 0
         self._past: Counter[str] = Counter()  # counts of subscribers already replaced
         self.shown = 0
         self.last_frame_t = 0.0
@@ -204,6 +211,9 @@ class View:
         threads = [threading.Thread(target=self.server.serve_forever, name="view-http",
                                     daemon=True),
                    threading.Thread(target=self._monitor, name="view-monitor", daemon=True)]
+        if self.cfg.results:
+            threads.append(threading.Thread(target=self._results_loop, name="view-results",
+                                            daemon=True))
         for t in threads:
             t.start()
         try:
@@ -273,15 +283,55 @@ class View:
                                                         output="magnitude")
         return spectrum_image(proc.process(pic), pic.shape[1])
 
+    def _results_loop(self) -> None:
+        """Keep the newest spectrum the FFT workers computed (from a sink's --publish PUB);
+        only what is shown gets turned into a picture, at the display rate."""
+        sock = configure_socket(zmq.Context.instance().socket(zmq.SUB), "client",
+                                self.cfg.security, proto.DEFAULT_MAX_BYTES + 4096)
+        sock.setsockopt(zmq.RCVHWM, 4)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.cfg.results)
+        try:
+            while not self.stop.is_set():
+                if not sock.poll(250):
+                    continue
+                try:
+                    header, array = proto.decode_topic(sock.recv_multipart(copy=False))
+                except proto.ProtocolError:
+                    continue  # not for us to count: the frame stream's stats are the page's
+                if header.kind == proto.Kind.RESULT and header.output in WORKER_SPECTRA:
+                    self._result = (time.monotonic(), header, array)
+                    self.results_received += 1
+        finally:
+            sock.close(linger=0)
+
+    def _workers_spectrum(self, width: int) -> tuple[np.ndarray, str] | None:
+        """The workers' newest log-magnitude spectrum as a picture, if one is fresh."""
+        res = self._result
+        if res is None or time.monotonic() - res[0] > self.cfg.stale_s:
+            return None
+        _, header, array = res
+        plane = array if array.ndim == 2 else array[0]
+        log_mag = np.log1p(np.abs(plane)) if header.output == proto.Output.SPECTRUM else plane
+        if log_mag.shape[1] != width // 2 + 1:
+            width = 2 * (log_mag.shape[1] - 1)  # the spectrum of a frame of another size
+        return (spectrum_image(log_mag, width),
+                f"of frame #{header.frame_id}, from FFT worker {header.worker_id}")
+
     def _show(self, frame: Frame) -> None:
         latency = (time.time_ns() - frame.timestamp_ns) / 1e6
         display, rng = display_image(frame.array, self.cfg.value_range)
         scaled = np.ascontiguousarray(resize(display, self.cfg.scale))
-        fft = self._fft_of(scaled)
+        workers = self._workers_spectrum(display.shape[1])
+        if workers is not None:
+            fft, source = workers
+        else:
+            fft, source = self._fft_of(scaled), "of the displayed frame (computed by the viewer)"
         shot = Shot(self.shown + 1, frame, display,
                     encode(".jpg", scaled, (cv2.IMWRITE_JPEG_QUALITY, self.cfg.quality)),
                     None if fft is None else encode(".jpg", fft, (cv2.IMWRITE_JPEG_QUALITY, 90)),
-                    fft, rng, histogram(display), latency)
+                    fft, rng, histogram(display), latency, source)
         with self._cond:
             self._shot = shot
             self.shown += 1
@@ -364,6 +414,8 @@ class View:
                 "range": list(shot.value_range) if shot else None,
                 "range_mode": self._range_mode(shot),
                 "histogram": shot.histogram if shot else None,
+                "fft_source": shot.fft_source if shot else None,
+                "results_received": self.results_received,
                 "seconds_since_frame": (round(time.monotonic() - self.last_frame_t, 2)
                                         if self.last_frame_t else None)}
 

@@ -263,3 +263,41 @@ def test_view_refuses_a_network_address_and_a_busy_port(eps) -> None:
         res = run_cli("view", "--broker", eps.control, "--http", f"127.0.0.1:{port}")
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in res.stderr
+
+
+def test_view_shows_the_fft_workers_spectrum_from_a_sink(eps, broker_factory,
+                                                         view_factory) -> None:
+    """With workers running (``--output magnitude``) and a sink publishing its ordered
+    results, the page's spectrum is the workers' result for the frame it names, pixel
+    for pixel up to float rounding, not one the viewer computed."""
+    from broker.view import spectrum_image
+
+    shape = (120, 160)
+    b = broker_factory("--fps", "30", "--shape", "x".join(map(str, shape)), "--wait-workers", "1")
+    publish = f"tcp://127.0.0.1:{free_port()}"
+    worker = cli("worker", "--broker", eps.control, "--planner", "estimate", "--output",
+                 "magnitude", "--timeout", "60")
+    sink = cli("sink", "--broker", eps.control, "--publish", publish, "--timeout", "60")
+    # at --scale 0.5 a spectrum the viewer computed itself would be 60x80
+    view = view_factory(eps.control, "--results", publish, "--scale", "0.5")
+    try:
+        view.wait_stats(lambda s: "FFT worker" in (s["fft_source"] or ""))
+        ctl = Control(eps.control)
+        ctl.pause()
+        view.wait_stats(lambda s: s["frame_id"] == ctl.status()["frames_sent"] - 1)
+        ctl.close()
+        stats = view.stats()
+        fid = int(stats["fft_source"].split("#")[1].split(",")[0])
+        body, _ = view.get("/fft.png")
+        shown_fft = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        frame = synthetic_frame(shape, "uint8", fid).astype(np.float64)
+        expected = spectrum_image(np.log1p(np.abs(np.fft.rfft2(frame))), shape[1])
+        assert shown_fft.shape == expected.shape == (*shape, 3)
+        # the next frame's spectrum is 0.11 away on this measure, float rounding far less
+        assert np.abs(shown_fft.astype(np.int16) - expected).mean() < 0.05
+        assert stats["results_received"] > 0
+    finally:
+        b.kill()
+        for p in (worker, sink):
+            p.kill()
+            p.communicate()
