@@ -73,7 +73,7 @@ def pub_endpoint(stream: str, session: int) -> str:
 
 
 def parse_size(text: str) -> tuple[str, float]:
-    """``64slots`` -> ("slots", 64); ``1GiB`` / ``512MiB`` / ``2GB`` / ``1e6`` -> bytes."""
+    """``64slots`` -> ("slots", 64); ``1GiB`` / ``512MiB`` / ``2GB`` / ``1000000`` -> bytes."""
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"ring size {text!r} must be a slot count like '64slots' or a size "
