@@ -334,8 +334,13 @@ class Broker:
         if self.sent:
             return False
         blocking = self.dispatcher.members_prefixed(proto.BLOCK_GROUP_PREFIX)
+        fft = self.dispatcher.groups.get("fft")
+        # workers whose results a sink acknowledges: wait for the sink too, or the frames
+        # they finish before it joins are dispatched again when it does (duplicates)
+        no_sink = cfg.wait_workers > 0 and fft is not None and fft.acks == "sink" \
+            and not fft.ackers
         return (self.subscribers + self.shm_subscribers + blocking < cfg.wait_subscribers
-                or self.dispatcher.members("fft") < cfg.wait_workers
+                or no_sink or self.dispatcher.members("fft") < cfg.wait_workers
                 or self.dispatcher.members("record") < cfg.wait_recorders)
 
     def _serve(self, timeout_ms: float) -> None:

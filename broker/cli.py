@@ -220,7 +220,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="hold the stream until this many subscribers (any policy) have "
                         "subscribed")
     p.add_argument("--wait-workers", type=_nonneg_int, default=0,
-                   help="hold the stream until this many FFT workers have joined")
+                   help="hold the stream until this many FFT workers (and, if they send "
+                        "results to a sink, the sink) have joined")
     p.add_argument("--wait-recorders", type=_nonneg_int, default=0,
                    help="hold the stream until this many lossless recorders have joined")
     p.add_argument("--max-pending", type=_positive_int, default=64,

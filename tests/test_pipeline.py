@@ -9,6 +9,7 @@ import numpy as np
 import zmq
 
 from broker import protocol as proto
+from broker.client import Control
 from broker.sources import synthetic_frame
 from conftest import cli, kill_holding_frames, make_endpoints, wait_status
 
@@ -83,10 +84,12 @@ def test_start_order_workers_first_then_broker_then_sink_last(eps, broker_factor
     time.sleep(0.5)  # the workers are really first: they wait for the broker
     b = broker_factory("--frames", "400", "--wait-workers", "2", "--shape", "64x80")
     b.wait_ready()
-    time.sleep(0.5)  # frames flow into the workers' windows with no sink yet
+    time.sleep(0.5)  # a sink that comes late: the stream waits for it (--wait-workers)
+    assert Control(eps.control).status()["frames_sent"] == 0
     s = sink(eps, "--out", str(out))
     res = done(s)
-    assert (res["frames"], res["gaps"]) == (400, 0)
+    # nothing was finished before the sink joined, so nothing was dispatched twice
+    assert (res["frames"], res["gaps"], res["duplicates"]) == (400, 0, 0)
     for w in workers:
         done(w)
     assert b.finish()[0] == 0
