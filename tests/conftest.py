@@ -1,6 +1,7 @@
 """Shared helpers: free loopback ports, real broker processes, the CLI as a subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,19 @@ def cli(*args: str, **kw) -> subprocess.Popen:
     """Start ``framebroker ARGS`` as a real process (stdout/stderr captured)."""
     return subprocess.Popen([PY, "-m", "broker.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+def summary(proc: subprocess.Popen, ok: tuple[int, ...] = (0,)) -> dict:
+    """The JSON summary a ``--json`` part prints last, once it exited with a code in ``ok``."""
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode in ok, (proc.returncode, out, err)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def watch(eps: "Endpoints", *args: str) -> subprocess.Popen:
+    """``framebroker watch`` verifying every frame, with a JSON summary at the end."""
+    return cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+               "--timeout", "30", *args)
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

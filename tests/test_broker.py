@@ -12,18 +12,7 @@ import zmq
 from broker import protocol as proto
 from broker.client import BrokerUnavailable, Control, Subscriber
 from broker.sources import check_synthetic
-from conftest import cli, make_endpoints, run_cli
-
-
-def watch(eps, *args: str):
-    return cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
-               "--timeout", "30", *args)
-
-
-def summary(proc) -> dict:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, (out, err)
-    return json.loads(out.strip().splitlines()[-1])
+from conftest import make_endpoints, run_cli, summary, watch
 
 
 def test_two_subscribers_get_2000_intact_frames_at_full_speed(eps, broker_factory):

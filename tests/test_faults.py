@@ -1,7 +1,6 @@
 """Faults: a broker restarted under running consumers, and drop counts in its status."""
 from __future__ import annotations
 
-import json
 import signal
 import time
 
@@ -13,15 +12,10 @@ from broker import protocol as proto
 from broker.broker import MAX_REPORTING_CLIENTS
 from broker.client import Control, Subscriber, block_group, subscribe
 from broker.sources import check_synthetic, synthetic_frame
-from conftest import acked, cli, wait_status
+from conftest import acked, cli, summary, wait_status
 
 SHAPE = (64, 80)
 
-
-def summary(proc, ok=(0,)) -> dict:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode in ok, (proc.returncode, out, err)
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_latest_subscriber_drops_show_in_the_broker_status(eps, broker_factory):

@@ -1,7 +1,6 @@
 """The FFT pipeline as real processes: broker -> workers -> sink, in order, nothing lost."""
 from __future__ import annotations
 
-import json
 import time
 
 import h5py
@@ -12,6 +11,7 @@ from broker import protocol as proto
 from broker.client import Control
 from broker.sources import synthetic_frame
 from conftest import cli, kill_holding_frames, make_endpoints, wait_status
+from conftest import summary as done
 
 SHAPE = (64, 80)
 
@@ -22,12 +22,6 @@ def worker(eps, *args: str):
 
 def sink(eps, *args: str):
     return cli("sink", "--broker", eps.control, "--json", *args)
-
-
-def done(proc, ok=(0,)) -> dict:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode in ok, (proc.returncode, out, err)
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def check_results_file(path, n: int) -> None:

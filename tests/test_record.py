@@ -13,17 +13,12 @@ import pytest
 from broker.client import Control
 from broker.inspect import open_recording, valid_count
 from broker.sources import check_synthetic
-from conftest import acked, cli, run_cli, wait_status
+from conftest import acked, cli, run_cli, summary, wait_status
 
 
 def record(eps, path, *args: str):
     return cli("record", str(path), "--broker", eps.control, "--json", *args)
 
-
-def summary(proc, ok=(0,)) -> dict:
-    out, err = proc.communicate(timeout=180)
-    assert proc.returncode in ok, (proc.returncode, out, err)
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def check_file(path, n: int, shape=(120, 160, 3)) -> None:

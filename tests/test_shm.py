@@ -15,20 +15,11 @@ from broker import protocol as proto
 from broker import shm
 from broker.client import Control, Subscriber, WorkConsumer
 from broker.sources import check_synthetic
-from conftest import cli, make_endpoints, wait_status
+from conftest import cli, make_endpoints, summary, wait_status, watch
 
 SMALL = ("--shape", "64x80x3")
 
 
-def watch(eps, *args: str):
-    return cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
-               "--timeout", "30", *args)
-
-
-def summary(proc) -> dict:
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, (out, err)
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def ring_of(b) -> Path:
