@@ -12,7 +12,7 @@ from broker import protocol as proto
 from broker.broker import MAX_REPORTING_CLIENTS
 from broker.client import Control, Subscriber, block_group, subscribe
 from broker.sources import check_synthetic, synthetic_frame
-from conftest import acked, cli, summary, wait_status
+from conftest import acked, cli, free_port, run_cli, summary, wait_status
 
 SHAPE = (64, 80)
 
@@ -222,3 +222,28 @@ def test_sink_killed_and_replaced_the_new_one_gets_everything_the_old_did_not_ac
     for wk in workers:
         assert summary(wk)["ended"] is True
     assert b.finish()[0] == 0
+
+
+def test_new_flags_refuse_what_they_cannot_do(eps, broker_factory):
+    """One line and exit 2 each: a results PUB on a network address without CURVE, and
+    --policy block with flags that only mean something on PUB."""
+    broker_factory("--fps", "50", "--shape", "64x80").wait_ready()
+    r = run_cli("sink", "--broker", eps.control, "--publish", "tcp://0.0.0.0:5999")
+    assert r.returncode == 2 and "refusing to publish results on tcp://0.0.0.0:5999" in r.stderr
+    r = run_cli("watch", "--broker", eps.control, "--policy", "block", "--pub", eps.pub)
+    assert r.returncode == 2 and "--pub and --stream do not apply" in r.stderr
+    for r in (run_cli("watch", "--policy", "latest:0"), run_cli("watch", "--name", "a\x07")):
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert Control(eps.control).status()["state"] == "streaming"  # the broker never noticed
+
+
+def test_a_results_pub_that_cannot_bind_is_a_clear_error(eps, broker_factory):
+    broker_factory("--fps", "50", "--shape", "64x80").wait_ready()
+    busy = f"tcp://127.0.0.1:{free_port()}"
+    first = cli("sink", "--broker", eps.control, "--publish", busy, "--timeout", "30")
+    wait_status(eps.control, lambda s: s["work"]["groups"].get("fft", {}).get("ackers", 0))
+    r = run_cli("sink", "--broker", eps.control, "--results", f"tcp://127.0.0.1:{free_port()}",
+                "--publish", busy)
+    first.kill()
+    first.communicate()
+    assert r.returncode == 1 and f"cannot bind the results PUB {busy}" in r.stderr, r.stderr
