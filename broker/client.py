@@ -433,7 +433,6 @@ class Subscriber(_Receiver):
         if eps and report_every > 0:
             self._start_reports(broker, report_every)
 
-
     def _next(self, wait_ms: int) -> Frame | None:
         """Read until a valid frame (or END: None) arrives; raises ReceiveTimeout."""
         while True:
