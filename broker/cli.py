@@ -22,8 +22,10 @@ import zmq
 
 from . import __version__
 from . import protocol as proto
-from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, subscribe
+from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
+                     parse_policy, subscribe)
 from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .shm import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
 
@@ -114,24 +116,20 @@ def _client_name(text: str) -> str:
     return text
 
 
-def _policy(text: str) -> str:
-    from .client import parse_policy
+def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that checks the text with ``parse`` (its ValueError becomes the
+    usage error) and keeps the text, for the part that parses it again later."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
 
-    try:
-        parse_policy(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
-
-def _ring_size(text: str) -> str:
-    from .shm import parse_size
-
-    try:
-        parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+_policy = _checked_by(parse_policy)
+_ring_size = _checked_by(parse_size)
 
 
 def _add_no_shm(p: argparse.ArgumentParser) -> None:

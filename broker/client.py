@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import zmq
@@ -28,6 +28,7 @@ from .security import PLAIN, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, FrameOverwritten, RingReader, shm_queue
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
+_R = TypeVar("_R", bound="_Receiver")
 
 
 def cpu_seconds() -> float:
@@ -267,6 +268,15 @@ class _Receiver:
         """Frames until end-of-stream (each ``recv`` may raise ReceiveTimeout)."""
         while (frame := self.recv()) is not None:
             yield frame
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _reject(self, exc: proto.ProtocolError) -> None:
         self.rejected[exc.reason] += 1
@@ -510,11 +520,6 @@ class Subscriber(_Receiver):
         self._stop_reports()  # after the receiving thread: the last report is final
         self.sock.close(linger=0)
 
-    def __enter__(self) -> "Subscriber":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 class WorkConsumer(_Receiver):
@@ -615,9 +620,8 @@ class WorkConsumer(_Receiver):
 def block_group(name: str) -> str:
     """The work group of a blocking subscriber: its name, cut to what groups allow.
     Subscribers given the same name share one group, so they split the frames."""
-    safe = "".join(c if c in "abcdefghijklmnopqrstuvwxyz0123456789_-" else "-"
-                   for c in name.lower())
-    return (proto.BLOCK_GROUP_PREFIX + safe)[:32]
+    safe = "".join(c if c in proto.GROUP_CHARS else "-" for c in name.lower())
+    return (proto.BLOCK_GROUP_PREFIX + safe)[:proto.MAX_GROUP_NAME]
 
 
 class BlockingSubscriber(WorkConsumer):
@@ -665,11 +669,6 @@ class BlockingSubscriber(WorkConsumer):
         self._stop_reports()
         super().close()
 
-    def __enter__(self) -> "BlockingSubscriber":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 def subscribe(policy: str = "drop", **kw: Any) -> Subscriber | BlockingSubscriber:

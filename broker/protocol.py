@@ -421,7 +421,8 @@ class WorkCmd(bytes, enum.Enum):
 MAX_IDS_PER_MESSAGE = 65536
 BLOCK_GROUP_PREFIX = "sub-"  # groups of blocking subscribers (counted as subscribers)
 MAX_WINDOW = 1024
-_GROUP_RE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+GROUP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+MAX_GROUP_NAME = 32
 
 
 def encode_ids(ids: Sequence[int]) -> bytes:
@@ -463,8 +464,9 @@ def decode_ready(buf: bytes) -> Ready:
     group, window = req.get("group"), req.get("window", 1)
     acks, name, role = req.get("acks", "self"), req.get("name", ""), req.get("role", "consumer")
     transport = req.get("transport", "tcp")
-    if not isinstance(group, str) or not 1 <= len(group) <= 32 or set(group) - _GROUP_RE_CHARS:
-        raise BadControlMessage("READY group must be 1-32 chars of [a-z0-9_-]")
+    if not isinstance(group, str) or not 1 <= len(group) <= MAX_GROUP_NAME \
+            or set(group) - GROUP_CHARS:
+        raise BadControlMessage(f"READY group must be 1-{MAX_GROUP_NAME} chars of [a-z0-9_-]")
     if not isinstance(window, int) or isinstance(window, bool) or not 1 <= window <= MAX_WINDOW:
         raise BadControlMessage(f"READY window must be an integer 1-{MAX_WINDOW}")
     if acks not in ("self", "sink") or role not in ("consumer", "acker"):
