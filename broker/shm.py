@@ -32,7 +32,10 @@ import numpy as np
 
 from . import protocol as proto
 
-SHM_DIR = Path("/dev/shm")
+#: where rings live: a tmpfs. ``FRAMEBROKER_SHM_DIR`` moves them (a hugetlbfs mount, or one
+#: directory per test session so that parallel runs never see each other's rings); the broker
+#: and its same-host clients must agree on it, or clients fall back to payloads.
+SHM_DIR = Path(os.environ.get("FRAMEBROKER_SHM_DIR", "/dev/shm"))
 PREFIX = "framebroker-"
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(slots|gib|mib|kib|gb|mb|kb|b)?\s*$", re.I)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20,

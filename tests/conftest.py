@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
 
-from broker import shm
+# One ring directory per test session (before broker.shm reads it; parts started by the
+# tests inherit it), so that two sessions running side by side never judge each other's rings.
+os.environ["FRAMEBROKER_SHM_DIR"] = tempfile.mkdtemp(prefix="framebroker-tests-", dir="/dev/shm")
+
+from broker import shm  # noqa: E402
 from broker.broker import free_tcp_endpoints
 from broker.client import Control
 from broker.security import PLAIN, Security
@@ -128,6 +134,8 @@ def _no_ring_left_behind() -> Iterator[None]:
     before = ring_files()
     yield
     left = ring_files() - before
+    if not left:
+        shutil.rmtree(shm.SHM_DIR, ignore_errors=True)
     assert not left, f"rings left in {shm.SHM_DIR}: {sorted(left)}"
 
 
