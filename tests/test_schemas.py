@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import jsonschema
 import pytest
@@ -13,7 +12,7 @@ import zmq
 
 import replyschema
 from broker import protocol as proto
-from broker.client import (BlockingSubscriber, Control, Subscriber, WorkConsumer)
+from broker.client import BlockingSubscriber, Control, Subscriber, WorkConsumer
 from conftest import cli, wait_status
 
 CTX = zmq.Context.instance()
@@ -208,3 +207,12 @@ def test_cli_processes_of_the_suite_log_their_replies_for_validation(eps, broker
     assert [m["cmd"] for m in mine] == ["status"]
     assert mine[0]["reply"]["session"] == json.loads(out)["session"]
     replyschema.check_reply("status", mine[0]["reply"])
+
+
+def test_serve_json_prints_a_final_status_that_fits_the_schema(eps):
+    p = cli("serve", *eps.serve_args(), "--frames", "20", "--quiet", "--json", *SMALL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    final = json.loads(out.strip().splitlines()[-1])
+    replyschema.check_reply("status", {"ok": True, **final})
+    assert final["state"] == "stopped" and final["frames_sent"] == 20
