@@ -32,6 +32,17 @@ def raw_request(endpoint: str, *parts: bytes, timeout_ms: int = 10000) -> list[b
         req.close()
 
 
+def stopped(b, control: str) -> None:
+    """Stop a broker the clean way (a killed one would leave its ring to the next)."""
+    c = Control(control)
+    try:
+        c.stop()
+    finally:
+        c.close()
+    rc, _, err = b.finish()
+    assert rc == 0, err
+
+
 def test_every_schema_is_valid_and_every_reference_resolves():
     names = sorted(p.name for p in replyschema.SCHEMA_DIR.glob("*.json"))
     assert {*replyschema.REPLY.values(), "error.json", "ready.json", "request.json",
@@ -107,6 +118,7 @@ def test_every_rejected_request_gets_an_error_reply_and_is_counted(parts, reason
     assert reply["ok"] is False and reply["error"]
     s = wait_status(eps.control, lambda s: True)
     assert s["control_rejected"] == {reason: 1}
+    stopped(b, eps.control)
 
 
 def test_an_over_limit_request_gets_an_error_reply(eps, broker_factory):
@@ -121,6 +133,7 @@ def test_an_over_limit_request_gets_an_error_reply(eps, broker_factory):
     replyschema.check_reply(None, reply)
     assert "too large" in reply["error"] and f"{n} bytes" in reply["error"], reply
     assert wait_status(eps.control, lambda s: True)["control_rejected"] == {"too_large": 1}
+    stopped(b, eps.control)
 
 
 def test_a_request_above_the_socket_limit_costs_its_connection_and_nothing_else(
@@ -143,6 +156,7 @@ def test_a_request_above_the_socket_limit_costs_its_connection_and_nothing_else(
         monitor.close()
         req.close()
     assert wait_status(eps.control, lambda s: True)["state"] == "streaming"
+    stopped(b, eps.control)
 
 
 def test_identifiers_survive_a_float_only_json_parser(eps, broker_factory):
@@ -165,6 +179,7 @@ def test_identifiers_survive_a_float_only_json_parser(eps, broker_factory):
     for bad in (12, "0x1", "ABCDEF0123456789", "123"):
         with pytest.raises(proto.BadControlMessage):
             proto.decode_id(bad)
+    stopped(b, eps.control)
 
 
 READY_CASES = [
@@ -207,6 +222,7 @@ def test_cli_processes_of_the_suite_log_their_replies_for_validation(eps, broker
     assert [m["cmd"] for m in mine] == ["status"]
     assert mine[0]["reply"]["session"] == json.loads(out)["session"]
     replyschema.check_reply("status", mine[0]["reply"])
+    stopped(b, eps.control)
 
 
 def test_serve_json_prints_a_final_status_that_fits_the_schema(eps):
