@@ -240,7 +240,7 @@ class Broker:
         return {"pub": advertised(self.cfg.pub, host), "work": advertised(self.cfg.work, host),
                 "control": advertised(self.cfg.control, host),
                 "results": advertised(self.cfg.results, host), "stream": self.cfg.stream,
-                "session": self.session,
+                "session": proto.encode_id(self.session),
                 **({"shm": self.ring.advert(pub_endpoint(self.cfg.stream, self.session))}
                    if self.ring is not None else {})}
 
@@ -542,7 +542,8 @@ class Broker:
     def status(self) -> dict[str, Any]:
         elapsed = self._t_last - self._t_first
         avg = (self.sent - 1) / elapsed if elapsed > 0 else 0.0
-        return {"version": __version__, "stream": self.cfg.stream, "session": self.session,
+        return {"version": __version__, "stream": self.cfg.stream,
+                "session": proto.encode_id(self.session),
                 "state": self.state, "source": self.source.description,
                 "shape": list(self.source.shape), "dtype": str(self.source.dtype),
                 "frames_sent": self.sent, "bytes_sent": self.bytes_sent,

@@ -226,7 +226,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="unacknowledged frames per work group before the source waits "
                         "(default %(default)s)")
     p.add_argument("--worker-timeout", type=_nonneg_float, default=2.0,
-                   help="seconds of silence before a work consumer is declared dead")
+                   help="seconds of silence before a work consumer is declared dead and "
+                        "its frames are dispatched again (default %(default)s)")
     p.add_argument("--orphan-timeout", type=_nonneg_float, default=10.0,
                    help="seconds a work group may have no member and no acker (a lossless "
                         "recorder or every worker died) before its frames are abandoned "

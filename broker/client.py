@@ -345,7 +345,8 @@ class _Receiver:
         return {"received": self.received, "bytes": self.bytes, "gaps": self.gaps,
                 "rejected": dict(self.rejected), "ended": self.ended, "total": self.total,
                 "missed": self.missed, "sessions": self.sessions, "last_error": self.last_error,
-                "restarts": [{"old_session": o, "last_id": li, "new_session": n, "first_id": fi}
+                "restarts": [{"old_session": proto.encode_id(o), "last_id": li,
+                              "new_session": proto.encode_id(n), "first_id": fi}
                              for o, li, n, fi in self.restarts],
                 "transport": self.transport, "overwritten": self.overwritten,
                 "shm_fallback": self.shm_fallback}

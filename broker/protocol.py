@@ -389,6 +389,26 @@ def validate_report(req: dict[str, Any]) -> dict[str, Any]:
     return {k: req[k] for k in expected - {"cmd"}}
 
 
+HEX_ID_DIGITS = 16
+_HEX = frozenset("0123456789abcdef")
+
+
+def encode_id(value: int) -> str:
+    """A 64-bit identifier (session, inode, device) as JSON carries it: 16 lowercase hex
+    digits. As a JSON number it would be rounded above 2^53 by every float-based parser
+    (JavaScript's among them), silently, and an identifier must survive every bit."""
+    return f"{value:0{HEX_ID_DIGITS}x}"
+
+
+def decode_id(value: Any, what: str = "identifier") -> int:
+    """Inverse of ``encode_id``; BadControlMessage for anything else (a JSON integer
+    included: a peer that sends one speaks a draft of the protocol, see the document)."""
+    if not isinstance(value, str) or len(value) != HEX_ID_DIGITS or set(value) - _HEX:
+        raise BadControlMessage(f"{what} must be {HEX_ID_DIGITS} lowercase hex digits, got "
+                                f"{str(value)[:40]!r}")
+    return int(value, 16)
+
+
 def encode_reply(ok: bool, **fields: Any) -> bytes:
     """A control reply: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``."""
     return json.dumps({"ok": ok, **fields}).encode()

@@ -176,8 +176,9 @@ class Ring:
     def advert(self, pub: str) -> dict[str, Any]:
         """What a client needs to decide whether it can map this ring (endpoints reply)."""
         return {"path": str(self.path), "pub": pub, "boot_id": self.info.boot_id,
-                "inode": self.inode, "device": self.device, "slots": self.info.nslots,
-                "slot_bytes": self.info.slot_stride, "session": self.info.session,
+                "inode": proto.encode_id(self.inode), "device": proto.encode_id(self.device),
+                "slots": self.info.nslots, "slot_bytes": self.info.slot_stride,
+                "session": proto.encode_id(self.info.session),
                 "owner_pid": self.info.owner_pid}
 
     def close(self) -> None:
@@ -198,16 +199,19 @@ class RingReader:
             raise proto.BadRing(f"ring path {str(path)!r} is not a {SHM_DIR}/{PREFIX}* file")
         if advert.get("boot_id") != boot_id():
             raise proto.BadRing("the ring is on another host (or another boot of this one)")
+        inode = proto.decode_id(advert.get("inode"), "shm.inode")
+        device = proto.decode_id(advert.get("device"), "shm.device")
+        session = proto.decode_id(advert.get("session"), "shm.session")
         fd = os.open(path, os.O_RDONLY)  # FileNotFoundError: another host
         try:
             st = os.fstat(fd)
-            if (st.st_ino, st.st_dev) != (advert.get("inode"), advert.get("device")):
+            if (st.st_ino, st.st_dev) != (inode, device):
                 raise proto.BadRing(f"{path} is not the broker's ring (inode/device differ)")
             with open(fd, "rb", closefd=False) as f:
                 info = proto.decode_ring_header(f.read(proto.RING_HEADER_BYTES), st.st_size)
-            if info.session != advert.get("session"):
+            if info.session != session:
                 raise proto.BadRing(f"{path} belongs to session {info.session:x}, not "
-                                    f"{advert.get('session')}")
+                                    f"{session:x}")
             self.mm = mmap.mmap(fd, info.file_size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                 prot=mmap.PROT_READ)
         finally:

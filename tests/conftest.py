@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -18,10 +20,16 @@ import pytest
 # tests inherit it), so that two sessions running side by side never judge each other's rings.
 os.environ["FRAMEBROKER_SHM_DIR"] = tempfile.mkdtemp(prefix="framebroker-tests-", dir="/dev/shm")
 
+import broker.client  # noqa: E402
 from broker import shm  # noqa: E402
 from broker.broker import free_tcp_endpoints
 from broker.client import Control
 from broker.security import PLAIN, Security
+
+REPLY_CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "replycheck")
+sys.path.insert(0, REPLY_CHECK)
+import replyrecord  # noqa: E402
+import replyschema  # noqa: E402
 
 PY = sys.executable
 
@@ -175,3 +183,58 @@ def kill_holding_frames(control: str, pid: int) -> None:
 @pytest.fixture(autouse=True)
 def _quiet_opencv() -> None:
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+
+# --- every control reply of the suite is validated against docs/schemas -------------
+
+REPLIES_SEEN: Counter[str] = Counter()  # command -> replies validated (both sources)
+_bad_replies: list[str] = []
+_lock = threading.Lock()
+
+
+def _check(cmd: str | None, reply: object, where: str) -> None:
+    try:
+        replyschema.check_reply(cmd, reply)
+    except replyschema.jsonschema.ValidationError as exc:
+        with _lock:
+            _bad_replies.append(f"{where}: reply to {cmd!r} breaks docs/schemas: "
+                                f"{exc.message} at {list(exc.absolute_path)}: {reply}")
+        raise
+    with _lock:
+        REPLIES_SEEN[str(cmd)] += 1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _control_replies_validated() -> Iterator[None]:
+    """This process's Control validates each reply as it arrives; the CLI processes
+    tests start log theirs (tests/replycheck), validated after each test. (Not in
+    pytest's tmp_path: other pytest runs on the machine may prune that.)"""
+    replyrecord.install(broker.client, lambda cmd, reply: _check(cmd, reply, "test process"))
+    fd, log = tempfile.mkstemp(prefix="framebroker-replies-", suffix=".jsonl")
+    os.close(fd)
+    os.environ[replyrecord.LOG_ENV] = log
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPLY_CHECK, os.environ.get("PYTHONPATH")) if p)
+    try:
+        yield
+    finally:
+        os.unlink(log)
+
+
+@pytest.fixture(autouse=True)
+def _no_reply_breaks_the_schemas() -> Iterator[None]:
+    log = os.environ[replyrecord.LOG_ENV]
+    start = os.path.getsize(log)
+    yield
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = f.read().splitlines()
+    for line in lines:
+        entry = json.loads(line)
+        try:
+            _check(entry["cmd"], entry["reply"], f"CLI process {entry['pid']}")
+        except replyschema.jsonschema.ValidationError:
+            pass  # recorded in _bad_replies
+    with _lock:
+        bad, _bad_replies[:] = list(_bad_replies), []
+    assert not bad, "\n".join(bad)

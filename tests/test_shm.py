@@ -186,9 +186,12 @@ def test_a_ring_that_is_not_here_falls_back_to_tcp(eps, broker_factory):
     file: it must quietly take payloads instead."""
     b = broker_factory("--fps", "200", "--shm", "8slots", *SMALL)
     advert = b.wait_ready()["shm"]
-    for bad in ({**advert, "inode": advert["inode"] + 1}, {**advert, "boot_id": "0" * 36},
+    inode = proto.decode_id(advert["inode"])
+    for bad in ({**advert, "inode": proto.encode_id(inode + 1)},
+                {**advert, "inode": inode},  # a JSON integer: a draft broker's advert
+                {**advert, "boot_id": "0" * 36},
                 {**advert, "path": "/dev/shm/framebroker-elsewhere-0"}):
-        with pytest.raises((OSError, proto.BadRing)):
+        with pytest.raises((OSError, proto.BadRing, proto.BadControlMessage)):
             shm.RingReader(bad)
     reader = shm.RingReader(advert)
     assert reader.info.nslots == 8 and reader.info.owner_pid == b.proc.pid
@@ -201,13 +204,14 @@ def test_bad_slot_and_wrong_size_ring_are_specific_errors(eps, broker_factory, t
     advert = b.wait_ready()["shm"]
     reader = shm.RingReader(advert)
     frame = np.zeros((64, 80, 3), np.uint8)
+    session = proto.decode_id(advert["session"])
     for slot, err in ((8, proto.BadSlot), (2**32 - 1, proto.BadSlot)):
-        h = proto.decode([proto.shm_frame_header("cam", 0, 0, frame, advert["session"], slot,
-                                                 1), b""])[0]
+        h = proto.decode([proto.shm_frame_header("cam", 0, 0, frame, session, slot, 1),
+                          b""])[0]
         with pytest.raises(err, match="out of range"):
             reader.view(h)
-    wrong = proto.decode([proto.shm_frame_header("cam", 0, 0, frame[:, :40],
-                                                 advert["session"], 0, 1), b""])[0]
+    wrong = proto.decode([proto.shm_frame_header("cam", 0, 0, frame[:, :40], session, 0, 1),
+                          b""])[0]
     with pytest.raises(proto.BadRing):
         reader.view(wrong)
     with pytest.raises(proto.PayloadSizeMismatch):  # SHM_FRAME carries no payload
@@ -218,8 +222,8 @@ def test_bad_slot_and_wrong_size_ring_are_specific_errors(eps, broker_factory, t
         copy.write_bytes(ring.read_bytes()[:-4096])
         st = copy.stat()
         with pytest.raises(proto.BadRing, match="ring file is"):
-            shm.RingReader({**advert, "path": str(copy), "inode": st.st_ino,
-                            "device": st.st_dev})
+            shm.RingReader({**advert, "path": str(copy), "inode": proto.encode_id(st.st_ino),
+                            "device": proto.encode_id(st.st_dev)})
     finally:
         copy.unlink()
     Control(eps.control).stop()
@@ -298,7 +302,7 @@ def test_bad_shm_headers_are_counted_and_the_subscriber_keeps_going(eps, broker_
         slot = 3
         fid = int(reader.heads[slot, 2])
         frame = np.zeros((64, 80, 3), np.uint8)
-        session = real["session"]
+        session = proto.decode_id(real["session"])
         bad = [proto.shm_frame_header("cam", fid, 0, frame, session, 8, fid + 1),
                proto.shm_frame_header("cam", fid, 0, frame, session + 1, slot, fid + 1),
                proto.shm_frame_header("cam", fid, 0, frame[:32], session, slot, fid + 1)]
