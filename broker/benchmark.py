@@ -1,8 +1,9 @@
 """``framebroker bench``: every benchmark in one run, then a markdown report with plots.
 
-The transport, FFT and HDF5 benchmarks are the scripts in the repository's ``bench/``
-directory, run in this process with ``--quick`` and ``--out`` passed through, so the
-command and the scripts can never disagree about what was measured. The end-to-end
+The transport, FFT and HDF5 benchmarks are the modules of ``broker.bench`` (the
+repository's ``bench/*.py`` are their entry points), run in this process with
+``--quick`` and ``--out`` passed through, so the command and the scripts can never
+disagree about what was measured. The end-to-end
 benchmark is new here: ``framebroker run`` at 640x480x3 uint8 with FFT and recording,
 and each of its stages run alone in the same bench run, because on these shared,
 noisy machines only figures from one run compare. Pipeline efficiency is the
@@ -28,8 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
-import broker
 
+from .bench.common import child_env
 from .broker import free_tcp_endpoints
 
 PARTS = ("transport", "fft", "hdf5", "e2e")
@@ -42,31 +43,12 @@ class BenchError(RuntimeError):
     """A benchmark could not run; the message says why and what to do."""
 
 
-# --- the bench/ scripts ---------------------------------------------------------------
-
-def bench_dir() -> Path:
-    """``bench/`` next to the ``broker`` package: it exists only in a clone (an editable
-    install or a source tree), not in an installed wheel."""
-    path = Path(broker.__file__).resolve().parent.parent / "bench"
-    if not (path / "transport.py").is_file():
-        raise BenchError(f"the benchmark scripts are not installed ({path} does not exist): "
-                         f"run from a clone of the repository (pip install -e .)")
-    return path
-
+# --- the benchmark modules (broker.bench) ----------------------------------------------
 
 def load_bench(name: str) -> ModuleType:
-    """Import ``bench/NAME.py`` as ``bench.NAME``. The transport and FFT benchmarks spawn
-    processes that unpickle their targets by module name, so the module must be
-    importable from ``sys.path``, which spawn hands on to its children."""
-    directory = bench_dir()
-    root = str(directory.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module = importlib.import_module(f"bench.{name}")
-    if Path(module.__file__).resolve().parent != directory:
-        raise BenchError(f"bench.{name} resolves to {module.__file__}, not {directory}: "
-                         f"another package named 'bench' shadows the repository's")
-    return module
+    """``broker.bench.NAME``, the same module whether framebroker is installed from a
+    wheel, editable, or run from a clone (``bench/NAME.py`` there is its entry point)."""
+    return importlib.import_module(f"broker.bench.{name}")
 
 
 @dataclass(frozen=True)
@@ -101,11 +83,11 @@ def run_script(part: str, opts: BenchOptions) -> dict[str, Any]:
     """Run one bench script in this process; its tables go to stderr (stdout is for the
     report's summary) and its JSON is read back from the out dir."""
     argv = script_argv(part, opts)
-    print(f"bench: {part}: bench/{part}.py {' '.join(argv)}", file=sys.stderr, flush=True)
+    print(f"bench: {part}: broker.bench.{part} {' '.join(argv)}", file=sys.stderr, flush=True)
     with contextlib.redirect_stdout(sys.stderr):
         code = load_bench(part).main(argv)
     if code:
-        raise BenchError(f"bench/{part}.py exited {code}")
+        raise BenchError(f"broker.bench.{part} exited {code}")
     data = json.loads((opts.out_dir / f"{part}.json").read_text())
     data["argv"] = argv
     return data
@@ -128,7 +110,7 @@ def framebroker_run(flags: list[str], timeout: float) -> dict[str, Any]:
     argv = [sys.executable, "-m", "broker.cli", "run", "--json", *free_endpoints(), *flags]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              cwd=Path(broker.__file__).resolve().parent.parent)
+                              env=child_env())
     except subprocess.TimeoutExpired:
         raise BenchError(f"framebroker run {' '.join(flags)}: no result after {timeout:.0f} s"
                          ) from None
@@ -455,7 +437,6 @@ PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
 def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     """Every selected part in order, then the plots and the report; returns the report's
     path and the results by part."""
-    bench_dir()  # fail before measuring anything when the scripts are not there
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     results: dict[str, Any] = {}

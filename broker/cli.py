@@ -1061,14 +1061,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from .benchmark import PARTS
 
     p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
-                       description="Run the transport, FFT and HDF5 benchmarks (bench/*.py in "
-                                   "a clone) and an end-to-end pipeline benchmark; write "
+                       description="Run the transport, FFT and HDF5 benchmarks (broker.bench, "
+                                   "bench/*.py in a clone) and an end-to-end pipeline benchmark; write "
                                    "their JSON, report.md and PNG plots into the out dir.")
     p.add_argument("--quick", action="store_true",
                    help="short cells and few repeats: a few minutes instead of much longer")
     p.add_argument("--out-dir", type=Path, default=None,
-                   help="where the JSON, report.md and plots go (default: bench/results in "
-                        "the clone)")
+                   help="where the JSON, report.md and plots go (default: a new "
+                        "bench-TIMESTAMP directory under the current directory)")
     p.add_argument("--only", type=_comma_list(PARTS), default=PARTS,
                    help=f"parts to run, comma-separated (default {','.join(PARTS)})")
     p.add_argument("--seconds", type=_nonneg_float, default=None,
@@ -1082,10 +1082,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import BenchError, BenchOptions, bench_dir, run_bench, summary_table
+    from .benchmark import BenchError, BenchOptions, run_bench, summary_table
+    from .bench.common import stamped_dir
 
     try:
-        out_dir = args.out_dir if args.out_dir is not None else bench_dir() / "results"
+        out_dir = args.out_dir if args.out_dir is not None else stamped_dir()
         opts = BenchOptions(out_dir=out_dir, parts=args.only, quick=args.quick,
                             seconds=args.seconds or None, repeat=args.repeat, frames=args.frames)
         report, results = run_bench(opts)

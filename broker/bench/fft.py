@@ -20,12 +20,11 @@ methods, the median of ``--repeat`` runs reported), because absolute numbers dri
 
 Colour frames (HxWx3) are transformed per channel everywhere (``color="channels"``).
 Run ``python bench/fft.py`` (``--quick`` for a short run); prints a table and writes
-``bench/results/fft.json``. To add a column, append a ``Method`` to ``METHODS``.
+``--out`` (default ``bench-TIMESTAMP/fft.json`` under the cwd). To add a column, append a ``Method`` to ``METHODS``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -34,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,11 +40,9 @@ import pyfftw
 import scipy
 import scipy.fft
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from broker.fft import FFTProcessor, WisdomStore  # noqa: E402
-from broker.sources import synthetic_frame  # noqa: E402
+from ..fft import FFTProcessor, WisdomStore
+from .common import add_out_args, out_path, write_json
+from ..sources import synthetic_frame
 
 SHAPES: list[tuple[tuple[int, ...], str]] = [((480, 640), "uint8"), ((480, 640, 3), "uint8"),
                                               ((1080, 1920), "uint8"), ((2048, 2048), "uint16")]
@@ -203,8 +199,8 @@ def processes(n: int) -> Method:
 
 
 def _serve(shape: tuple[int, ...], dtype: str, eps: dict[str, str], workers: int) -> None:
-    from broker.broker import Broker, BrokerConfig
-    from broker.sources import SyntheticSource
+    from ..broker import Broker, BrokerConfig
+    from ..sources import SyntheticSource
 
     cfg = BrokerConfig(pub=eps["pub"], work=eps["work"], control=eps["control"],
                        results=eps["results"], wait_workers=workers, end_linger=0.0)
@@ -216,7 +212,7 @@ def _serve(shape: tuple[int, ...], dtype: str, eps: dict[str, str], workers: int
 
 
 def _work(control: str, color: str, wisdom_dir: str) -> None:
-    from broker.workers import Worker, WorkerConfig
+    from ..workers import Worker, WorkerConfig
 
     worker = Worker(WorkerConfig(broker=control, output="peak", color=color,
                                  planner="measure", wisdom=wisdom_dir), log=lambda m: None)
@@ -227,7 +223,7 @@ def _work(control: str, color: str, wisdom_dir: str) -> None:
 
 
 def _collect(control: str) -> None:
-    from broker.sink import Sink, SinkConfig
+    from ..sink import Sink, SinkConfig
 
     sink = Sink(SinkConfig(broker=control), log=lambda m: None)
     try:
@@ -243,10 +239,10 @@ def pipeline(n: int) -> Method:
     transform, peak, result out over zmq, reordered at the sink."""
 
     def measure(case: Case, timing: Timing) -> dict[str, Any]:
-        from broker.client import Control
+        from ..client import Control
 
         case.processor()  # wisdom for this shape is in the store: workers plan in ms
-        from broker.broker import free_tcp_endpoints
+        from ..broker import free_tcp_endpoints
 
         eps = dict(zip(("pub", "work", "control", "results"), free_tcp_endpoints(4)))
         spawn = mp.get_context("spawn")
@@ -360,14 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="measured seconds per cell")
     ap.add_argument("--repeat", type=int, default=None,
                     help="interleaved runs per cell, median reported (default 3, quick 1)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "fft.json")
+    add_out_args(ap, "fft")
     args = ap.parse_args(argv)
+    out = out_path(args.out, "fft", args.overwrite)
     cells = measure_cells(SHAPES, args.quick, repeat=args.repeat, seconds=args.seconds)
     print_table(cells)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform_info(), "quick": args.quick,
-                                    "cells": cells}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(out, {"machine": platform_info(), "quick": args.quick, "cells": cells})
     return 0
 
 

@@ -18,17 +18,16 @@ Every method writes a new file from open to close; none of them fsyncs, and an u
 ``os.sync()`` before each run keeps one run's writeback out of the next. Files of a few
 GB exceed the kernel's dirty-page limits, so the larger sizes measure partly the disk's
 writeback, which is why the best round is reported next to the median. Files go to a
-temporary directory next to this script (the same disk as the repository, not tmpfs)
-and are deleted after each run. Frames are 16 distinct synthetic camera frames cycled,
+temporary directory in ``--record-dir`` (default: the current directory; the disk you
+will record to, not tmpfs) and are deleted after each run. Frames are 16 distinct synthetic camera frames cycled,
 so the compression ratios are those of camera-like content.
 
 Run ``python bench/hdf5.py`` (``--quick`` for fewer frames); prints a table and writes
-``bench/results/hdf5.json``.
+``--out`` (default ``bench-TIMESTAMP/hdf5.json`` under the cwd).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -44,12 +43,10 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import broker  # noqa: E402
-from broker.recorder import RecordingWriter  # noqa: E402
-from broker.sources import synthetic_frame  # noqa: E402
+import broker
+from ..recorder import RecordingWriter
+from ..sources import synthetic_frame
+from .common import add_out_args, out_path, write_json
 
 SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8", 2000, 400),
          "1920x1080x3 u8": ((1080, 1920, 3), "uint8", 500, 100),
@@ -194,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     ap.add_argument("--naive-seconds", type=float, default=3.0,
                     help="stop the naive writer after this long (default 3)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hdf5.json")
+    ap.add_argument("--record-dir", type=Path, default=Path("."),
+                    help="the disk to measure: temporary files go there (default: the "
+                         "current directory)")
+    add_out_args(ap, "hdf5")
     args = ap.parse_args(argv)
+    out = out_path(args.out, "hdf5", args.overwrite)
     rounds = args.rounds
     table = methods(args.naive_seconds)
-    tmp = Path(tempfile.mkdtemp(prefix="hdf5-bench-", dir=Path(__file__).parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".hdf5-bench-", dir=args.record_dir))
     results: dict[str, dict[str, dict]] = {}
     try:
         for label, (shape, dtype, n_full, n_quick) in SIZES.items():
@@ -210,14 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"quick": args.quick, "rounds": rounds, "naive_seconds": args.naive_seconds,
             "python": platform.python_version(), "machine": platform.machine(),
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
             "hdf5plugin": hdf5plugin.version, "framebroker": broker.__version__,
             "frames": {k: (v[3] if args.quick else v[2]) for k, v in SIZES.items()}}
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_json(out, {"meta": meta, "results": results})
     return 0
 
 

@@ -9,7 +9,7 @@ The broker's pool of frame buffers may grow after the warm-up by design: a consu
 that stalls for a moment lets up to ``--max-pending`` frames pile up, and the pool
 keeps those buffers for reuse. So the broker's ``buffers_allocated`` is sampled too,
 and its growth is reported apart (``pool_mb_growth``) from the rest (``rss_mb_beyond_pool``).
-Prints a table and writes ``bench/results/soak.json``.
+Prints a table and writes ``--out`` (default ``bench-TIMESTAMP/soak.json`` under the cwd).
 """
 from __future__ import annotations
 
@@ -19,18 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from broker.broker import free_tcp_endpoints  # noqa: E402
-from broker.client import Control  # noqa: E402
-from broker.sources import parse_shape  # noqa: E402
+from ..broker import free_tcp_endpoints
+from ..client import Control
+from ..sources import parse_shape
+from .common import add_out_args, child_env, out_path, write_json
 
 
 def soak(seconds: float, fps: float, interval: float, warmup: float,
@@ -44,7 +41,7 @@ def soak(seconds: float, fps: float, interval: float, warmup: float,
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "run", "--seconds", str(seconds), "--fps",
              str(fps), "--shape", shape, "--record", f"{tmp}/soak.h5", "--json", *eps],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
         samples: dict[str, list[tuple[float, float, int]]] = {}
         pool: list[tuple[float, int]] = []  # (t, the broker's buffers_allocated)
         t0 = time.monotonic()
@@ -89,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=200.0, help="source rate (default 200)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds before the baseline")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
+    add_out_args(ap, "soak")
     args = ap.parse_args(argv)
+    out = out_path(args.out, "soak", args.overwrite)
     res = soak(args.seconds, args.fps, args.interval, args.warmup)
     print("| process | RSS MB after warm-up | RSS MB at end | max growth MB | of it, broker "
           "pool MB | fd growth |")
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{g.get('pool_mb_growth', '')} | {g['fds_growth']} |")
     stages = res["run"].get("stages", {})
     print("frames: " + ", ".join(f"{k} {v['frames']}" for k, v in stages.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {args.out}")
+    write_json(out, res, indent=1)
     return 0 if res["returncode"] == 0 else 1
 
 

@@ -30,13 +30,12 @@ The sender process is pinned to one core and the receiver to the other (``--no-p
 to let the scheduler place them); without that, placement alone moves a cell 2x.
 
 Run ``python bench/transport.py`` (``--quick`` for a short run); prints a table and
-writes ``bench/results/transport.json``. ``--transports ipc shm`` adds the
+writes ``--out`` (default ``bench-TIMESTAMP/transport.json`` under the cwd). ``--transports ipc shm`` adds the
 shared-memory table (shm vs zero-copy ipc vs memcpy).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -50,12 +49,10 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from broker.broker import Broker, BrokerConfig, free_tcp_endpoints  # noqa: E402
-from broker.client import Control, Subscriber  # noqa: E402
-from broker.sources import SyntheticSource, synthetic_frame  # noqa: E402
+from ..broker import Broker, BrokerConfig, free_tcp_endpoints
+from ..client import Control, Subscriber
+from ..sources import SyntheticSource, synthetic_frame
+from .common import add_out_args, out_path, write_json
 
 SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
          "1920x1080x3 u8": ((1080, 1920, 3), "uint8"),
@@ -324,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: tcp ipc inproc; add shm for the shared-memory columns")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the scheduler place sender and receiver (noisier)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport.json")
+    add_out_args(ap, "transport")
     args = ap.parse_args(argv)
+    out = out_path(args.out, "transport", args.overwrite)
     global PIN
     PIN = not args.no_pin
     seconds = args.seconds or (0.5 if args.quick else 2.0)
@@ -348,11 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"of {[round(r['fps']) for r in runs]}", file=sys.stderr, flush=True)
     print_table(rows)
     print_shm_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform_info(), "seconds_per_cell": seconds,
-                                    "repeat": args.repeat, "hwm": HWM, "pinned": PIN,
-                                    "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(out, {"machine": platform_info(), "seconds_per_cell": seconds,
+                     "repeat": args.repeat, "hwm": HWM, "pinned": PIN, "rows": rows})
     return 0
 
 

@@ -10,7 +10,7 @@ One run, interleaved rounds of three setups, each a fresh synthetic broker
 
 The broker's rate is its own ``avg_fps`` (first to last frame sent; the subscribed
 setups hold the stream with ``--wait-subscribers 1`` until the subscriber is there).
-Prints a table and writes ``bench/results/view.json`` with the median rates and the
+Prints a table and writes ``--out`` (default ``bench-TIMESTAMP/view.json`` under the cwd) with the median rates and the
 ratios view/alone and view/watch.
 """
 from __future__ import annotations
@@ -24,20 +24,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from broker.broker import free_tcp_endpoints  # noqa: E402
+from ..broker import free_tcp_endpoints
+from .common import add_out_args, cli, out_path, write_json
 
 SETUPS = ("alone", "watch", "view")
-
-
-def cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "broker.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def serve(eps: list[str], frames: int, shape: str, wait: bool, fps: float) -> subprocess.Popen:
@@ -137,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="480x640x3")
     ap.add_argument("--fps", type=float, default=0.0,
                     help="pace the source like a camera (0 = unpaced, the broker's ceiling)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "view.json")
+    add_out_args(ap, "view")
     args = ap.parse_args(argv)
+    out = out_path(args.out, "view", args.overwrite)
     runs = []
     for r in range(args.rounds):
         order = SETUPS[r % 3:] + SETUPS[:r % 3]  # rotate, so no setup always goes first
@@ -161,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {s} | {med[s]:.0f} | {med[s] / med['alone']:.2f}x |")
     print(f"\nview / watch (a viewer vs a plain latest:1 subscriber): "
           f"{result['ratio_view_vs_watch']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(out, result, indent=1)
     return 0
 
 
