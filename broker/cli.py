@@ -185,18 +185,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        description="Capture frames from a source and serve them on PUB "
                                    "(fan-out), work (load-balanced) and control sockets.")
     p.add_argument("--source", type=_source, default="synthetic",
-                   help="synthetic | video:PATH | camera:INDEX (default synthetic)")
+                   help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET] (a "
+                        "recording, replayed at its timestamps unless --fps) (default "
+                        "synthetic)")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape, e.g. 480x640x3 (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8",
                    help="synthetic frame dtype (default uint8)")
-    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    p.add_argument("--loop", action="store_true",
+                   help="restart a video file or recording at its end")
     p.add_argument("--width", type=_nonneg_int, default=0, help="camera: requested width")
     p.add_argument("--height", type=_nonneg_int, default=0, help="camera: requested height")
     p.add_argument("--camera-fps", type=_nonneg_float, default=0.0,
                    help="camera: requested frame rate")
     p.add_argument("--fps", type=_nonneg_float, default=0.0,
-                   help="pace the stream at this rate, drift-free (0 = as fast as possible)")
+                   help="pace the stream at this rate, drift-free (0 = as fast as possible; "
+                        "an h5: recording: at its own timestamps)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until stopped)")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name and PUB topic")
@@ -872,12 +876,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=_nonneg_float, default=0.0,
                    help="stop after this many seconds (Ctrl-C also stops cleanly)")
     p.add_argument("--source", type=_source, default="synthetic",
-                   help="synthetic | video:PATH | camera:INDEX")
+                   help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET]")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
-    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max)")
+    p.add_argument("--loop", action="store_true",
+                   help="restart a video file or recording at its end")
+    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max; h5: its timestamps)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
     _add_fft_args(p, "--fft-output")
@@ -940,8 +945,7 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
            "--results", args.results]
     lossless = bool(args.record) and args.mode == "lossless"
-    source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
-    serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
+    serve = ["serve", *eps, "--source", str(args.source), "--shape", "x".join(map(str, args.shape)),
              "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
