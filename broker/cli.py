@@ -25,6 +25,7 @@ from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
                      parse_policy, subscribe)
 from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .bench.command import add_bench, add_tune
 from .shm import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
@@ -766,6 +767,8 @@ def _add_record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=_nonneg_int, default=None, help="codec level")
     p.add_argument("--chunk-frames", type=_positive_int, default=1,
                    help="frames per HDF5 chunk (default %(default)s)")
+    p.add_argument("--compress-threads", type=_positive_int, default=2,
+                   help="threads compressing chunks (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
@@ -796,8 +799,6 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                    help="rotate to OUT_00001.h5, ... after N frames (0 = never)")
     p.add_argument("--max-bytes-per-file", type=_mib, default=0,
                    help="rotate after this many MiB of frames (0 = never)")
-    p.add_argument("--compress-threads", type=_positive_int, default=2,
-                   help="threads compressing chunks (default %(default)s)")
     p.add_argument("--throttle", type=_nonneg_float, default=0.0,
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
@@ -963,7 +964,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     record = None
     if args.record:
         record = ["record", args.record, *client, "--mode", args.mode, "--compression",
-                  args.compression, "--chunk-frames", str(args.chunk_frames)]
+                  args.compression, "--chunk-frames", str(args.chunk_frames),
+                  "--compress-threads", str(args.compress_threads)]
         record += (["--frames", str(frames)] if frames else []) + (
             ["--level", str(args.level)] if args.level is not None else []) + (
             ["--overwrite"] if args.overwrite else [])
@@ -1061,50 +1063,6 @@ def _comma_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .benchmark import PARTS
-
-    p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
-                       description="Run the transport, FFT and HDF5 benchmarks (broker.bench, "
-                                   "bench/*.py in a clone) and an end-to-end pipeline benchmark; write "
-                                   "their JSON, report.md and PNG plots into the out dir.")
-    p.add_argument("--quick", action="store_true",
-                   help="short cells and few repeats: a few minutes instead of much longer")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where the JSON, report.md and plots go (default: a new "
-                        "bench-TIMESTAMP directory under the current directory)")
-    p.add_argument("--only", type=_comma_list(PARTS), default=PARTS,
-                   help=f"parts to run, comma-separated (default {','.join(PARTS)})")
-    p.add_argument("--seconds", type=_nonneg_float, default=None,
-                   help="measured seconds per transport and FFT cell (default: the scripts')")
-    p.add_argument("--repeat", type=_positive_int, default=None,
-                   help="runs per transport/FFT cell, rounds per HDF5 size (default: the "
-                        "scripts', fewer with --quick)")
-    p.add_argument("--frames", type=_positive_int, default=None,
-                   help="frames per end-to-end run (default 1000 with --quick, else 5000)")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import BenchError, BenchOptions, run_bench, summary_table
-    from .bench.common import stamped_dir
-
-    try:
-        out_dir = args.out_dir if args.out_dir is not None else stamped_dir()
-        opts = BenchOptions(out_dir=out_dir, parts=args.only, quick=args.quick,
-                            seconds=args.seconds or None, repeat=args.repeat, frames=args.frames)
-        report, results = run_bench(opts)
-    except BenchError as exc:
-        raise CliError(str(exc)) from None
-    print(summary_table(results))
-    print(f"report: {report}")
-    if "e2e" in results and results["e2e"]["lost"]:
-        print(f"framebroker bench: the pipeline lost frames: {results['e2e']['lost']}",
-              file=sys.stderr)
-        return EXIT_LOST
-    return EXIT_OK
-
-
 def _add_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="make CURVE key pairs",
                        description="CURVE key management. framebroker keys generate DIR makes "
@@ -1142,56 +1100,6 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
   framebroker run --curve-keys {d}
 A client on another host needs only its own .key_secret and public/server.key; a new
 client: framebroker keys generate {d} --name NAME, then restart the servers.""")
-    return EXIT_OK
-
-
-def _add_tune(sub: argparse._SubParsersAction) -> None:
-    from .tune import DIMENSIONS
-
-    p = sub.add_parser("tune", help="measure settings for a frame shape; recommend run flags",
-                       description="Within a time budget, measure transport, FFT backend and "
-                                   "planner, workers x threads, recorder chunking and "
-                                   "compression, HWM and pyzmq's copy threshold for this frame "
-                                   "shape on this machine; print every setting tried and the "
-                                   "recommended framebroker run flags.")
-    p.add_argument("--shape", type=_shape, default=(480, 640, 3),
-                   help="frame shape, e.g. 480x640x3 (default 480x640x3)")
-    p.add_argument("--dtype", type=_dtype, default="uint8", help="frame dtype (default uint8)")
-    p.add_argument("--budget", type=_nonneg_float, default=60.0,
-                   help="seconds for the whole sweep; what does not fit is skipped "
-                        "(default %(default)s)")
-    p.add_argument("--dir", type=Path, default=Path("."),
-                   help="where recordings will go: the recorder trials write a temporary "
-                        "file there, to measure that disk (default: the current directory)")
-    p.add_argument("--only", type=_comma_list(DIMENSIONS), default=DIMENSIONS,
-                   help=f"dimensions to sweep, comma-separated (default {','.join(DIMENSIONS)})")
-    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
-    p.add_argument("--json", action="store_true",
-                   help="print the result as JSON (the table goes to stderr)")
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import Tuner, format_result
-
-    if not args.budget:
-        raise CliError("--budget must be more than 0 seconds", EXIT_USAGE)
-    if not args.dir.is_dir():
-        raise CliError(f"--dir {args.dir}: no such directory", EXIT_USAGE)
-    tuner = Tuner(args.shape, args.dtype, args.budget, args.dir, args.only,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    result = tuner.run()
-    if args.out is not None:
-        try:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    text = format_result(result)
-    if args.json:
-        print(text, file=sys.stderr)
-        print(json.dumps(result))
-    else:
-        print(text)
     return EXIT_OK
 
 
@@ -1246,8 +1154,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(sub)
     _add_inspect(sub)
     _add_run(sub)
-    _add_bench(sub)
-    _add_tune(sub)
+    add_bench(sub)  # bench and tune live in broker.bench.command
+    add_tune(sub)
     _add_keys(sub)
     _add_view(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)

@@ -14,8 +14,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import broker
 
@@ -75,3 +78,97 @@ def cli(*args: str, **kwargs: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "broker.cli", *args], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **kwargs)
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """The frames a benchmark measures: the user's ``--source`` (as ``serve`` takes it)
+    or the synthetic scene at ``--shape``/``--dtype``. Recordings and videos loop and
+    are read as fast as they go: a benchmark measures the pipeline, not the file's pace."""
+
+    source: str = "synthetic"
+    shape: tuple[int, ...] = (480, 640, 3)
+    dtype: str = "uint8"
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+    def open(self):
+        """A fresh :class:`broker.sources.Source` for a broker."""
+        from ..sources import SourceSpec, open_source
+
+        return open_source(SourceSpec.parse(self.source), shape=self.shape, dtype=self.dtype,
+                           loop=True, timed=False)
+
+    def resolved(self) -> "FrameSpec":
+        """The same spec with the source's real shape and dtype (opened once to see)."""
+        if self.synthetic:
+            return FrameSpec(self.source, tuple(self.shape), np.dtype(self.dtype).name)
+        src = self.open()
+        try:
+            return FrameSpec(self.source, tuple(src.shape), src.dtype.name)
+        finally:
+            src.close()
+
+    def frames(self, n: int) -> list[np.ndarray]:
+        """``n`` distinct frames (the source's first ``n``, repeated if it has fewer)."""
+        if self.synthetic:
+            from ..sources import synthetic_frame
+
+            return [synthetic_frame(self.shape, self.dtype, i) for i in range(n)]
+        src = self.open()
+        try:
+            out = []
+            for _ in range(n):
+                frame = np.empty(src.shape, src.dtype)
+                if not src.read_into(frame):
+                    break
+                out.append(frame)
+        finally:
+            src.close()
+        return [out[i % len(out)] for i in range(n)]
+
+    @property
+    def label(self) -> str:
+        """``640x480x3 u8`` (width first, as the benchmarks' tables name sizes)."""
+        h, w, *c = self.shape
+        size = "x".join(str(d) for d in (w, h, *c)) + f" {self.dtype.replace('uint', 'u')}"
+        return size if self.synthetic else f"{size} ({self.source})"
+
+    def run_flags(self) -> list[str]:
+        """The flags that make ``framebroker run``/``serve`` stream these frames, unpaced."""
+        flags = ["--source", self.source, "--shape", "x".join(map(str, self.shape)),
+                 "--dtype", self.dtype]
+        if self.source.startswith(("h5:", "video:")):
+            flags += ["--loop", "--fps", str(UNPACED_FPS)]
+        return flags
+
+
+#: ``--fps`` for a recording replayed as fast as it goes (its own pace is the default)
+UNPACED_FPS = 1_000_000
+
+
+def add_frame_args(ap: argparse.ArgumentParser) -> None:
+    """``--source``, ``--shape``, ``--dtype``: the user's frames instead of the fixed sizes."""
+    ap.add_argument("--source", default="synthetic",
+                    help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET], as serve "
+                         "takes it (default synthetic)")
+    ap.add_argument("--shape", default=None,
+                    help="synthetic frame shape, e.g. 1080x1920x3 (default: the fixed sizes)")
+    ap.add_argument("--dtype", default="uint8", help="synthetic frame dtype (default uint8)")
+
+
+def frame_specs(args: argparse.Namespace, sizes: dict[str, tuple],
+                quick: tuple[str, ...] | None = None) -> list[FrameSpec]:
+    """The frames to measure: the user's source or shape if given, else the benchmark's
+    fixed sizes (``args.sizes`` if it has them, ``quick`` ones with --quick)."""
+    from ..sources import parse_shape
+
+    if args.source != "synthetic" or args.shape:
+        shape = parse_shape(args.shape) if args.shape else (480, 640, 3)
+        return [FrameSpec(args.source, shape, np.dtype(args.dtype).name).resolved()]
+    names = getattr(args, "sizes", None) or list(sizes)
+    if quick is not None and names == list(sizes):
+        names = [n for n in names if n in quick]
+    return [FrameSpec("synthetic", tuple(sizes[n][0]), sizes[n][1]) for n in names]

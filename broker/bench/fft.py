@@ -41,11 +41,12 @@ import scipy
 import scipy.fft
 
 from ..fft import FFTProcessor, WisdomStore
-from .common import add_out_args, out_path, write_json
-from ..sources import synthetic_frame
+from .common import FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, write_json
+from .stats import compare, median_row
 
 SHAPES: list[tuple[tuple[int, ...], str]] = [((480, 640), "uint8"), ((480, 640, 3), "uint8"),
                                               ((1080, 1920), "uint8"), ((2048, 2048), "uint16")]
+QUICK_SHAPES = ("640x480x3 u8", "1920x1080 u8")  # labels of SHAPES that --quick measures
 FRAMES_PER_CASE = 4  # distinct frames cycled through, so no cache holds "the" frame
 
 
@@ -56,23 +57,26 @@ class Case:
     shape: tuple[int, ...]
     dtype: str
     wisdom: WisdomStore
+    source: str = "synthetic"  # a --source: its first frames instead of synthetic ones
+    gray: bool = False  # colour frames to gray first, as run's workers do by default
     frames: list[np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.frames = []
-        for i in range(FRAMES_PER_CASE):
-            frame = synthetic_frame(self.shape, self.dtype, i)
+        self.frames = self.spec.frames(FRAMES_PER_CASE)
+        for frame in self.frames:
             frame.flags.writeable = False  # as received from the network
-            self.frames.append(frame)
+
+    @property
+    def spec(self) -> FrameSpec:
+        return FrameSpec(self.source, tuple(self.shape), self.dtype)
 
     @property
     def label(self) -> str:
-        h, w, *c = self.shape
-        return "x".join(str(d) for d in (w, h, *c)) + f" {self.dtype.replace('uint', 'u')}"
+        return self.spec.label
 
     @property
     def color(self) -> str:
-        return "channels" if len(self.shape) == 3 else "gray"
+        return "channels" if len(self.shape) == 3 and not self.gray else "gray"
 
     def planes_f32(self, out: np.ndarray | None = None) -> np.ndarray:
         """Frame 0 as (P, H, W) float32, the input the library transforms get."""
@@ -83,9 +87,15 @@ class Case:
         np.copyto(out, planes)
         return out
 
-    def processor(self, backend: str = "pyfftw") -> FFTProcessor:
+    def processor(self, backend: str = "pyfftw", planner: str = "measure",
+                  threads: int = 1) -> FFTProcessor:
         return FFTProcessor(self.shape, self.dtype, color=self.color, output="peak",
-                            backend=backend, threads=1, planner="measure", wisdom=self.wisdom)
+                            backend=backend, threads=threads, planner=planner,
+                            wisdom=self.wisdom)
+
+    def spawn_args(self) -> tuple:
+        """What a spawned process needs to make the same case (not the frames)."""
+        return (self.shape, self.dtype, str(self.wisdom.directory), self.source, self.gray)
 
 
 @dataclass(frozen=True)
@@ -157,11 +167,12 @@ def setup_process(backend: str) -> Callable[[Case], Callable[[np.ndarray], objec
     return lambda case: case.processor(backend).process
 
 
-def _worker(shape: tuple[int, ...], dtype: str, wisdom_dir: str, timing: Timing,
-            barrier, queue) -> None:
+def _worker(case_args: tuple, fft: tuple[str, str, int], timing: Timing, barrier,
+            queue) -> None:
     """One spawned worker: plan (from the parent's wisdom), warm up, start together, run."""
-    case = Case(shape, dtype, WisdomStore(wisdom_dir))
-    proc = case.processor()
+    shape, dtype, wisdom_dir, source, gray = case_args
+    case = Case(shape, dtype, WisdomStore(wisdom_dir), source, gray)
+    proc = case.processor(*fft)
     rate(proc.process, case.frames, Timing(seconds=timing.warmup, warmup=0.0))
     barrier.wait(timeout=120)
     result = rate(proc.process, case.frames, Timing(seconds=timing.seconds, warmup=0.0))
@@ -169,16 +180,19 @@ def _worker(shape: tuple[int, ...], dtype: str, wisdom_dir: str, timing: Timing,
                "wisdom_had_plan": proc.plan_info["wisdom_had_plan"]})
 
 
-def processes(n: int) -> Method:
-    """``n`` single-thread FFTProcessor processes at once; their frame rates summed."""
+def processes(n: int, threads: int = 1, backend: str = "pyfftw",
+              planner: str = "measure") -> Method:
+    """``n`` FFTProcessor processes of ``threads`` FFT threads at once; their frame
+    rates summed (``framebroker tune`` measures workers x threads with it)."""
+    fft = (backend, planner, threads)
 
     def measure(case: Case, timing: Timing) -> dict[str, Any]:
-        case.processor()  # make sure the store holds this plan, so workers skip MEASURE
+        case.processor(*fft)  # the store holds this plan now, so workers skip MEASURE
         spawn = mp.get_context("spawn")
         barrier, queue = spawn.Barrier(n), spawn.Queue()
-        workers = [spawn.Process(target=_worker, args=(case.shape, case.dtype,
-                                                       str(case.wisdom.directory), timing,
-                                                       barrier, queue)) for _ in range(n)]
+        workers = [spawn.Process(target=_worker, args=(case.spawn_args(), fft, timing,
+                                                       barrier, queue))
+                   for _ in range(n)]
         for w in workers:
             w.start()
         try:
@@ -198,13 +212,12 @@ def processes(n: int) -> Method:
     return Method(f"{n} process{'es' if n > 1 else ''}", measure)
 
 
-def _serve(shape: tuple[int, ...], dtype: str, eps: dict[str, str], workers: int) -> None:
+def _serve(spec: FrameSpec, eps: dict[str, str], workers: int) -> None:
     from ..broker import Broker, BrokerConfig
-    from ..sources import SyntheticSource
 
     cfg = BrokerConfig(pub=eps["pub"], work=eps["work"], control=eps["control"],
                        results=eps["results"], wait_workers=workers, end_linger=0.0)
-    broker = Broker(SyntheticSource(shape, dtype), cfg, log=lambda m: None)
+    broker = Broker(spec.open(), cfg, log=lambda m: None)
     try:
         broker.run()
     finally:
@@ -246,7 +259,7 @@ def pipeline(n: int) -> Method:
 
         eps = dict(zip(("pub", "work", "control", "results"), free_tcp_endpoints(4)))
         spawn = mp.get_context("spawn")
-        procs = [spawn.Process(target=_serve, args=(case.shape, case.dtype, eps, n)),
+        procs = [spawn.Process(target=_serve, args=(case.spec, eps, n)),
                  spawn.Process(target=_collect, args=(eps["control"],))]
         procs += [spawn.Process(target=_work, args=(eps["control"], case.color,
                                                     str(case.wisdom.directory)))
@@ -291,21 +304,25 @@ METHODS: list[Method] = [
 ]
 
 
-def measure_cells(shapes: Sequence[tuple[tuple[int, ...], str]], quick: bool, *,
+def measure_cells(specs: Sequence[FrameSpec], quick: bool, *,
                   repeat: int | None = None, seconds: float | None = None,
-                  methods: Sequence[Method] = METHODS) -> list[dict[str, Any]]:
-    """One dict per (shape, method): the median of ``repeat`` interleaved runs.
+                  methods: Sequence[Method] | None = None) -> list[dict[str, Any]]:
+    """One dict per (frame, method): the median of ``repeat`` interleaved runs, with its
+    min, max and ``noisy`` reasons (see :func:`mark_noise`).
 
     All cases share one temporary wisdom store, so MEASURE planning is paid once per
-    shape and worker processes import it, as deployed workers would.
+    shape and worker processes import it, as deployed workers would. ``--quick`` leaves
+    out the broker -> worker -> sink pipelines (``framebroker bench``'s e2e part runs
+    the whole pipeline).
     """
-    repeat = repeat or (1 if quick else 3)
-    timing = Timing(seconds=seconds or (0.3 if quick else 1.0), warmup=0.1 if quick else 0.3)
+    repeat = repeat or 3
+    methods = methods or [m for m in METHODS if not (quick and m.name.startswith("worker"))]
+    timing = Timing(seconds=seconds or (0.15 if quick else 1.0), warmup=0.05 if quick else 0.3)
     cells = []
     with tempfile.TemporaryDirectory(prefix="fb-fft-wisdom-") as wisdom_dir:
         store = WisdomStore(wisdom_dir)
-        for shape, dtype in shapes:
-            case = Case(tuple(shape), dtype, store)
+        for spec in specs:
+            case = Case(tuple(spec.shape), spec.dtype, store, spec.source)
             cold = case.processor()  # the first MEASURE plan of this shape, for the record
             plan = {"cold_planning_seconds": round(cold.plan_info["planning_seconds"], 4)}
             runs: dict[str, list[dict]] = {m.name: [] for m in methods}
@@ -313,13 +330,34 @@ def measure_cells(shapes: Sequence[tuple[tuple[int, ...], str]], quick: bool, *,
                 for method in methods:
                     runs[method.name].append(method.measure(case, timing))
             for name, results in runs.items():
-                median = sorted(results, key=lambda r: r["fps"])[len(results) // 2]
-                cells.append({"size": case.label, "shape": list(case.shape), "dtype": dtype,
-                              "method": name, **median, **plan,
-                              "fps_runs": [round(r["fps"], 1) for r in results]})
-                print(f"  {case.label:>15} {name:>20}: {median['fps']:9.1f} fps "
+                cells.append({"size": case.label, "shape": list(case.shape),
+                              "dtype": spec.dtype, "method": name, **median_row(results),
+                              **plan})
+                print(f"  {case.label:>15} {name:>20}: {cells[-1]['fps']:9.1f} fps "
                       f"of {[round(r['fps'], 1) for r in results]}", file=sys.stderr,
                       flush=True)
+    return mark_noise(cells)
+
+
+#: (value, what it is compared with, "base" or "limit") per FFT cell
+COMPARISONS = (("process peak", "naive fft2", "base"), ("process peak", "pyfftw execute", "limit"),
+               ("worker e2e x1", "pyfftw execute", "limit"), ("2 processes", "1 process", "base"))
+
+
+def mark_noise(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``noisy`` on every cell: its own rounds, and for the compared methods the
+    comparisons in ``COMPARISONS`` (a limit below its value, a spread wider than the gap)."""
+    by = {(c["size"], c["method"]): c for c in cells}
+    for c in cells:
+        reasons = compare(c["fps_runs"], what=f"{c['size']} {c['method']}")
+        for value, other, kind in COMPARISONS:
+            o = by.get((c["size"], other))
+            if c["method"] == value and o:
+                reasons += [r for r in compare(c["fps_runs"], **{kind: o["fps_runs"]},
+                                               what=f"{c['size']} {value}",
+                                               **{f"{kind}_name": other})
+                            if r not in reasons]
+        c["noisy"] = reasons
     return cells
 
 
@@ -355,11 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short cells, one run (smoke test)")
     ap.add_argument("--seconds", type=float, default=None, help="measured seconds per cell")
     ap.add_argument("--repeat", type=int, default=None,
-                    help="interleaved runs per cell, median reported (default 3, quick 1)")
+                    help="interleaved runs per cell, median reported (default 3)")
+    add_frame_args(ap)
     add_out_args(ap, "fft")
     args = ap.parse_args(argv)
     out = out_path(args.out, "fft", args.overwrite)
-    cells = measure_cells(SHAPES, args.quick, repeat=args.repeat, seconds=args.seconds)
+    sizes = {FrameSpec("synthetic", shape, dtype).label: (shape, dtype) for shape, dtype in SHAPES}
+    specs = frame_specs(args, sizes, QUICK_SHAPES if args.quick else None)
+    cells = measure_cells(specs, args.quick, repeat=args.repeat, seconds=args.seconds)
     print_table(cells)
     write_json(out, {"machine": platform_info(), "quick": args.quick, "cells": cells})
     return 0

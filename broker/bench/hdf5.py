@@ -45,12 +45,15 @@ import numpy as np
 
 import broker
 from ..recorder import RecordingWriter
-from ..sources import synthetic_frame
-from .common import add_out_args, out_path, write_json
+from .common import FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, write_json
+from .stats import compare, figure
 
-SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8", 2000, 400),
-         "1920x1080x3 u8": ((1080, 1920, 3), "uint8", 500, 100),
-         "2048x2048 u16": ((2048, 2048), "uint16", 500, 100)}
+SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8", 2000, 200),
+         "1920x1080x3 u8": ((1080, 1920, 3), "uint8", 500, 40),
+         "2048x2048 u16": ((2048, 2048), "uint16", 500, 30)}
+QUICK_SIZES = ("640x480x3 u8", "1920x1080x3 u8")
+#: frames per run for a --source/--shape frame: this many bytes (full, --quick)
+USER_BYTES = (1500e6, 120e6)
 POOL = 16  # distinct frames cycled through
 
 
@@ -128,12 +131,12 @@ def methods(naive_seconds: float) -> dict[str, Method]:
     }
 
 
-def bench_size(shape: tuple[int, ...], dtype: str, n: int, rounds: int, tmp: Path,
+def bench_size(spec: FrameSpec, n: int, rounds: int, tmp: Path,
                table: dict[str, Method]) -> dict[str, dict]:
     """Every method once per round, in a different seeded order each round: what ran just
     before (a deleted file, freed buffers) decides whether a run finds fresh, slow pages,
     and a rotated order would keep the same predecessor. Median and best per method."""
-    pool = [synthetic_frame(shape, dtype, i) for i in range(POOL)]
+    pool = spec.frames(POOL)
     names = list(table)
     runs: dict[str, list[Result]] = {name: [] for name in names}
     for k in range(rounds):
@@ -149,14 +152,28 @@ def bench_size(shape: tuple[int, ...], dtype: str, n: int, rounds: int, tmp: Pat
     frame_mb = pool[0].nbytes / 1e6
     out = {}
     for name, results in runs.items():
-        fps = statistics.median(r.fps for r in results)
+        fps = figure([r.fps for r in results])
         ratios = [r.ratio for r in results if r.ratio is not None]
-        out[name] = {"fps": fps, "mb_s": fps * frame_mb,
-                     "best_fps": max(r.fps for r in results),
-                     "runs_fps": [r.fps for r in results],
+        out[name] = {"fps": fps["median"], "mb_s": fps["median"] * frame_mb,
+                     "fps_min": fps["min"], "fps_max": fps["max"],
+                     "best_fps": fps["max"], "runs_fps": fps["runs"],
                      "frames": [r.frames for r in results],
                      "ratio": statistics.median(ratios) if ratios else None}
-    return out
+    return mark_noise(out)
+
+
+def mark_noise(methods: dict[str, dict]) -> dict[str, dict]:
+    """``noisy`` per method: its own rounds; the recorder against the naive way (base)
+    and the plain write of the same bytes (the limit)."""
+    runs = {name: m["runs_fps"] for name, m in methods.items()}
+    for name, m in methods.items():
+        if name == "recorder none":
+            m["noisy"] = compare(runs[name], base=runs.get("naive"),
+                                 limit=runs.get("plain write"), what=name,
+                                 limit_name="plain write")
+        else:
+            m["noisy"] = compare(runs[name], what=name)
+    return methods
 
 
 def print_table(results: dict[str, dict[str, dict]]) -> None:
@@ -187,26 +204,36 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer frames")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    ap.add_argument("--quick", action="store_true", help="fewer frames and sizes")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 3)")
     ap.add_argument("--naive-seconds", type=float, default=3.0,
                     help="stop the naive writer after this long (default 3)")
     ap.add_argument("--record-dir", type=Path, default=Path("."),
                     help="the disk to measure: temporary files go there (default: the "
                          "current directory)")
+    add_frame_args(ap)
     add_out_args(ap, "hdf5")
     args = ap.parse_args(argv)
     out = out_path(args.out, "hdf5", args.overwrite)
-    rounds = args.rounds
+    rounds = args.rounds or (3 if args.quick else 5)
     table = methods(args.naive_seconds)
+    specs = frame_specs(args, {k: v[:2] for k, v in SIZES.items()},
+                        QUICK_SIZES if args.quick else None)
+    frames = {}
+    for spec in specs:
+        if spec.label in SIZES:
+            frames[spec.label] = SIZES[spec.label][3 if args.quick else 2]
+        else:
+            frame_bytes = int(np.prod(spec.shape)) * np.dtype(spec.dtype).itemsize
+            frames[spec.label] = max(8, int(USER_BYTES[args.quick] // frame_bytes))
     tmp = Path(tempfile.mkdtemp(prefix=".hdf5-bench-", dir=args.record_dir))
     results: dict[str, dict[str, dict]] = {}
     try:
-        for label, (shape, dtype, n_full, n_quick) in SIZES.items():
-            n = n_quick if args.quick else n_full
-            print(f"{label}: {n} frames x {len(table)} methods x {rounds} rounds ...",
+        for spec in specs:
+            n = frames[spec.label]
+            print(f"{spec.label}: {n} frames x {len(table)} methods x {rounds} rounds ...",
                   flush=True)
-            results[label] = bench_size(shape, dtype, n, rounds, tmp, table)
+            results[spec.label] = bench_size(spec, n, rounds, tmp, table)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
@@ -215,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "machine": platform.machine(),
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
             "hdf5plugin": hdf5plugin.version, "framebroker": broker.__version__,
-            "frames": {k: (v[3] if args.quick else v[2]) for k, v in SIZES.items()}}
+            "record_dir": str(args.record_dir.resolve()), "frames": frames}
     write_json(out, {"meta": meta, "results": results})
     return 0
 
