@@ -36,7 +36,7 @@ from .broker import free_tcp_endpoints
 
 PARTS = ("transport", "fft", "hdf5", "e2e")
 E2E_SHAPE = (480, 640, 3)
-E2E_FRAMES = {True: 400, False: 5000}  # by --quick
+E2E_FRAMES = {True: 300, False: 5000}  # by --quick
 
 
 class BenchError(RuntimeError):
@@ -93,7 +93,7 @@ def script_argv(part: str, opts: BenchOptions) -> list[str]:
         argv += ["--source", opts.spec.source, "--shape", "x".join(map(str, opts.spec.shape)),
                  "--dtype", opts.spec.dtype]
     if part == "hdf5":
-        argv += ["--naive-seconds", "1"] if opts.quick else []
+        argv += ["--naive-seconds", "0.5"] if opts.quick else []
         argv += ["--record-dir", str(opts.disk)]
         return argv + (["--rounds", str(opts.repeat)] if opts.repeat else [])
     argv += ["--peers"] if part == "transport" and opts.peers else []
@@ -290,9 +290,10 @@ def summary_rows(results: dict[str, Any], label: str) -> list[dict[str, Any]]:
     figure of its rounds, with ``noisy`` reasons."""
     rows = []
 
-    def add(part: str, fb, naive, limit, what: str, key: str = "fps") -> None:
+    def add(part: str, fb, naive, limit, what: str, key: str = "fps",
+            names: tuple[str, str] = ("the naive way", "the limit")) -> None:
         reasons = compare(_runs(fb, key), base=_runs(naive, key), limit=_runs(limit, key),
-                          what=part)
+                          what=part, base_name=names[0], limit_name=names[1])
         rows.append({"part": part, "framebroker": fb, "naive": naive, "limit": limit,
                      "key": key, "what": what, "noisy": reasons})
 
@@ -300,15 +301,18 @@ def summary_rows(results: dict[str, Any], label: str) -> list[dict[str, Any]]:
         by = {(r["transport"], r["method"]): r for r in results["transport"]["rows"]
               if r["size"] == label}
         add("transport tcp, fps", by.get(("tcp", "framebroker")), by.get(("tcp", "pickle")),
-            by.get(("tcp", "raw")), "PUB/SUB: pickle send_pyobj / a prebuilt raw pyzmq Frame")
+            by.get(("tcp", "raw")), "PUB/SUB: pickle send_pyobj / a prebuilt raw pyzmq Frame",
+            names=("pickle", "raw pyzmq"))
     if "fft" in results:
         by = {c["method"]: c for c in results["fft"]["cells"] if c["size"] == label}
         add("FFT, fps", by.get("process peak"), by.get("naive fft2"), by.get("pyfftw execute"),
-            "FFTProcessor peak: np.fft.fft2 / pyfftw execute alone")
+            "FFTProcessor peak: np.fft.fft2 / pyfftw execute alone",
+            names=("naive fft2", "pyfftw execute"))
     if "hdf5" in results:
         by = results["hdf5"]["results"].get(label, {})
         add("HDF5 recording, fps", by.get("recorder none"), by.get("naive"),
-            by.get("plain write"), "h5py resize + flush per frame / plain write of a new file")
+            by.get("plain write"), "h5py resize + flush per frame / plain write of a new file",
+            names=("naive h5py", "plain write"))
     if "e2e" in results:
         e = results["e2e"]
         fb = {"fps": e["e2e_fps"], "fps_min": e["e2e_fps_min"], "fps_max": e["e2e_fps_max"],
@@ -455,13 +459,16 @@ def write_report(results: dict[str, Any], opts: BenchOptions, seconds: float) ->
 
     argv = "; ".join(f"{part}: `{' '.join(results[part]['argv'])}`" for part in PARTS
                      if part in results and "argv" in results[part])
+    took = ", ".join(f"{part} {results[part]['part_seconds']:.0f} s" for part in PARTS
+                     if part in results)
     load = os.getloadavg()
     head = [f"# framebroker benchmarks ({'quick' if opts.quick else 'full'} run)", "",
             f"{time.strftime('%Y-%m-%d %H:%M')}, {seconds:.0f} s; Python "
             f"{platform.python_version()}, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}"
             f", {platform.machine()}, {os.cpu_count()} CPUs, load average at the end "
             f"{load[0]:.1f}. Every figure is from this one run, a median of interleaved "
-            f"rounds with their range: compare the ratios, not the absolute numbers.", ""]
+            f"rounds with their range: compare the ratios, not the absolute numbers. "
+            f"Time per part: {took}.", ""]
     if opts.spec is not None:
         head += [f"Frames: {opts.spec.label} (`--source {opts.spec.source}`).", ""]
     if argv:
@@ -473,7 +480,8 @@ def write_report(results: dict[str, Any], opts: BenchOptions, seconds: float) ->
     for part in PARTS:
         if part in results:
             section_noise = Noise()
-            body.append(SECTIONS[part](results[part], section_noise) + section_noise.text())
+            body.append(SECTIONS[part](results[part], section_noise) + section_noise.text()
+                        + "\n")
     path = opts.out_dir / "report.md"
     path.write_text("\n".join([*head, "## Summary", "", summary, "", *body]))
     summary_json = [{**{k: v for k, v in r.items() if k not in ("framebroker", "naive", "limit")},
@@ -605,8 +613,11 @@ def run_bench(opts: BenchOptions) -> tuple[Path, dict[str, Any]]:
     for part in PARTS:
         if part not in opts.parts:
             continue
+        t_part = time.monotonic()
         results[part] = (run_e2e(opts, results.get("transport")) if part == "e2e"
                          else run_script(part, opts))
+        results[part]["part_seconds"] = round(time.monotonic() - t_part, 1)
+        print(f"bench: {part}: {results[part]['part_seconds']} s", file=sys.stderr, flush=True)
     if "e2e" in results:  # the modules write their own JSON; this is the e2e part's
         (opts.out_dir / "e2e.json").write_text(json.dumps(results["e2e"], indent=2))
     for part, data in results.items():

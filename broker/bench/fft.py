@@ -47,6 +47,8 @@ from .stats import compare, median_row
 SHAPES: list[tuple[tuple[int, ...], str]] = [((480, 640), "uint8"), ((480, 640, 3), "uint8"),
                                               ((1080, 1920), "uint8"), ((2048, 2048), "uint16")]
 QUICK_SHAPES = ("640x480x3 u8", "1920x1080 u8")  # labels of SHAPES that --quick measures
+#: methods --quick leaves out: they spawn processes (bench's e2e part runs the pipeline)
+QUICK_SKIPS = ("1 process", "2 processes", "worker e2e x1", "worker e2e x2")
 FRAMES_PER_CASE = 4  # distinct frames cycled through, so no cache holds "the" frame
 
 
@@ -312,11 +314,11 @@ def measure_cells(specs: Sequence[FrameSpec], quick: bool, *,
 
     All cases share one temporary wisdom store, so MEASURE planning is paid once per
     shape and worker processes import it, as deployed workers would. ``--quick`` leaves
-    out the broker -> worker -> sink pipelines (``framebroker bench``'s e2e part runs
-    the whole pipeline).
+    out the methods that spawn processes (``QUICK_SKIPS``; ``framebroker bench``'s e2e
+    part runs the whole pipeline).
     """
     repeat = repeat or 3
-    methods = methods or [m for m in METHODS if not (quick and m.name.startswith("worker"))]
+    methods = methods or [m for m in METHODS if not (quick and m.name in QUICK_SKIPS)]
     timing = Timing(seconds=seconds or (0.15 if quick else 1.0), warmup=0.05 if quick else 0.3)
     cells = []
     with tempfile.TemporaryDirectory(prefix="fb-fft-wisdom-") as wisdom_dir:

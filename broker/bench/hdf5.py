@@ -52,6 +52,7 @@ SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8", 2000, 200),
          "1920x1080x3 u8": ((1080, 1920, 3), "uint8", 500, 40),
          "2048x2048 u16": ((2048, 2048), "uint16", 500, 30)}
 QUICK_SIZES = ("640x480x3 u8", "1920x1080x3 u8")
+QUICK_SKIPS = ("h5py slices", "recorder none swmr=off")
 #: frames per run for a --source/--shape frame: this many bytes (full, --quick)
 USER_BYTES = (1500e6, 120e6)
 POOL = 16  # distinct frames cycled through
@@ -119,8 +120,9 @@ def plain_write(path: Path, pool: list[np.ndarray], n: int) -> Result:
     return Result(n, time.perf_counter() - t0)
 
 
-def methods(naive_seconds: float) -> dict[str, Method]:
-    return {
+def methods(naive_seconds: float, quick: bool = False) -> dict[str, Method]:
+    """Every method by name; ``quick`` leaves out the two that only explain the others."""
+    table = {
         "naive": lambda p, pool, n: naive(p, pool, n, naive_seconds),
         "h5py slices": h5py_slices,
         "recorder none": recorder("none"),
@@ -129,6 +131,9 @@ def methods(naive_seconds: float) -> dict[str, Method]:
         "recorder bslz4": recorder("bslz4"),
         "plain write": plain_write,
     }
+    for name in (QUICK_SKIPS if quick else ()):
+        del table[name]
+    return table
 
 
 def bench_size(spec: FrameSpec, n: int, rounds: int, tmp: Path,
@@ -196,10 +201,16 @@ def print_table(results: dict[str, dict[str, dict]]) -> None:
         for key in ("fps", "best_fps"):
             r = {name: v[key] for name, v in results[s].items()}
             rec = r["recorder none"]
+            vs = [f"{rec / r[name]:.2f}x {name}" for name in ("plain write", "naive",
+                                                                "h5py slices",
+                                                                "recorder none swmr=off")
+                  if name in r]
             print(f"{s} ({'median' if key == 'fps' else 'best'} runs): recorder none = "
-                  f"{rec / r['plain write']:.2f}x plain write, {rec / r['naive']:.1f}x naive, "
-                  f"{rec / r['h5py slices']:.2f}x h5py slices; swmr on/off "
-                  f"{rec / r['recorder none swmr=off']:.2f}")
+                  + ", ".join(vs))
+    for s in sizes:
+        for name, m in results[s].items():
+            for reason in m["noisy"]:
+                print(f"  noisy: {s} {reason}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = out_path(args.out, "hdf5", args.overwrite)
     rounds = args.rounds or (3 if args.quick else 5)
-    table = methods(args.naive_seconds)
+    table = methods(args.naive_seconds, args.quick)
     specs = frame_specs(args, {k: v[:2] for k, v in SIZES.items()},
                         QUICK_SIZES if args.quick else None)
     frames = {}

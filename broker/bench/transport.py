@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     global PIN
     PIN = not args.no_pin
     if args.quick and args.transports == list(DEFAULT_TRANSPORTS):
-        args.transports = ["tcp", "ipc"]
+        args.transports = ["tcp"]
     seconds = args.seconds or (0.3 if args.quick else 2.0)
     warmup = 0.15 if args.quick else 0.5
     specs = frame_specs(args, SIZES, QUICK_SIZES if args.quick else None)
