@@ -883,7 +883,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
     p.add_argument("--loop", action="store_true",
                    help="restart a video file or recording at its end")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max; h5: its timestamps)")
+    p.add_argument("--fps", type=_nonneg_float, default=0.0,
+                   help="pace the source (0 = max; h5: its timestamps)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
     _add_fft_args(p, "--fft-output")

@@ -172,3 +172,22 @@ def frame_specs(args: argparse.Namespace, sizes: dict[str, tuple],
     if quick is not None and names == list(sizes):
         names = [n for n in names if n in quick]
     return [FrameSpec("synthetic", tuple(sizes[n][0]), sizes[n][1]) for n in names]
+
+
+def run_broker(source, cfg, ctx=None) -> None:
+    """Run a :class:`broker.broker.Broker` to its end in this process, then wait out its
+    linger. Without the wait, the interpreter's exit drops pyzmq's references to the
+    frames libzmq is still sending zero-copy (a closed socket lingers), glibc unmaps
+    them, and libzmq aborts the process with ``Bad address (src/tcp.cpp:227)``: the
+    stray line ``framebroker bench`` used to print (``framebroker serve`` waits too)."""
+    import zmq
+
+    from ..broker import Broker
+
+    broker = Broker(source, cfg, log=lambda m: None, ctx=ctx)
+    try:
+        broker.run()
+    finally:
+        broker.close()
+        if ctx is None:
+            zmq.Context.instance().destroy(linger=cfg.linger_ms)

@@ -20,7 +20,8 @@ methods, the median of ``--repeat`` runs reported), because absolute numbers dri
 
 Colour frames (HxWx3) are transformed per channel everywhere (``color="channels"``).
 Run ``python bench/fft.py`` (``--quick`` for a short run); prints a table and writes
-``--out`` (default ``bench-TIMESTAMP/fft.json`` under the cwd). To add a column, append a ``Method`` to ``METHODS``.
+``--out`` (default ``bench-TIMESTAMP/fft.json`` under the cwd). To add a column, append
+a ``Method`` to ``METHODS``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ import scipy
 import scipy.fft
 
 from ..fft import FFTProcessor, WisdomStore
-from .common import FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, write_json
+from .common import (FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, run_broker,
+                     write_json)
 from .stats import compare, median_row
 
 SHAPES: list[tuple[tuple[int, ...], str]] = [((480, 640), "uint8"), ((480, 640, 3), "uint8"),
@@ -215,15 +217,11 @@ def processes(n: int, threads: int = 1, backend: str = "pyfftw",
 
 
 def _serve(spec: FrameSpec, eps: dict[str, str], workers: int) -> None:
-    from ..broker import Broker, BrokerConfig
+    from ..broker import BrokerConfig
 
     cfg = BrokerConfig(pub=eps["pub"], work=eps["work"], control=eps["control"],
                        results=eps["results"], wait_workers=workers, end_linger=0.0)
-    broker = Broker(spec.open(), cfg, log=lambda m: None)
-    try:
-        broker.run()
-    finally:
-        broker.close()
+    run_broker(spec.open(), cfg)  # waits out the linger: see run_broker
 
 
 def _work(control: str, color: str, wisdom_dir: str) -> None:

@@ -19,7 +19,8 @@ Every method writes a new file from open to close; none of them fsyncs, and an u
 GB exceed the kernel's dirty-page limits, so the larger sizes measure partly the disk's
 writeback, which is why the best round is reported next to the median. Files go to a
 temporary directory in ``--record-dir`` (default: the current directory; the disk you
-will record to, not tmpfs) and are deleted after each run. Frames are 16 distinct synthetic camera frames cycled,
+will record to, not tmpfs) and are deleted after each run. Frames are 16 distinct
+synthetic camera frames cycled,
 so the compression ratios are those of camera-like content.
 
 Run ``python bench/hdf5.py`` (``--quick`` for fewer frames); prints a table and writes

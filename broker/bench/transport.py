@@ -30,7 +30,8 @@ The sender process is pinned to one core and the receiver to the other (``--no-p
 to let the scheduler place them); without that, placement alone moves a cell 2x.
 
 Run ``python bench/transport.py`` (``--quick`` for a short run); prints a table and
-writes ``--out`` (default ``bench-TIMESTAMP/transport.json`` under the cwd). ``--transports ipc shm`` adds the
+writes ``--out`` (default ``bench-TIMESTAMP/transport.json`` under the cwd).
+``--transports ipc shm`` adds the
 shared-memory table (shm vs zero-copy ipc vs memcpy).
 """
 from __future__ import annotations
@@ -49,9 +50,10 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from ..broker import Broker, BrokerConfig, free_tcp_endpoints
+from ..broker import BrokerConfig, free_tcp_endpoints
 from ..client import Control, Subscriber
-from .common import FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, write_json
+from .common import (FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, run_broker,
+                     write_json)
 from .stats import compare, diff_noise, median_row, own_noise
 
 SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
@@ -112,11 +114,7 @@ def send_raw(ep: dict, spec: FrameSpec, stop, ctx=None) -> None:
 def send_framebroker(ep: dict, spec: FrameSpec, stop, ctx=None, shm: str = "") -> None:
     cfg = BrokerConfig(pub=ep["pub"], control=ep["control"], work=ep["work"], sndhwm=HWM,
                        wait_subscribers=1, end_linger=0.0, linger_ms=0, shm=shm)
-    broker = Broker(spec.open(), cfg, log=lambda m: None, ctx=ctx)
-    try:
-        broker.run()
-    finally:
-        broker.close()
+    run_broker(spec.open(), cfg, ctx)
 
 
 def send_shm(ep: dict, spec: FrameSpec, stop, ctx=None) -> None:
@@ -141,6 +139,7 @@ def send_imagezmq(ep: dict, spec: FrameSpec, stop, ctx=None, jpeg: bool = False)
             sender.send_image(str(i), frame)
         i += 1
     sender.zmq_socket.close(linger=0)
+    sender.zmq_context.term()  # imagezmq's own context: see run_broker
 
 
 SENDERS: dict[str, Callable] = {"pickle": send_pickle, "raw": send_raw,
@@ -318,7 +317,10 @@ def _sender_proc(method, ep, spec, stop, pin, hwm, copy_threshold) -> None:
     PIN = pin
     _pin(0)
     _configure(hwm, copy_threshold)
-    SENDERS[method](ep, spec, stop)
+    try:
+        SENDERS[method](ep, spec, stop)
+    finally:  # libzmq done with every zero-copy frame before the interpreter frees them
+        zmq.Context.instance().destroy(linger=0)
 
 
 def run_cell(method: str, transport: str, shape, dtype, seconds: float, warmup: float,

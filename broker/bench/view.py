@@ -10,7 +10,8 @@ One run, interleaved rounds of three setups, each a fresh synthetic broker
 
 The broker's rate is its own ``avg_fps`` (first to last frame sent; the subscribed
 setups hold the stream with ``--wait-subscribers 1`` until the subscriber is there).
-Prints a table and writes ``--out`` (default ``bench-TIMESTAMP/view.json`` under the cwd) with the median rates and the
+Prints a table and writes ``--out`` (default ``bench-TIMESTAMP/view.json`` under the
+cwd) with the median rates and the
 ratios view/alone and view/watch.
 """
 from __future__ import annotations
