@@ -39,7 +39,7 @@ def median_row(runs: Sequence[dict[str, Any]], key: str = "fps") -> dict[str, An
         if isinstance(row.get(name), (int, float)):
             row[name] *= scale
     row.update({key: f["median"], f"{key}_min": f["min"], f"{key}_max": f["max"],
-                f"{key}_runs": [round(r[key], 1) for r in runs]})
+                f"{key}_runs": f["runs"]})
     return row
 
 
