@@ -181,7 +181,8 @@ class Broker:
         self._t_first = 0.0
         self._t_last = 0.0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
-        self._pacer = Pacer(cfg.fps)
+        own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
+        self._pacer = (own() if own and not cfg.fps else None) or Pacer(cfg.fps)
         if cfg.shm:
             self.ring = Ring(cfg.stream, self.session, source.shape, source.dtype,
                              ring_slots(cfg.shm, self.frame_bytes))

@@ -25,6 +25,7 @@ from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
                      parse_policy, subscribe)
 from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .bench.command import add_bench, add_tune
 from .shm import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
@@ -185,18 +186,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        description="Capture frames from a source and serve them on PUB "
                                    "(fan-out), work (load-balanced) and control sockets.")
     p.add_argument("--source", type=_source, default="synthetic",
-                   help="synthetic | video:PATH | camera:INDEX (default synthetic)")
+                   help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET] (a "
+                        "recording, replayed at its timestamps unless --fps) (default "
+                        "synthetic)")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape, e.g. 480x640x3 (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8",
                    help="synthetic frame dtype (default uint8)")
-    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
+    p.add_argument("--loop", action="store_true",
+                   help="restart a video file or recording at its end")
     p.add_argument("--width", type=_nonneg_int, default=0, help="camera: requested width")
     p.add_argument("--height", type=_nonneg_int, default=0, help="camera: requested height")
     p.add_argument("--camera-fps", type=_nonneg_float, default=0.0,
                    help="camera: requested frame rate")
     p.add_argument("--fps", type=_nonneg_float, default=0.0,
-                   help="pace the stream at this rate, drift-free (0 = as fast as possible)")
+                   help="pace the stream at this rate, drift-free (0 = as fast as possible; "
+                        "an h5: recording: at its own timestamps)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until stopped)")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name and PUB topic")
@@ -763,6 +768,8 @@ def _add_record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=_nonneg_int, default=None, help="codec level")
     p.add_argument("--chunk-frames", type=_positive_int, default=1,
                    help="frames per HDF5 chunk (default %(default)s)")
+    p.add_argument("--compress-threads", type=_positive_int, default=2,
+                   help="threads compressing chunks (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
 
@@ -793,8 +800,6 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                    help="rotate to OUT_00001.h5, ... after N frames (0 = never)")
     p.add_argument("--max-bytes-per-file", type=_mib, default=0,
                    help="rotate after this many MiB of frames (0 = never)")
-    p.add_argument("--compress-threads", type=_positive_int, default=2,
-                   help="threads compressing chunks (default %(default)s)")
     p.add_argument("--throttle", type=_nonneg_float, default=0.0,
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
@@ -873,12 +878,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=_nonneg_float, default=0.0,
                    help="stop after this many seconds (Ctrl-C also stops cleanly)")
     p.add_argument("--source", type=_source, default="synthetic",
-                   help="synthetic | video:PATH | camera:INDEX")
+                   help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET]")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
-    p.add_argument("--loop", action="store_true", help="restart a video file at its end")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max)")
+    p.add_argument("--loop", action="store_true",
+                   help="restart a video file or recording at its end")
+    p.add_argument("--fps", type=_nonneg_float, default=0.0,
+                   help="pace the source (0 = max; h5: its timestamps)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
     _add_fft_args(p, "--fft-output")
@@ -941,8 +948,7 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
            "--results", args.results]
     lossless = bool(args.record) and args.mode == "lossless"
-    source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
-    serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
+    serve = ["serve", *eps, "--source", str(args.source), "--shape", "x".join(map(str, args.shape)),
              "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
@@ -960,7 +966,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     record = None
     if args.record:
         record = ["record", args.record, *client, "--mode", args.mode, "--compression",
-                  args.compression, "--chunk-frames", str(args.chunk_frames)]
+                  args.compression, "--chunk-frames", str(args.chunk_frames),
+                  "--compress-threads", str(args.compress_threads)]
         record += (["--frames", str(frames)] if frames else []) + (
             ["--level", str(args.level)] if args.level is not None else []) + (
             ["--overwrite"] if args.overwrite else [])
@@ -1058,49 +1065,6 @@ def _comma_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from .benchmark import PARTS
-
-    p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
-                       description="Run the transport, FFT and HDF5 benchmarks (bench/*.py in "
-                                   "a clone) and an end-to-end pipeline benchmark; write "
-                                   "their JSON, report.md and PNG plots into the out dir.")
-    p.add_argument("--quick", action="store_true",
-                   help="short cells and few repeats: a few minutes instead of much longer")
-    p.add_argument("--out-dir", type=Path, default=None,
-                   help="where the JSON, report.md and plots go (default: bench/results in "
-                        "the clone)")
-    p.add_argument("--only", type=_comma_list(PARTS), default=PARTS,
-                   help=f"parts to run, comma-separated (default {','.join(PARTS)})")
-    p.add_argument("--seconds", type=_nonneg_float, default=None,
-                   help="measured seconds per transport and FFT cell (default: the scripts')")
-    p.add_argument("--repeat", type=_positive_int, default=None,
-                   help="runs per transport/FFT cell, rounds per HDF5 size (default: the "
-                        "scripts', fewer with --quick)")
-    p.add_argument("--frames", type=_positive_int, default=None,
-                   help="frames per end-to-end run (default 1000 with --quick, else 5000)")
-    p.set_defaults(func=cmd_bench)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import BenchError, BenchOptions, bench_dir, run_bench, summary_table
-
-    try:
-        out_dir = args.out_dir if args.out_dir is not None else bench_dir() / "results"
-        opts = BenchOptions(out_dir=out_dir, parts=args.only, quick=args.quick,
-                            seconds=args.seconds or None, repeat=args.repeat, frames=args.frames)
-        report, results = run_bench(opts)
-    except BenchError as exc:
-        raise CliError(str(exc)) from None
-    print(summary_table(results))
-    print(f"report: {report}")
-    if "e2e" in results and results["e2e"]["lost"]:
-        print(f"framebroker bench: the pipeline lost frames: {results['e2e']['lost']}",
-              file=sys.stderr)
-        return EXIT_LOST
-    return EXIT_OK
-
-
 def _add_keys(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keys", help="make CURVE key pairs",
                        description="CURVE key management. framebroker keys generate DIR makes "
@@ -1138,56 +1102,6 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
   framebroker run --curve-keys {d}
 A client on another host needs only its own .key_secret and public/server.key; a new
 client: framebroker keys generate {d} --name NAME, then restart the servers.""")
-    return EXIT_OK
-
-
-def _add_tune(sub: argparse._SubParsersAction) -> None:
-    from .tune import DIMENSIONS
-
-    p = sub.add_parser("tune", help="measure settings for a frame shape; recommend run flags",
-                       description="Within a time budget, measure transport, FFT backend and "
-                                   "planner, workers x threads, recorder chunking and "
-                                   "compression, HWM and pyzmq's copy threshold for this frame "
-                                   "shape on this machine; print every setting tried and the "
-                                   "recommended framebroker run flags.")
-    p.add_argument("--shape", type=_shape, default=(480, 640, 3),
-                   help="frame shape, e.g. 480x640x3 (default 480x640x3)")
-    p.add_argument("--dtype", type=_dtype, default="uint8", help="frame dtype (default uint8)")
-    p.add_argument("--budget", type=_nonneg_float, default=60.0,
-                   help="seconds for the whole sweep; what does not fit is skipped "
-                        "(default %(default)s)")
-    p.add_argument("--dir", type=Path, default=Path("."),
-                   help="where recordings will go: the recorder trials write a temporary "
-                        "file there, to measure that disk (default: the current directory)")
-    p.add_argument("--only", type=_comma_list(DIMENSIONS), default=DIMENSIONS,
-                   help=f"dimensions to sweep, comma-separated (default {','.join(DIMENSIONS)})")
-    p.add_argument("--out", type=Path, default=None, help="also write the result as JSON here")
-    p.add_argument("--json", action="store_true",
-                   help="print the result as JSON (the table goes to stderr)")
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import Tuner, format_result
-
-    if not args.budget:
-        raise CliError("--budget must be more than 0 seconds", EXIT_USAGE)
-    if not args.dir.is_dir():
-        raise CliError(f"--dir {args.dir}: no such directory", EXIT_USAGE)
-    tuner = Tuner(args.shape, args.dtype, args.budget, args.dir, args.only,
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    result = tuner.run()
-    if args.out is not None:
-        try:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
-        except OSError as exc:
-            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    text = format_result(result)
-    if args.json:
-        print(text, file=sys.stderr)
-        print(json.dumps(result))
-    else:
-        print(text)
     return EXIT_OK
 
 
@@ -1242,8 +1156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record(sub)
     _add_inspect(sub)
     _add_run(sub)
-    _add_bench(sub)
-    _add_tune(sub)
+    add_bench(sub)  # bench and tune live in broker.bench.command
+    add_tune(sub)
     _add_keys(sub)
     _add_view(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)

@@ -254,6 +254,71 @@ class CameraSource(_CaptureSource):
         return True
 
 
+# --- HDF5 recordings --------------------------------------------------------------
+
+class H5Source:
+    """Replays a recording made by ``record`` (or any (N, ...) HDF5 dataset), frame for
+    frame in file order, read straight into the broker's buffer (``read_direct``).
+
+    By default it is paced by the recording's own ``/timestamp_ns`` (see
+    :meth:`pacer`), so a problem seen live can be reproduced from its file at the rate it
+    happened; ``serve --fps N`` paces it at N instead, and ``timed=False`` (benchmarks)
+    replays as fast as it can. Only ``/valid_frames`` frames are replayed, so a recording
+    cut short by a crash replays what it holds.
+    """
+
+    def __init__(self, path: str | Path, dataset: str = "frames", loop: bool = False,
+                 timed: bool = True) -> None:
+        import h5py
+        import hdf5plugin  # noqa: F401  (registers the filters compressed recordings need)
+
+        from .inspect import open_recording
+
+        path = Path(path)
+        label = f"recording {path}"
+        if not path.is_file():
+            raise SourceError(f"{label}: no such file")
+        try:
+            self._h5, _ = open_recording(path)
+        except OSError as exc:
+            raise SourceError(f"{label}: not a readable HDF5 file ({exc})") from None
+        dset = self._h5.get(dataset)
+        if not isinstance(dset, h5py.Dataset) or dset.ndim < 2:
+            names = sorted(k for k, v in self._h5.items() if isinstance(v, h5py.Dataset))
+            self._h5.close()
+            raise SourceError(f"{label}: no frames dataset {dataset!r} of shape (N, H, ...) "
+                              f"(datasets: {', '.join(names) or 'none'})")
+        valid = self._h5.get("valid_frames")
+        self.count = min(len(dset), int(valid[()])) if dataset == "frames" and valid else len(dset)
+        if not self.count:
+            self._h5.close()
+            raise SourceError(f"{label}: {dataset!r} holds no frames")
+        self._dset, self._loop, self._next = dset, loop, 0
+        self.shape, self.dtype = tuple(dset.shape[1:]), dset.dtype
+        dtype_code(self.dtype)  # a dtype the wire cannot carry fails here, clearly
+        ts = self._h5.get("timestamp_ns")
+        self._timestamps = (np.asarray(ts[:self.count], dtype=np.int64)
+                            if timed and ts is not None and len(ts) >= self.count else None)
+        self.description = (f"recording {path}:{dataset} {format_shape(self.shape)} "
+                            f"{self.dtype}, {self.count} frames{' (loop)' if loop else ''}")
+
+    def pacer(self) -> "RecordedPacer | None":
+        """The recording's own schedule, for a broker with no ``--fps`` of its own."""
+        return None if self._timestamps is None else RecordedPacer(self._timestamps)
+
+    def read_into(self, out: np.ndarray) -> bool:
+        if self._next >= self.count:
+            if not self._loop:
+                return False
+            self._next = 0
+        self._dset.read_direct(out, np.s_[self._next])
+        self._next += 1
+        return True
+
+    def close(self) -> None:
+        self._h5.close()
+
+
 # --- parsing and pacing -----------------------------------------------------------
 
 def format_shape(shape: tuple[int, ...]) -> str:
@@ -272,10 +337,11 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What ``--source`` names: synthetic, video:PATH or camera:INDEX."""
+    """What ``--source`` names: synthetic, video:PATH, camera:INDEX or h5:FILE[:DATASET]."""
 
     kind: str
     target: str = ""
+    dataset: str = "frames"  # h5 only
 
     @classmethod
     def parse(cls, text: str) -> "SourceSpec":
@@ -286,17 +352,31 @@ class SourceSpec:
             return cls("video", target)
         if kind == "camera" and target.isdigit():
             return cls("camera", target)
-        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH' or 'camera:INDEX'")
+        if kind == "h5" and target:
+            path, _, dataset = target.partition(":")
+            if path:
+                return cls("h5", path, dataset or "frames")
+        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX' "
+                         f"or 'h5:FILE[:DATASET]'")
+
+    def __str__(self) -> str:
+        """The ``--source`` text that names this source again."""
+        if self.kind == "synthetic":
+            return "synthetic"
+        extra = f":{self.dataset}" if self.kind == "h5" and self.dataset != "frames" else ""
+        return f"{self.kind}:{self.target}{extra}"
 
 
 def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
                 dtype: str = "uint8", loop: bool = False, width: int = 0, height: int = 0,
-                camera_fps: float = 0) -> Source:
+                camera_fps: float = 0, timed: bool = True) -> Source:
     """Open the source ``spec`` names; raises SourceError or ProtocolError with a clear message."""
     if spec.kind == "synthetic":
         return SyntheticSource(shape, dtype)
     if spec.kind == "video":
         return VideoSource(spec.target, loop=loop)
+    if spec.kind == "h5":
+        return H5Source(spec.target, spec.dataset, loop=loop, timed=timed)
     return CameraSource(int(spec.target), width, height, camera_fps)
 
 
@@ -333,3 +413,34 @@ class Pacer:
     def tick(self) -> None:
         """A frame was produced."""
         self._k += 1
+
+
+class RecordedPacer(Pacer):
+    """A recording's own schedule: frame k is due at t0 + (ts[k] - ts[0]), every lap of a
+    looped replay the same. Like :class:`Pacer`, it restarts the schedule (counted in
+    ``resyncs``) rather than burst when the broker falls more than a second behind."""
+
+    def __init__(self, timestamps_ns: np.ndarray) -> None:
+        offsets = (timestamps_ns - timestamps_ns[0]) / 1e9
+        # a lap ends one median interval after its last frame
+        step = float(np.median(np.diff(offsets))) if len(offsets) > 1 else 0.0
+        self._offsets, self._lap = np.maximum.accumulate(offsets), offsets[-1] + max(step, 0.0)
+        super().__init__(0.0)
+        self.period = 1.0  # "paced" for wait_time; the offsets give the times
+
+    def reset(self) -> None:
+        k = getattr(self, "_k", 0)
+        self._t0 = time.perf_counter() - self._due(k)  # after a pause: on from frame k
+        self._k = k
+
+    def _due(self, k: int) -> float:
+        laps, i = divmod(k, len(self._offsets))
+        return laps * self._lap + float(self._offsets[i])
+
+    def wait_time(self) -> float:
+        late = time.perf_counter() - (self._t0 + self._due(self._k))
+        if late > 1.0:
+            self.resyncs += 1
+            self._t0 += late  # the schedule goes on from now, without a burst
+            return 0.0
+        return max(0.0, -late)

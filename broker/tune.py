@@ -1,28 +1,31 @@
-"""``framebroker tune``: measure the settings that matter for one frame shape on this
+"""``framebroker tune``: measure the settings that matter for the user's frames on this
 machine, within a time budget, and recommend ``framebroker run`` flags.
 
 ``run``'s defaults suit 640x480 frames on two cores, but the best settings move with
-the frame and the machine: scipy beats pyfftw at some shapes, ipc beats tcp for
-large frames, two FFT threads in one process stall where two processes scale, and
-compression pays only when the disk is the limit. So ``tune`` measures, for the
-user's shape and dtype, one dimension at a time in order of how much it matters:
+the frame and the machine: shared memory beats sockets for large frames on one host,
+scipy beats pyfftw at some shapes, two FFT threads in one process stall where two
+processes scale, and compression pays only when the disk is the limit. So ``tune``
+measures, for the user's ``--source`` (or synthetic ``--shape``/``--dtype``) and
+``--record-dir``, one dimension at a time in order of how much it matters:
 
-* ``transport``: tcp vs ipc, framebroker PUB/SUB (bench/transport.py's ``run_cell``);
-* ``fft``: pyfftw ESTIMATE vs MEASURE vs scipy, ``FFTProcessor.process`` in this process;
-* ``workers``: FFT worker processes x FFTW threads, processed frames/s of a real
-  ``framebroker run`` (with the best FFT backend and planner);
-* ``recorder``: chunk frames x compression, ``RecordingWriter`` writing a fixed
-  number of synthetic frames into a temporary file on the recording disk;
-* ``hwm``: the PUB/SUB high-water mark, on the best transport;
-* ``copy-threshold``: pyzmq's ``zmq.COPY_THRESHOLD`` (the default and the value that
-  flips copy vs zero-copy for this frame), last, only if the budget allows.
+* ``transport``: tcp, ipc and (same host) shm: framebroker PUB/SUB, broker process to a
+  Subscriber process (``broker.bench.transport.run_cell``);
+* ``fft``: FFT backend and planner, ``FFTProcessor.process`` (gray, peak) in this process;
+* ``workers``: FFT worker processes x FFTW threads, with the best backend, as spawned
+  processes running at once (``broker.bench.fft.processes``);
+* ``recorder``: chunk frames x compression x compress threads, ``RecordingWriter``
+  writing into a temporary file in the record dir;
+* ``hwm``: the broker's PUB high-water mark and the subscriber's policy, on the best
+  transport.
 
-Each dimension gets a share of what is left of the budget (by weight, so time a
-dimension did not use goes to the ones after it); a trial is time-boxed to its share,
-and a dimension whose share cannot hold two trials is skipped, and said so. Within a
-dimension the settings are listed in order of preference (the simpler or cheaper
-first), and a later one wins only if it is more than ``TIE`` faster: differences
-inside the noise should not change flags.
+Every dimension's settings run in interleaved rounds (at least two, so the spread
+between rounds is known), the first setting being ``run``'s default. A setting is
+recommended only where its median beats the default's by more than the spread of
+either across rounds; otherwise the default stays, and the output says so with the
+figures. A dimension the budget cannot hold (two rounds of its settings) is skipped
+and named as skipped, with no flags of its own: nothing not measured is mentioned.
+The whole sweep keeps to the budget: every trial is time-boxed, and a trial whose cost
+(measured on the first of its kind) no longer fits is not started.
 """
 from __future__ import annotations
 
@@ -32,28 +35,30 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import zmq
+import psutil
 
-from .benchmark import BenchError, framebroker_run, load_bench
+from .bench.common import FrameSpec
+from .bench.stats import figure, spread
 from .run import default_workers
 
-TIE = 0.05
-DEFAULT_COPY_THRESHOLD = zmq.COPY_THRESHOLD
-RUN_HWM = 64                # framebroker run's --hwm default, for the transport trials
-TRANSPORT_WARMUP_S = 0.2
-RUN_STARTUP_S = 1.5        # of a run's --seconds: start-up and planning, before frames flow
-RECORD_BYTES = 512 * 2**20  # the recorder trials' fixed amount of frames, clamped below
-RECORD_FRAMES = (64, 4096)
-POOL = 16                   # distinct synthetic frames cycled through
-# Budget weights, in the order the dimensions run; workers runs whole pipelines.
-WEIGHTS = {"transport": 2.0, "fft": 1.0, "workers": 4.0, "recorder": 1.5, "hwm": 1.5,
-           "copy-threshold": 1.0}
+RUN_HWM = 64                # framebroker run's --hwm default
+RUN_COMPRESS_THREADS = 2    # and --compress-threads
+WARMUP_S = 0.1
+RECORD_FRAMES = (8, 4096)   # the recorder trials' frame count bounds
+POOL = 8                    # distinct frames cycled through
+SHM_RING = "64slots"
+# Budget weights, in the order the dimensions run (the first ones matter most).
+WEIGHTS = {"transport": 3.0, "fft": 1.0, "workers": 3.0, "recorder": 1.5, "hwm": 2.5}
 DIMENSIONS = tuple(WEIGHTS)
+TRIAL_ERRORS = (OSError, RuntimeError, ValueError, queue.Empty)
+MAX_ROUNDS = 3
+OVERHEAD_MARGIN = 1.25
+TEARDOWN_S = 0.5  # after the last trial: the report, temporary files, interpreter exit
 
 
 class Unsupported(Exception):
@@ -64,30 +69,33 @@ class Unsupported(Exception):
 class Setting:
     label: str
     value: Any
-    flags: tuple[str, ...] = ()  # what choosing it adds to ``framebroker run``
+    flags: dict[str, Any] = field(default_factory=dict)  # run's flags (TOML keys) it sets
 
 
 @dataclass(frozen=True)
 class Dimension:
     name: str
-    unit: str
-    overhead_s: float  # what one trial costs beyond its time box (processes, planning)
-    min_box_s: float   # the shortest time box worth measuring
-    max_box_s: float   # a longer box buys little: the rest of the budget goes on
-    settings: tuple[Setting, ...]
-    measure: Callable[[Any, float], tuple[float | None, str]]  # (value, box) -> figure, note
+    settings: tuple[Setting, ...]  # the first is run's default
+    measure: Callable[[Any, float], tuple[float, str]]  # (value, box) -> fps, note
+    overhead_s: float  # a first guess of one trial's cost beyond its box (processes)
+    min_box_s: float
+    max_box_s: float
 
 
 @dataclass
-class Trial:
+class Outcome:
+    """One dimension's rounds and what they decide."""
+
     dimension: str
-    setting: str
-    figure: float | None
-    unit: str
-    note: str
-    flags: list[str]
-    seconds: float
-    chosen: bool = False
+    settings: list[str]
+    runs: dict[str, list[float]]
+    notes: dict[str, str]
+    default: str
+    best: str | None = None
+    recommended: str | None = None   # best, when its gain beats the spread
+    reason: str = ""
+    flags: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
 
 
 def timed(step: Callable[[int], object], count: int, box: float) -> tuple[int, float]:
@@ -103,270 +111,366 @@ def timed(step: Callable[[int], object], count: int, box: float) -> tuple[int, f
     return done, time.perf_counter() - t0
 
 
+def decide(outcome: Outcome) -> None:
+    """The best median wins only if it beats the default's by more than the spread of
+    either across rounds; the reason is said in figures either way."""
+    med = {s: float(np.median(r)) for s, r in outcome.runs.items() if len(r) >= 2}
+    if outcome.default not in med or len(med) < 2:
+        done = min(len(r) for r in outcome.runs.values())
+        outcome.reason = (f"not tuned: the budget held {done} of the 2 rounds every setting "
+                          f"needs for a spread; run's default stays")
+        return
+    best = max(med, key=med.get)
+    outcome.best = best
+    d = outcome.default
+    if best == d:
+        outcome.reason = f"run's default ({d}) measured best"
+        return
+    gain = med[best] - med[d]
+    noise = max(spread(outcome.runs[best]), spread(outcome.runs[d]))
+    if gain > noise:
+        outcome.recommended = best
+        outcome.reason = (f"{best} is {med[best] / med[d]:.2f}x the default ({d}); the gain "
+                          f"({gain:.4g} fps) beats the spread between rounds ({noise:.4g} fps)")
+    else:
+        outcome.reason = (f"{best} measured {med[best] / med[d]:.2f}x the default ({d}), but "
+                          f"the gain ({gain:.4g} fps) is within the spread between rounds "
+                          f"({noise:.4g} fps): the default stays")
+
+
 class Tuner:
-    def __init__(self, shape: tuple[int, ...], dtype: str, budget: float, disk_dir: Path,
+    def __init__(self, spec: FrameSpec, budget: float, record_dir: Path,
                  only: tuple[str, ...] = DIMENSIONS,
                  log: Callable[[str], None] = lambda m: None) -> None:
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype).name
-        self.frame_bytes = int(np.prod(self.shape)) * np.dtype(dtype).itemsize
-        self.budget, self.disk_dir, self.log = budget, disk_dir, log
+        self.spec = spec.resolved()
+        self.frame_bytes = int(np.prod(self.spec.shape)) * np.dtype(self.spec.dtype).itemsize
+        self.budget, self.record_dir, self.log = budget, record_dir, log
         self.only = tuple(d for d in DIMENSIONS if d in only)
-        self.trials: list[Trial] = []
+        self.outcomes: list[Outcome] = []
         self.skipped: list[dict[str, str]] = []
-        self.best: dict[str, Setting] = {}
         self.wisdom_dir: Path | None = None  # this session's FFTW wisdom, while it runs
         self._pool: list[np.ndarray] = []
+        self._fft_case = None
+        self._cost: dict[str, float] = {}  # measured overhead per trial, by dimension
+        self._deadline = 0.0
 
     # --- the sweep --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t0 = time.monotonic()
-        deadline = t0 + self.budget
+        # the budget counts from the command's start (interpreter, imports) to its exit
+        started = time.time() - psutil.Process().create_time()
+        self._deadline = t0 + self.budget - started - TEARDOWN_S
         with tempfile.TemporaryDirectory(prefix="framebroker-tune-") as tmp:
             self.wisdom_dir = Path(tmp)
             for i, name in enumerate(self.only):
-                share = (deadline - time.monotonic()) * WEIGHTS[name] / sum(
-                    WEIGHTS[n] for n in self.only[i:])
+                left = self._deadline - time.monotonic()
+                share = left * WEIGHTS[name] / sum(WEIGHTS[n] for n in self.only[i:])
                 try:
-                    dim = getattr(self, "dim_" + name.replace("-", "_"))()
+                    dim = getattr(self, "dim_" + name)()
                 except Unsupported as exc:
-                    self._skip(name, "all", str(exc))
+                    self._skip(name, str(exc))
                     continue
                 self._sweep(dim, share)
         return self.result(time.monotonic() - t0)
 
-    def _sweep(self, dim: Dimension, share: float) -> None:
-        cost = dim.overhead_s + dim.min_box_s
-        fit = min(len(dim.settings), int(share // cost))
-        if fit < 2:
-            self._skip(dim.name, ", ".join(s.label for s in dim.settings),
-                       f"two trials need {2 * cost:.1f} s, {max(share, 0):.1f} s of the budget "
-                       f"is left for it")
-            return
-        box = min(dim.max_box_s, share / fit - dim.overhead_s)
-        trials = [self._trial(dim, s, box) for s in dim.settings[:fit]]
-        if fit < len(dim.settings):
-            self._skip(dim.name, ", ".join(s.label for s in dim.settings[fit:]),
-                       f"{share:.1f} s of the budget held {fit} trials")
-        chosen = choose(trials)
-        if chosen is not None:
-            chosen.chosen = True
-            self.best[dim.name] = dim.settings[trials.index(chosen)]
+    def _left(self) -> float:
+        return self._deadline - time.monotonic()
 
-    def _trial(self, dim: Dimension, setting: Setting, box: float) -> Trial:
+    def _sweep(self, dim: Dimension, share: float) -> None:
+        """Two rounds of every setting (three if its share holds them), each trial
+        time-boxed so the rounds fit the dimension's share of what is left; it may run
+        past its share to finish two rounds, never past the budget."""
+        n = len(dim.settings)
+        need = 2 * n * (self._overhead(dim) + dim.min_box_s)
+        if need > self._left():
+            self._skip(dim.name, f"two rounds of its {n} settings need about {need:.1f} s; "
+                                 f"{max(self._left(), 0):.1f} s of the budget is left")
+            return
+        now = time.monotonic()
+        stop_at = min(self._deadline, now + max(share, need))
+        outcome = Outcome(dim.name, [s.label for s in dim.settings],
+                          {s.label: [] for s in dim.settings}, {}, dim.settings[0].label)
+        for r in range(MAX_ROUNDS):
+            target = max(2, r + 1)  # rounds to plan the boxes for
+            for i, setting in enumerate(dim.settings):
+                left = stop_at - time.monotonic()
+                box = min(dim.max_box_s, max(dim.min_box_s, left / (n * (target - r) - i)
+                                             - self._overhead(dim)))
+                if r >= 2 and i == 0 and n * (self._overhead(dim) + box) > left:
+                    break  # a third round only whole, and only within the share
+                if self._overhead(dim) + box > self._deadline - time.monotonic():
+                    break
+                self._trial(dim, setting, box, outcome, r)
+            else:
+                continue
+            break
+        outcome.seconds = round(time.monotonic() - now, 2)
+        decide(outcome)
+        if outcome.recommended:
+            outcome.flags = next(s.flags for s in dim.settings
+                                 if s.label == outcome.recommended)
+        self.outcomes.append(outcome)
+        self.log(f"tune: {dim.name}: {outcome.reason}")
+
+    def _overhead(self, dim: Dimension) -> float:
+        """One trial's cost beyond its box: measured on the first trials of the
+        dimension (with a margin: a loaded machine varies), else the first guess."""
+        return self._cost[dim.name] * OVERHEAD_MARGIN if dim.name in self._cost \
+            else dim.overhead_s
+
+    def _trial(self, dim: Dimension, setting: Setting, box: float, outcome: Outcome,
+               round_: int) -> None:
         t0 = time.monotonic()
         try:
-            figure, note = dim.measure(setting.value, box)
-        except (OSError, RuntimeError, ValueError, queue.Empty) as exc:  # BenchError too
-            figure, note = None, f"failed: {exc}"
-        trial = Trial(dim.name, setting.label, figure, dim.unit, note, list(setting.flags),
-                      round(time.monotonic() - t0, 2))
-        self.trials.append(trial)
-        self.log(f"tune: {dim.name} {setting.label}: "
-                 f"{'-' if figure is None else f'{figure:.1f}'} {dim.unit} {note} "
-                 f"({trial.seconds} s)")
-        return trial
+            fps, note = dim.measure(setting.value, box)
+        except TRIAL_ERRORS as exc:
+            fps, note = None, f"failed: {exc}"
+        took = time.monotonic() - t0
+        if round_ == 0:  # the cost beyond the box: the worst of the first round
+            self._cost[dim.name] = max(self._cost.get(dim.name, 0.0), took - box)
+        if fps is not None:
+            outcome.runs[setting.label].append(fps)
+        outcome.notes[setting.label] = note
+        self.log(f"tune: {dim.name} {setting.label} round {round_ + 1}: "
+                 f"{'failed' if fps is None else f'{fps:.1f} fps'} {note} ({took:.2f} s)")
 
-    def _skip(self, dimension: str, settings: str, reason: str) -> None:
-        self.skipped.append({"dimension": dimension, "settings": settings, "reason": reason})
-        self.log(f"tune: skipped {dimension} ({settings}): {reason}")
+    def _skip(self, dimension: str, reason: str) -> None:
+        self.skipped.append({"dimension": dimension, "reason": reason})
+        self.log(f"tune: skipped {dimension}: {reason}")
+
+    def _outcome(self, name: str) -> Outcome | None:
+        return next((o for o in self.outcomes if o.dimension == name), None)
+
+    def _winner(self, name: str, default: Any, settings: tuple[Setting, ...]) -> Any:
+        """The value of a measured dimension's recommended setting, else ``default``."""
+        o = self._outcome(name)
+        if o is None or not o.recommended:
+            return default
+        return next(s.value for s in settings if s.label == o.recommended)
 
     # --- dimensions ---------------------------------------------------------------------
-    def _transport_bench(self):
-        try:
-            return load_bench("transport")
-        except BenchError as exc:
-            raise Unsupported(str(exc)) from None
+    def _pubsub(self, value: tuple[str, int, str], box: float) -> tuple[float, str]:
+        from .bench.transport import run_cell
 
-    def _pubsub(self, transport: str, hwm: int, copy_threshold: int,
-                box: float) -> tuple[float, str]:
-        cell = self._transport_bench().run_cell("framebroker", transport, self.shape,
-                                                self.dtype, box, TRANSPORT_WARMUP_S, hwm=hwm,
-                                                copy_threshold=copy_threshold)
+        transport, hwm, policy = value
+        cell = run_cell("framebroker", transport, self.spec.shape, self.spec.dtype, box,
+                        WARMUP_S, hwm=hwm, source=self.spec.source, policy=policy)
         return cell["fps"], f"{cell['mb_per_s']:.0f} MB/s"
 
-    def _best_transport(self) -> str:
-        setting = self.best.get("transport")
-        return setting.value if setting else "tcp"
+    def _transports(self) -> tuple[Setting, ...]:
+        ipc = {name: f"ipc://{tempfile.gettempdir()}/framebroker-{name}"
+               for name in ("pub", "work", "control", "results")}
+        settings = [Setting("tcp", ("tcp", RUN_HWM, "drop")),
+                    Setting("ipc", ("ipc", RUN_HWM, "drop"), ipc)]
+        if Path("/dev/shm").is_dir():
+            settings.append(Setting(f"shm {SHM_RING}", ("shm", RUN_HWM, "drop"),
+                                    {"shm": SHM_RING}))
+        return tuple(settings)
 
     def dim_transport(self) -> Dimension:
-        self._transport_bench()
-        ipc = tuple(f for name in ("pub", "work", "control", "results")
-                    for f in (f"--{name}", f"ipc://{tempfile.gettempdir()}/framebroker-{name}"))
-        return Dimension("transport", "fps", 0.8, 0.3, 3.0,
-                         (Setting("tcp", "tcp"), Setting("ipc", "ipc", ipc)),
-                         lambda t, box: self._pubsub(t, RUN_HWM, DEFAULT_COPY_THRESHOLD, box))
+        return Dimension("transport", self._transports(), self._pubsub, 1.0, 0.25, 2.0)
 
     def dim_hwm(self) -> Dimension:
-        self._transport_bench()
-        transport = self._best_transport()
-        return Dimension("hwm", "fps", 0.8, 0.3, 3.0,
-                         tuple(Setting(f"{h} ({transport})", h, ("--hwm", str(h)))
-                               for h in (4, 16, 64)),
-                         lambda h, box: self._pubsub(transport, h, DEFAULT_COPY_THRESHOLD, box))
+        transports = self._transports()
+        transport = self._winner("transport", ("tcp", RUN_HWM, "drop"), transports)[0]
+        settings = [Setting(f"hwm {RUN_HWM}, drop ({transport})", (transport, RUN_HWM, "drop"))]
+        settings += [Setting(f"hwm {h}, drop ({transport})", (transport, h, "drop"),
+                             {"hwm": h}) for h in (16, 4)]
+        settings.append(Setting(f"hwm {RUN_HWM}, latest:1 ({transport})",
+                                (transport, RUN_HWM, "latest:1"),
+                                {"policy": "latest:1"}))  # a subscriber's flag, not run's
+        return Dimension("hwm", tuple(settings), self._pubsub, 1.0, 0.25, 2.0)
 
-    def dim_copy_threshold(self) -> Dimension:
-        """The default, and the value that flips this frame between copied and zero-copy:
-        parts below the threshold are copied even when sent with ``copy=False``."""
-        self._transport_bench()
-        transport = self._best_transport()
-        if self.frame_bytes >= DEFAULT_COPY_THRESHOLD:
-            other, what = self.frame_bytes + 1, "copy every frame"
-        else:
-            other, what = 0, "zero-copy every frame"
-        return Dimension("copy-threshold", "fps", 0.8, 0.3, 3.0,
-                         (Setting(f"{DEFAULT_COPY_THRESHOLD} (default, {transport})",
-                                  DEFAULT_COPY_THRESHOLD),
-                          Setting(f"{other} ({what}, {transport})", other)),
-                         lambda v, box: self._pubsub(transport, RUN_HWM, v, box))
+    def _case(self):
+        """The FFT case (frames rendered once) with this session's wisdom store."""
+        from .bench.fft import Case
+        from .fft import WisdomStore
 
-    def _processor(self, backend: str, planner: str, threads: int = 1):
-        """The FFT a ``run`` worker would plan for this frame (gray, peak), with the
-        session's wisdom store, which the worker trials then import."""
-        from .fft import FFTProcessor, WisdomStore
+        if self._fft_case is None:
+            self._fft_case = Case(self.spec.shape, self.spec.dtype,
+                                  WisdomStore(self.wisdom_dir), self.spec.source, gray=True)
+        return self._fft_case
 
-        return FFTProcessor(self.shape, self.dtype, color="gray", output="peak",
-                            backend=backend, threads=threads, planner=planner,
-                            wisdom=WisdomStore(self.wisdom_dir))
-
-    def _check_fft(self) -> None:
-        try:
-            self._processor("pyfftw", "estimate")
-        except ValueError as exc:
-            raise Unsupported(f"no FFT for this frame: {exc}") from None
+    def _fft_settings(self) -> tuple[Setting, ...]:
+        return (Setting("pyfftw measure", ("pyfftw", "measure")),
+                Setting("pyfftw estimate", ("pyfftw", "estimate"), {"planner": "estimate"}),
+                Setting("scipy", ("scipy", "estimate"), {"backend": "scipy"}))
 
     def _fft_rate(self, value: tuple[str, str], box: float) -> tuple[float, str]:
-        backend, planner = value
-        proc = self._processor(backend, planner)
-        frames = self.pool()
-        timed(lambda i: proc.process(frames[i % POOL]), sys.maxsize, 0.1)  # caches, pages
-        n, seconds = timed(lambda i: proc.process(frames[i % POOL]), sys.maxsize, box)
+        case = self._case()
+        proc = case.processor(*value)
+        frames = case.frames
+        timed(lambda i: proc.process(frames[i % len(frames)]), sys.maxsize, WARMUP_S)
+        n, seconds = timed(lambda i: proc.process(frames[i % len(frames)]), sys.maxsize, box)
         return n / seconds, f"planned in {proc.plan_info['planning_seconds'] * 1e3:.0f} ms"
 
     def dim_fft(self) -> Dimension:
-        self._check_fft()
-        return Dimension("fft", "fps", 0.3, 0.2, 3.0, (
-            Setting("pyfftw estimate", ("pyfftw", "estimate"),
-                    ("--backend", "pyfftw", "--planner", "estimate")),
-            Setting("pyfftw measure", ("pyfftw", "measure"),
-                    ("--backend", "pyfftw", "--planner", "measure")),
-            Setting("scipy", ("scipy", "estimate"), ("--backend", "scipy"))), self._fft_rate)
+        try:  # the MEASURE plan once, into the session's wisdom: trials then plan in ms
+            self._case().processor("pyfftw", "measure")
+        except ValueError as exc:
+            raise Unsupported(f"no FFT for this frame: {exc}") from None
+        return Dimension("fft", self._fft_settings(), self._fft_rate, 0.3, 0.15, 1.5)
 
-    def _workers_rate(self, value: tuple[int, int], box: float) -> tuple[float | None, str]:
+    def _workers_rate(self, value: tuple[int, int], box: float) -> tuple[float, str]:
+        from .bench.fft import Timing, processes
+
         workers, threads = value
-        fft = self.best.get("fft")
-        flags = ["--workers", str(workers), "--threads", str(threads),
-                 *(fft.flags if fft else ()), "--shape", "x".join(map(str, self.shape)),
-                 "--dtype", self.dtype, "--frames", "0", "--seconds",
-                 f"{box + RUN_STARTUP_S:.2f}", "--wisdom", str(self.wisdom_dir)]
-        rep = framebroker_run(flags, timeout=box + 60)
-        processed = rep["stages"]["processed"]
-        if processed["frames"] < 2:
-            return None, "no results within the time box"
-        return processed["fps"], (f"{processed['frames']} frames, latency p50 "
-                                  f"{processed['latency_ms_p50']} ms")
+        backend, planner = self._winner("fft", ("pyfftw", "measure"), self._fft_settings())
+        res = processes(workers, threads, backend, planner).measure(
+            self._case(), Timing(seconds=box, warmup=WARMUP_S))
+        return res["fps"], (f"{backend} {planner}, per process "
+                            f"{', '.join(f'{x:.0f}' for x in res['per_process_fps'])} fps")
 
     def dim_workers(self) -> Dimension:
-        self._check_fft()
+        self.dim_fft()  # the same frames must be transformable
         cores = default_workers()
-        combos = list(dict.fromkeys([(1, 1), (cores, 1), (1, 2)]))
-        return Dimension("workers", "fps", 3.0, 1.0, 10.0,
-                         tuple(Setting(f"{w} x {t} thread{'s' if t > 1 else ''}", (w, t),
-                                       ("--workers", str(w), "--threads", str(t)))
-                               for w, t in combos), self._workers_rate)
+        combos = list(dict.fromkeys([(cores, 1), (1, 1), (1, 2)]))
+        return Dimension("workers", tuple(
+            Setting(f"{w} x {t} thread{'s' if t > 1 else ''}", (w, t),
+                    {"workers": w, "threads": t}) for w, t in combos),
+            self._workers_rate, 1.5, 0.25, 2.0)
 
-    def record_frames(self) -> int:
-        """A fixed amount of data per recorder trial, a multiple of the largest chunk."""
+    def record_frames(self, box: float) -> int:
+        """A cap on frames per recorder trial: about a box at 2 GB/s."""
         lo, hi = RECORD_FRAMES
-        return max(lo, min(hi, RECORD_BYTES // self.frame_bytes)) // 4 * 4
+        return max(lo, min(hi, int(2e9 * box // self.frame_bytes)))
 
-    def _record_rate(self, value: tuple[int, str], box: float) -> tuple[float, str]:
+    def _record_rate(self, value: tuple[int, str, int], box: float) -> tuple[float, str]:
         from .recorder import RecordingWriter
 
-        chunk, compression = value
-        frames, n = self.pool(), self.record_frames()
-        with tempfile.TemporaryDirectory(prefix=".framebroker-tune-", dir=self.disk_dir) as tmp:
-            os.sync()  # the previous trial's writeback is not this one's cost
+        chunk, compression, threads = value
+        frames, n = self.pool(), self.record_frames(box)
+        n -= n % chunk
+        with tempfile.TemporaryDirectory(prefix=".framebroker-tune-",
+                                         dir=self.record_dir) as tmp:
             t0 = time.perf_counter()
-            writer = RecordingWriter(path=Path(tmp) / "tune.h5", shape=self.shape,
-                                     dtype=self.dtype, stream="tune", source="synthetic",
+            writer = RecordingWriter(path=Path(tmp) / "tune.h5", shape=self.spec.shape,
+                                     dtype=self.spec.dtype, stream="tune", source="tune",
                                      frames_expected=n, chunk_frames=chunk,
-                                     compression=compression)
+                                     compression=compression, compress_threads=threads)
             with writer:
                 done, _ = timed(lambda i: writer.write(i, i, frames[i % POOL]), n, box)
             seconds = time.perf_counter() - t0  # open to close: the last flush counts
         fps = done / seconds
-        return fps, (f"{done} frames, {fps * self.frame_bytes / 1e6:.0f} MB/s, "
+        return fps, (f"{fps * self.frame_bytes / 1e6:.0f} MB/s, "
                      f"{writer.bytes_written / max(writer.bytes_stored, 1):.2f}x smaller")
 
     def dim_recorder(self) -> Dimension:
-        combos = [(c, z) for c in (1, 4) for z in ("none", "lz4", "bslz4")]
-        return Dimension("recorder", "fps", 0.2, 0.3, 5.0,
-                         tuple(Setting(f"chunk {c}, {z}", (c, z),
-                                       ("--chunk-frames", str(c), "--compression", z))
-                               for c, z in combos), self._record_rate)
+        if not os.access(self.record_dir, os.W_OK):
+            raise Unsupported(f"cannot write to the record dir {self.record_dir}")
+        combos = [(1, "none", RUN_COMPRESS_THREADS), (4, "none", RUN_COMPRESS_THREADS)]
+        combos += [(c, z, t) for z in ("lz4", "bslz4") for c in (1, 4)
+                   for t in (RUN_COMPRESS_THREADS, 1) if c == 4 or t == RUN_COMPRESS_THREADS]
+        return Dimension("recorder", tuple(
+            Setting(f"chunk {c}, {z}" + (f", {t} threads" if z != "none" else ""), (c, z, t),
+                    {k: v for k, v, d in (("chunk-frames", c, 1), ("compression", z, "none"),
+                                          ("compress-threads", t, RUN_COMPRESS_THREADS))
+                     if v != d})
+            for c, z, t in combos), self._record_rate, 0.15, 0.15, 1.0)
 
     def pool(self) -> list[np.ndarray]:
-        """Distinct read-only synthetic frames (as received), so no cache holds "the" frame."""
-        from .sources import synthetic_frame
-
+        """Distinct read-only frames (as received), so no cache holds "the" frame."""
         if not self._pool:
-            for i in range(POOL):
-                frame = synthetic_frame(self.shape, self.dtype, i)
+            for frame in self.spec.frames(POOL):
                 frame.flags.writeable = False
                 self._pool.append(frame)
         return self._pool
 
     # --- the result -------------------------------------------------------------------
-    def recommendation(self) -> list[str]:
-        """The chosen settings' flags, transport endpoints last (they are long)."""
-        order = ("workers", "fft", "hwm", "recorder", "transport")
-        return [f for name in order if name in self.best for f in self.best[name].flags]
+    def run_flags(self) -> dict[str, Any]:
+        """What ``framebroker run`` gets: the frames, then every recommended flag that
+        run has (the subscriber policy is not one of them)."""
+        flags: dict[str, Any] = {"source": self.spec.source}
+        if self.spec.synthetic:
+            flags.update(shape="x".join(map(str, self.spec.shape)), dtype=self.spec.dtype)
+        for o in self.outcomes:
+            flags.update({k: v for k, v in o.flags.items() if k != "policy"})
+        return flags
+
+    def predicted(self) -> dict[str, Any] | None:
+        """The slowest measured stage with the chosen settings: what ``run`` can keep up
+        with, as its median and the min-max of its rounds."""
+        stages = {}
+        fft = "workers" if self._outcome("workers") else "fft"  # else: one process's FFT
+        for name, stage in (("transport", "transport"),
+                            (fft, "FFT workers" if fft == "workers" else
+                             "FFT in one process (workers not measured)"),
+                            ("recorder", "recorder")):
+            o = self._outcome(name)
+            chosen = o and (o.recommended or (o.default if len(o.runs[o.default]) >= 2
+                                              else None))
+            if chosen:
+                stages[stage] = {"setting": chosen, **figure(o.runs[chosen])}
+        if not stages:
+            return None
+        slowest = min(stages, key=lambda k: stages[k]["median"])
+        return {"stage": slowest, **stages[slowest], "stages": stages}
 
     def result(self, elapsed: float) -> dict[str, Any]:
-        notes = []
-        threshold = self.best.get("copy-threshold")
-        if threshold is not None and threshold.value != DEFAULT_COPY_THRESHOLD:
-            runs = {t.setting: t.figure for t in self.trials if t.dimension == "copy-threshold"}
-            default, best = runs.values()
-            gain = f"{best / default - 1:.0%} faster" if default else "the only one that ran"
-            notes.append(f"zmq.COPY_THRESHOLD = {threshold.value} was {gain} in this run, but "
-                         f"framebroker run has no flag for it: set it in code before creating "
-                         f"sockets")
-        untuned = [d for d in self.only if d not in self.best and d != "copy-threshold"]
-        if untuned:
-            notes.append(f"not tuned, so run's defaults stay: {', '.join(untuned)}")
-        if "recorder" in self.best:
-            notes.append("--chunk-frames and --compression matter only with --record")
-        flags = self.recommendation()
-        return {"shape": list(self.shape), "dtype": self.dtype, "budget_s": self.budget,
-                "elapsed_s": round(elapsed, 1), "recording_dir": str(self.disk_dir),
-                "trials": [asdict(t) for t in self.trials], "skipped": self.skipped,
-                "best": {name: s.label for name, s in self.best.items()},
-                "recommendation": shlex.join(flags),
-                "command": shlex.join(["framebroker", "run", *flags]), "notes": notes}
+        flags = self.run_flags()
+        argv = [a for k, v in flags.items() for a in (f"--{k}", str(v))]
+        policy = next((o.flags["policy"] for o in self.outcomes if "policy" in o.flags), None)
+        return {"source": self.spec.source, "shape": list(self.spec.shape),
+                "dtype": self.spec.dtype, "budget_s": self.budget,
+                "elapsed_s": round(elapsed, 1), "record_dir": str(self.record_dir),
+                "outcomes": [asdict(o) for o in self.outcomes], "skipped": self.skipped,
+                "flags": flags, "subscriber_policy": policy,
+                "predicted": self.predicted(),
+                "command": shlex.join(["framebroker", "run", *argv])}
 
 
-def choose(trials: list[Trial]) -> Trial | None:
-    """The first trial within ``TIE`` of the fastest: settings come in order of
-    preference, and noise should not change a flag."""
-    measured = [t for t in trials if t.figure]
-    if not measured:
-        return None
-    top = max(t.figure for t in measured)
-    return next(t for t in measured if t.figure >= top * (1 - TIE))
+def _fig(runs: list[float]) -> str:
+    if not runs:
+        return "failed"
+    f = figure(runs)
+    return f"{f['median']:.0f} ({f['min']:.0f}-{f['max']:.0f})"
 
 
 def format_result(res: dict[str, Any]) -> str:
+    """Every setting measured with its rounds, what was decided and why, the predicted
+    rate and the command; nothing about a setting that was not measured."""
     shape = "x".join(map(str, res["shape"]))
-    lines = [f"framebroker tune: {shape} {res['dtype']}, {res['elapsed_s']} s of a "
-             f"{res['budget_s']:g} s budget (* = chosen)",
-             f"  {'dimension':<15} {'setting':<36} {'result':>10}  note"]
-    for t in res["trials"]:
-        figure = "failed" if t["figure"] is None else f"{t['figure']:.1f} {t['unit']}"
-        lines.append(f"  {t['dimension']:<15} {('* ' if t['chosen'] else '  ') + t['setting']:<36}"
-                     f" {figure:>10}  {t['note']}")
+    frames = f"{shape} {res['dtype']}" + ("" if res["source"] == "synthetic"
+                                           else f" from {res['source']}")
+    lines = [f"framebroker tune: {frames}, {res['elapsed_s']} s of a {res['budget_s']:g} s "
+             f"budget; fps as median (min-max) of the rounds; * = recommended, "
+             f"d = run's default"]
+    for o in res["outcomes"]:
+        lines.append(f"  {o['dimension']}:")
+        for label in o["settings"]:
+            if label not in o["notes"]:
+                continue  # never started: the budget ran out
+            mark = "*" if label == o["recommended"] else "d" if label == o["default"] else " "
+            lines.append(f"    {mark} {label:<34} {_fig(o['runs'][label]):>22}  "
+                         f"{o['notes'].get(label, '')}")
+        lines.append(f"    -> {o['reason']}")
     for s in res["skipped"]:
-        lines.append(f"  skipped {s['dimension']} ({s['settings']}): {s['reason']}")
-    lines += [f"  note: {n}" for n in res["notes"]]
+        lines.append(f"  skipped {s['dimension']}: {s['reason']}")
+    p = res["predicted"]
+    if p:
+        lines.append(f"predicted: {p['median']:.0f} fps ({p['min']:.0f}-{p['max']:.0f} "
+                     f"between rounds), limited by the {p['stage']} ({p['setting']})")
+    if res["subscriber_policy"]:
+        lines.append(f"your own subscribers: --policy {res['subscriber_policy']} "
+                     f"(framebroker watch/view, subscribe())")
     lines.append(f"recommended: {res['command']}")
     return "\n".join(lines)
+
+
+def toml_text(res: dict[str, Any]) -> str:
+    """The recommended flags as flat TOML that ``run --config FILE`` reads as is."""
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    head = [f"# framebroker tune, {time.strftime('%Y-%m-%d %H:%M')}: "
+            f"{'x'.join(map(str, res['shape']))} {res['dtype']}, {res['elapsed_s']} s",
+            "# framebroker run --config THIS_FILE (flags on the command line override)"]
+    p = res["predicted"]
+    if p:
+        head.append(f"# predicted {p['median']:.0f} fps ({p['min']:.0f}-{p['max']:.0f}), "
+                    f"limited by the {p['stage']}")
+    return "\n".join(head + [f"{k} = {value(v)}" for k, v in res["flags"].items()]) + "\n"
