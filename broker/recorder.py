@@ -720,28 +720,17 @@ class RecordingWriter:
         n = part.count
         if n > part.flushed:
             for ds, values in ((part.ts_ds, part.ts), (part.ids_ds, part.ids)):
-                _h5_call(f"writing {ds.name}", part.path, self._extend, ds, part.flushed,
+                _h5_call(f"writing {ds.name}", part.path, _extend, ds, part.flushed,
                          np.asarray(values, dtype=np.uint64))
             part.ids.clear()
             part.ts.clear()
         if part.gaps_dirty:
             _h5_call("writing /gaps", part.path, self._rewrite_gaps, part)
         _h5_call("flushing", part.path, h5.flush)
-        _h5_call("publishing /valid_frames", part.path, self._publish, part.valid_ds, n)
+        _h5_call("publishing /valid_frames", part.path, _publish, part.valid_ds, n)
         self.frames_flushed += n - part.flushed
         part.flushed = n
         self._last_flush = time.monotonic()
-
-    @staticmethod
-    def _extend(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
-        ds.resize((start + len(values),))
-        ds[start:] = values
-        ds.flush()
-
-    @staticmethod
-    def _publish(valid_ds: h5py.Dataset, n: int) -> None:
-        valid_ds[()] = n
-        valid_ds.flush()
 
     @staticmethod
     def _rewrite_gaps(part: _PartFile) -> None:
@@ -749,6 +738,19 @@ class RecordingWriter:
         part.gaps_ds.resize(rows.shape)
         part.gaps_ds[...] = rows
         part.gaps_dirty = False
+
+
+def _extend(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
+    """Write ``values`` at ``start`` of a 1-D dataset, growing it, and flush it."""
+    ds.resize((start + len(values),))
+    ds[start:] = values
+    ds.flush()
+
+
+def _publish(valid_ds: h5py.Dataset, n: int) -> None:
+    """The new valid count, written in place (its storage was allocated at creation)."""
+    valid_ds[()] = n
+    valid_ds.flush()
 
 
 def _abandon(part: _PartFile) -> None:
