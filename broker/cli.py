@@ -976,7 +976,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
             ["--overwrite"] if args.overwrite else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
                    workers=[worker] * args.workers, record=record, seconds=args.seconds,
-                   frames=frames, lossless_record=lossless, security=client_sec)
+                   frames=frames, lossless_record=lossless, security=client_sec,
+                   record_path=args.record)
     progress, finish = _progress(args, frames)
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
     if sink is None:

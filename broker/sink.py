@@ -600,16 +600,6 @@ def open_results(path: Path, overwrite: bool = False) -> _NpyResults | _H5Result
     raise SinkError(f"{path}: use a .npy or .h5 file name")
 
 
-def read_results(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(frame ids, results) a sink's .h5 file holds, also while it is written or after
-    its sink was killed: the first ``/valid_results`` rows."""
-    with h5py.File(path, "r", swmr=True) as h5:
-        n = int(h5["valid_results"][()])
-        ids = h5["frame_id"][:n]
-        res = h5["result"][:n] if "result" in h5 else np.zeros((0,), np.float32)
-    return ids, res
-
-
 def summary_line(s: dict[str, Any]) -> str:
     """One line of a sink summary, for logs and the CLI."""
     return (f"{s['frames']} results of {s['total']} in {s['seconds']} s ({s['fps']} fps), "

@@ -3,9 +3,12 @@ against hostile peers, SIGKILL, stop signals and a full disk, and what ``run`` s
 when one of its parts dies (all real processes, real files)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,8 +20,10 @@ import pytest
 import zmq
 
 from broker import protocol as proto
-from broker.sources import synthetic_frame
-from conftest import acked, cli, free_port, run_cli, summary, wait_status
+from broker.recorder import RecorderError, recover
+from broker.sources import check_synthetic, synthetic_frame
+from conftest import acked, cli, free_port, make_endpoints, run_cli, summary, wait_status
+from test_run import _children, run_args
 
 SHAPE = (64, 80)
 
@@ -231,3 +236,124 @@ def test_npy_out_is_readable_after_sigkill(eps, broker_factory, tmp_path):
     check_spectra(np.arange(len(spectra)), spectra, every=17)
     w.kill()
     w.communicate()
+
+
+# --- the recorder and stop signals (case 6) -------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_stop_signals_close_the_recording(eps, broker_factory, tmp_path, sig):
+    """``record r.h5 & kill $!`` (and -HUP, Ctrl-C): the recorder writes what it holds and
+    closes the file: plain h5py opens it, every frame it says is valid is intact."""
+    out = tmp_path / "r.h5"
+    broker_factory("--fps", "200", "--shape", "60x80x3", "--wait-recorders", "1")
+    rec = cli("record", str(out), "--broker", eps.control, "--json", "--timeout", "60")
+    wait_status(eps.control, acked("record", 100))
+    rec.send_signal(sig)
+    res = summary(rec, ok=(1,))  # stopped before the end of the stream
+    assert res["stopped_by"] == signal.Signals(sig).name
+    with h5py.File(out) as f:  # plain open: the file was closed
+        n = int(f["valid_frames"][()])
+        assert f.attrs["complete"] == 1 and n == res["frames_written"] >= 100
+        np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
+        for i in range(0, n, 7):
+            assert check_synthetic(f["frames"][i], i) == -1, i
+
+
+# --- run's summary when a part dies (case 6) ---------------------------------------------
+
+def _run_and_kill(tmp_path, part: str) -> tuple[dict, int]:
+    """``run --record`` streaming; SIGKILL one part once frames are recorded; return the
+    summary and the valid frames the recording really holds."""
+    eps = make_endpoints()
+    out = tmp_path / "r.h5"
+    proc = subprocess.Popen(run_args(eps, "--seconds", "120", "--fps", "200", "--shape",
+                                     "60x80x3", "--workers", "1", "--record", str(out),
+                                     "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (victim,) = _children(proc, {"recorder": "record", "broker": "serve"}[part], 1)
+    wait_status(eps.control, acked("record", 300))
+    victim.kill()
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (stdout, err)
+    with h5py.File(out, "r", swmr=True) as f:
+        held = int(f["valid_frames"][()])
+        np.testing.assert_array_equal(f["frame_id"][:held], np.arange(held))
+    return json.loads(stdout.strip().splitlines()[-1]), held
+
+
+def test_run_with_its_recorder_killed_reports_what_the_file_holds(tmp_path):
+    rep, held = _run_and_kill(tmp_path, "recorder")
+    assert held > 100 and rep["stages"]["recorded"]["frames"] == held
+    assert rep["failed"][0]["part"] == "recorder"
+    assert rep["failed"][0]["why"] == "killed by SIGKILL"
+
+
+def test_run_with_its_broker_killed_reports_what_the_file_holds(tmp_path):
+    rep, held = _run_and_kill(tmp_path, "broker")
+    assert held > 100 and rep["stages"]["recorded"]["frames"] == held
+    assert rep["stream"]["source"] is not None
+    assert rep["stages"]["published"]["frames"] >= held
+    assert [f["part"] for f in rep["failed"]] == ["broker"]
+    assert rep["failed"][0]["why"] == "killed by SIGKILL"
+    with h5py.File(tmp_path / "r.h5") as f:  # the recorder was stopped with SIGTERM: closed
+        assert f.attrs["complete"] == 1 and len(f["frame_id"]) == held
+
+
+# --- recover() on a full disk (case 7) ---------------------------------------------------
+
+def _killed_recording(path: Path, frames: int) -> int:
+    """A recording whose writer was SIGKILLed after ``frames`` flushed frames."""
+    child = subprocess.Popen([sys.executable, "tests/recorder_child.py", "forever", str(path),
+                              "lz4"], stdout=subprocess.PIPE, text=True)
+    flushed = 0
+    while flushed < frames:
+        flushed = int(child.stdout.readline())
+    child.kill()
+    child.wait()
+    return flushed
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_recover_on_a_full_disk_refuses_and_leaves_the_file_as_it_was(tmp_path):
+    """recover() where the file cannot grow (RLIMIT_FSIZE at its size, as on a full disk):
+    a clear error, the file byte for byte unchanged, still open with SWMR and read by
+    ``inspect``; with room it then recovers as usual."""
+    path = tmp_path / "killed.h5"
+    flushed = _killed_recording(path, 200)
+    before = _digest(path)
+    size = path.stat().st_size
+    code = ("import resource, sys\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size}, {size}))\n"
+            "from broker.recorder import RecorderError, recover\n"
+            "try:\n"
+            f"    recover({str(path)!r})\n"
+            "except RecorderError as exc:\n"
+            "    sys.exit(f'error {exc}')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not enough room to recover it safely" in r.stderr, r.stderr
+    assert "File too large" in r.stderr and _digest(path) == before
+    with h5py.File(path, "r", swmr=True) as f:
+        assert int(f["valid_frames"][()]) >= flushed
+    r = run_cli("inspect", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["frames"] >= flushed
+    n = recover(path)
+    with h5py.File(path) as f:  # plain h5py after a recover with room
+        np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
+
+
+def test_a_failed_recover_puts_the_file_back(tmp_path):
+    """An HDF5 file that is not a recording: recover() clears its flags, fails on the
+    layout, and restores what it changed: the file is byte for byte as before."""
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w", libver=("v110", "v110")) as f:
+        f.create_dataset("x", data=np.arange(10))
+    before = _digest(path)
+    with pytest.raises(RecorderError, match="not a recoverable recording"):
+        recover(path)
+    assert _digest(path) == before
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["x"][:], np.arange(10))
