@@ -346,14 +346,20 @@ def test_recover_on_a_full_disk_refuses_and_leaves_the_file_as_it_was(tmp_path):
 
 
 def test_a_failed_recover_puts_the_file_back(tmp_path):
-    """An HDF5 file that is not a recording: recover() clears its flags, fails on the
-    layout, and restores what it changed: the file is byte for byte as before."""
+    """A killed SWMR writer's file that is not a recording: recover() clears its
+    "open for write" mark, fails on the layout, and puts back what it changed: the file
+    is byte for byte as before and still opens with SWMR."""
     path = tmp_path / "other.h5"
-    with h5py.File(path, "w", libver=("v110", "v110")) as f:
-        f.create_dataset("x", data=np.arange(10))
+    code = ("import os, signal, h5py, numpy as np\n"
+            f"f = h5py.File({str(path)!r}, 'w', libver=('v110', 'v110'))\n"
+            "f.create_dataset('x', data=np.arange(10), maxshape=(None,), chunks=(4,))\n"
+            "f.swmr_mode = True\n"
+            "f.flush()\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -signal.SIGKILL
     before = _digest(path)
     with pytest.raises(RecorderError, match="not a recoverable recording"):
         recover(path)
     assert _digest(path) == before
-    with h5py.File(path) as f:
+    with h5py.File(path, "r", swmr=True) as f:
         np.testing.assert_array_equal(f["x"][:], np.arange(10))
