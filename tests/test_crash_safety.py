@@ -21,6 +21,7 @@ import zmq
 
 from broker import protocol as proto
 from broker.recorder import RecorderError, recover
+from broker.run import format_report
 from broker.sources import check_synthetic, synthetic_frame
 from conftest import acked, cli, free_port, make_endpoints, run_cli, summary, wait_status
 from test_run import _children, run_args
@@ -295,6 +296,8 @@ def test_run_with_its_broker_killed_reports_what_the_file_holds(tmp_path):
     assert rep["stages"]["published"]["frames"] >= held
     assert [f["part"] for f in rep["failed"]] == ["broker"]
     assert rep["failed"][0]["why"] == "killed by SIGKILL"
+    headline = format_report(rep).splitlines()[0]
+    assert "-> FAILED (broker first, killed by SIGKILL)" in headline and "None" not in headline
     with h5py.File(tmp_path / "r.h5") as f:  # the recorder was stopped with SIGTERM: closed
         assert f.attrs["complete"] == 1 and len(f["frame_id"]) == held
 
