@@ -376,11 +376,9 @@ class Sink:
                               or now - self._last_ack >= self.cfg.ack_interval):
             if self.file is not None:
                 self._file_op(self.file.flush, self.gap_ids)
-            for i in range(0, len(self._unsaved), proto.MAX_IDS_PER_MESSAGE):
+            for i in range(0, len(self._unsaved) if send else 0, proto.MAX_IDS_PER_MESSAGE):
                 chunk = self._unsaved[i:i + proto.MAX_IDS_PER_MESSAGE]
-                if send:
-                    self.dealer.send_multipart([proto.WorkCmd.ACK.value,
-                                                proto.encode_ids(chunk)])
+                self.dealer.send_multipart([proto.WorkCmd.ACK.value, proto.encode_ids(chunk)])
             self._unsaved.clear()
             self._last_ack = now
             self._last_ready = now
