@@ -275,14 +275,16 @@ def is_loopback(endpoint: str) -> bool:
         return False
 
 
-def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool) -> None:
-    """Refuse to expose frames and control to the network without CURVE unless asked."""
+def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool,
+                   role: str = "serve") -> None:
+    """Refuse to expose frames, results and control to the network without CURVE unless
+    asked (``role``: the subcommand, for the messages)."""
     exposed = [ep for ep in endpoints if not is_loopback(ep)]
     if not exposed:
         return
     where = ", ".join(exposed)
     if curve:
-        print(f"framebroker serve: {where} is reachable from the network; allowed because "
+        print(f"framebroker {role}: {where} is reachable from the network; allowed because "
               f"CURVE is on (traffic encrypted, only --curve-allow keys admitted)",
               file=sys.stderr)
         return
@@ -292,7 +294,7 @@ def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool) -> Non
                        f"(--curve-secret, --curve-allow; see framebroker keys generate), bind "
                        f"127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
                        EXIT_USAGE)
-    print(f"framebroker serve: warning: --insecure: {where} is reachable from the network "
+    print(f"framebroker {role}: warning: --insecure: {where} is reachable from the network "
           f"without encryption or authentication", file=sys.stderr)
 
 
@@ -728,7 +730,11 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reorder", type=_positive_int, default=1024,
                    help="results held back to restore order before a gap is declared "
                         "(default %(default)s; keep it >= the broker's --max-pending)")
-    p.add_argument("--out", default=None, help="write results to a .npy or .h5 file")
+    p.add_argument("--out", default=None,
+                   help="write results to a .npy or .h5 file, as they are acknowledged")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding --results on a non-loopback address without CURVE")
     p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
                    help="also publish every result, in order, on a PUB bound here (for "
                         "framebroker view --results)")
@@ -742,12 +748,17 @@ def cmd_sink(args: argparse.Namespace) -> int:
         raise CliError(f"--out {out}: use a .npy or .h5 file name", EXIT_USAGE)
     if out is not None and not out.parent.is_dir():
         raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    if out is not None and out.exists() and not args.overwrite:
+        raise CliError(f"--out {out}: file exists; pass --overwrite to replace it")
     security = _security(args, binds=True, connects=True)
+    check_exposure([args.results] if args.results else [], args.insecure, security.curve,
+                   "sink")
     if args.publish and not is_loopback(args.publish) and not security.curve:
         raise CliError(f"refusing to publish results on {args.publish}: anyone who can reach "
                        f"it could read them. Bind 127.0.0.1, or turn on CURVE", EXIT_USAGE)
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
-                     reorder=args.reorder, out=args.out, publish=args.publish,
+                     reorder=args.reorder, out=args.out, overwrite=args.overwrite,
+                     publish=args.publish,
                      timeout=args.timeout, keep_running=args.keep_running, security=security)
     summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
                         args.json, lambda s: f"framebroker sink: {summary_line(s)}")
@@ -973,7 +984,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
             ["--overwrite"] if args.overwrite else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
                    workers=[worker] * args.workers, record=record, seconds=args.seconds,
-                   frames=frames, lossless_record=lossless, security=client_sec)
+                   frames=frames, lossless_record=lossless, security=client_sec,
+                   record_path=args.record)
     progress, finish = _progress(args, frames)
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
     if sink is None:

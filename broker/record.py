@@ -25,6 +25,7 @@ from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveT
                      Subscriber, WorkConsumer, cpu_seconds)
 from .recorder import RecordingWriter, ThreadedRecorder
 from .security import PLAIN, Security
+from .signals import Stopped, StopSignals
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Recording:
         self.duplicates = 0
         self.mismatched = 0
         self.session_changed = False
+        self.signals = StopSignals()  # installed once the file exists
         self._session: int | None = None
         self._t0 = 0.0
         self._t1 = 0.0
@@ -108,6 +110,7 @@ class Recording:
 
     def _open(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         c = self.cfg
+        self.signals.install()
         writer = RecordingWriter(
             path=c.path, shape=shape, dtype=dtype, stream=self.status.get("stream", ""),
             source=self.status.get("source", ""), frames_expected=c.frames,
@@ -121,6 +124,17 @@ class Recording:
 
     # --- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Record until END or the timeout; SIGTERM, SIGHUP and SIGINT stop it the same
+        way (the queued frames are written and the file closed), so ``kill`` or a closed
+        terminal leave a file plain h5py opens."""
+        try:
+            with self.signals.raising():
+                return self._receive()
+        except Stopped as exc:
+            self.log(f"{exc}: the file is closed")
+            return self.summary()
+
+    def _receive(self) -> dict[str, Any]:
         lossless = self.cfg.mode == "lossless"
         idle_since = time.monotonic()
         try:
@@ -188,6 +202,7 @@ class Recording:
             self.source.done(*ids)
 
     def _finish(self) -> None:
+        self.signals.calm()
         if self.rec is None:
             return
         total = None if self.session_changed else self.source.total
@@ -216,7 +231,9 @@ class Recording:
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
                 "session_changed": self.session_changed, "transport": self.source.transport,
+                "stopped_by": self.signals.name,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:
         self.source.close()
+        self.signals.restore()

@@ -720,28 +720,17 @@ class RecordingWriter:
         n = part.count
         if n > part.flushed:
             for ds, values in ((part.ts_ds, part.ts), (part.ids_ds, part.ids)):
-                _h5_call(f"writing {ds.name}", part.path, self._extend, ds, part.flushed,
+                _h5_call(f"writing {ds.name}", part.path, _extend, ds, part.flushed,
                          np.asarray(values, dtype=np.uint64))
             part.ids.clear()
             part.ts.clear()
         if part.gaps_dirty:
             _h5_call("writing /gaps", part.path, self._rewrite_gaps, part)
         _h5_call("flushing", part.path, h5.flush)
-        _h5_call("publishing /valid_frames", part.path, self._publish, part.valid_ds, n)
+        _h5_call("publishing /valid_frames", part.path, _publish, part.valid_ds, n)
         self.frames_flushed += n - part.flushed
         part.flushed = n
         self._last_flush = time.monotonic()
-
-    @staticmethod
-    def _extend(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
-        ds.resize((start + len(values),))
-        ds[start:] = values
-        ds.flush()
-
-    @staticmethod
-    def _publish(valid_ds: h5py.Dataset, n: int) -> None:
-        valid_ds[()] = n
-        valid_ds.flush()
 
     @staticmethod
     def _rewrite_gaps(part: _PartFile) -> None:
@@ -749,6 +738,19 @@ class RecordingWriter:
         part.gaps_ds.resize(rows.shape)
         part.gaps_ds[...] = rows
         part.gaps_dirty = False
+
+
+def _extend(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
+    """Write ``values`` at ``start`` of a 1-D dataset, growing it, and flush it."""
+    ds.resize((start + len(values),))
+    ds[start:] = values
+    ds.flush()
+
+
+def _publish(valid_ds: h5py.Dataset, n: int) -> None:
+    """The new valid count, written in place (its storage was allocated at creation)."""
+    valid_ds[()] = n
+    valid_ds.flush()
 
 
 def _abandon(part: _PartFile) -> None:
@@ -821,12 +823,29 @@ def recover(path: str | Path) -> int:
     a crash it may also hold ranges recorded after the last valid frame. Refuses a file whose
     writing process is still alive on this host: a SWMR writer holds no file lock, and
     clearing its mark under it would corrupt the file.
+
+    It never leaves a file less readable than it found it: a recovery that fails half-way
+    (the disk full) would leave one that neither SWMR nor plain HDF5 opens, so it first
+    checks that the file can grow by ``_RECOVER_ROOM`` bytes (it needs about 1 KiB) and
+    refuses otherwise, and if it fails anyway it puts the superblock and the size back.
     """
     path = Path(path)
     if not path.is_file():
         raise RecorderError(f"{path}: no such file")
     _check_writer_gone(path)
-    _clear_status_flags(path)
+    _check_room(path, _RECOVER_ROOM)
+    backup = _Backup(path)
+    try:
+        _clear_status_flags(path)
+        n = _trim(path)
+    except RecorderError:
+        backup.restore()
+        raise
+    return n
+
+
+def _trim(path: Path) -> int:
+    """Trim to /valid_frames and set the final attributes (after the flags are cleared)."""
     try:
         with h5py.File(path, "r+") as h5:
             n = int(h5["valid_frames"][()])
@@ -840,6 +859,45 @@ def recover(path: str | Path) -> int:
     except (OSError, KeyError, RuntimeError) as exc:
         raise RecorderError(f"{path}: not a recoverable recording: {exc}") from exc
     return n
+
+
+#: bytes a file must be able to grow by before recover() touches it (it used about 1 KiB)
+_RECOVER_ROOM = 1 << 20
+_SUPERBLOCK_BYTES = 4096  # the superblock (48 bytes for these files) and then some
+
+
+def _check_room(path: Path, nbytes: int) -> None:
+    """Write ``nbytes`` of zeros past the end and cut them off again: a full disk, a quota
+    or a file size limit fails here, before anything in the file has changed."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        try:
+            if os.pwrite(fd, bytes(nbytes), size) != nbytes:
+                raise OSError(28, "short write")
+        except OSError as exc:
+            raise RecorderError(f"{path}: not enough room to recover it safely ({exc.strerror}; "
+                                f"it may need up to {nbytes} bytes past its end): the file "
+                                f"was not changed; free some space and try again") from None
+        finally:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+class _Backup:
+    """The superblock and size of a file, to put back if recovering it fails."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        with open(path, "rb") as f:
+            self.head = f.read(_SUPERBLOCK_BYTES)
+
+    def restore(self) -> None:
+        with open(self.path, "r+b") as f:
+            f.write(self.head)
+            f.truncate(self.size)
 
 
 def _check_writer_gone(path: Path) -> None:

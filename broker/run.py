@@ -11,6 +11,9 @@ in order (the broker's END is what ends each of them).
 
 At the end it prints one table: frames per stage, rates, losses, latencies and CPU
 per process, and exits non-zero if a lossless path lost a frame or a part failed.
+What was recorded is read back from the recording itself (its valid frames), not
+taken from the recorder's word, so a recorder or broker that died without a summary
+still gets an honest count; and the part that failed first is named, with why.
 """
 from __future__ import annotations
 
@@ -89,6 +92,7 @@ class RunPlan:
     frames: int
     lossless_record: bool
     security: Security = PLAIN  # for this process's own control requests
+    record_path: str | None = None  # the recording, read back for the summary
 
 
 class Runner:
@@ -99,7 +103,8 @@ class Runner:
         self.parts += [Part(f"worker{i + 1}", argv) for i, argv in enumerate(plan.workers)]
         if plan.record is not None:
             self.parts.append(Part("recorder", plan.record))
-        self.failed: list[tuple[str, int, str]] = []
+        self.failed: list[tuple[str, int, str]] = []  # in the order they were seen
+        self.last_status: dict[str, Any] = {}  # the broker's, if it leaves no summary
         self.interrupted = False
         self.t_start = 0.0
         self.t_end = 0.0
@@ -148,14 +153,15 @@ class Runner:
                 if want_stop and not stop_sent:
                     stop_sent = self._stop(ctl)
                 try:
-                    self.progress(ctl.status())
+                    self.last_status = ctl.status()
+                    self.progress(self.last_status)
                 except (BrokerUnavailable, RuntimeError):
                     pass
                 time.sleep(0.25)
         finally:
             ctl.close()
         if self.broker.returncode != 0:
-            self.failed.insert(0, ("broker", self.broker.returncode, self.broker.tail()))
+            self.failed.append(("broker", self.broker.returncode, self.broker.tail()))
 
     def _fatal(self) -> bool:
         """A failed sink or recorder ends the run; a dead worker does not, while another
@@ -190,12 +196,16 @@ class Runner:
     # --- the report -------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         by = {p.name: p.summary for p in self.parts}
-        b, s = by.get("broker", {}), by.get("sink", {})
+        b, s = by.get("broker") or self.last_status, by.get("sink", {})
         workers = [by[p.name] for p in self.parts if p.name.startswith("worker")]
         rec = by.get("recorder")
+        files = (rec or {}).get("files") or _recording_files(self.plan.record_path)
+        recorded = recorded_frames(files) if rec is not None else 0
         fft = b.get("work", {}).get("groups", {}).get("fft", {})
         frame_mb = _frame_mb(b)
         published = b.get("frames_sent", 0)
+        if not by.get("broker"):  # died: it sent at least what was seen and what arrived
+            published = max(published, recorded, s.get("frames", 0))
         stages = {
             "captured": {"frames": published, "fps": b.get("avg_fps", 0.0),
                          "mb_per_s": b.get("mb_per_s", 0.0)},
@@ -209,12 +219,12 @@ class Runner:
                                    "latency_ms_p50": s.get("latency_ms_p50"),
                                    "latency_ms_p99": s.get("latency_ms_p99")}
         if rec is not None:
-            stages["recorded"] = {"frames": rec.get("frames_written", 0),
+            stages["recorded"] = {"frames": recorded,
                                   "fps": rec.get("fps", 0.0), "mb_per_s": rec.get("mb_per_s", 0),
                                   "latency_ms_p50": rec.get("latency_ms_p50"),
                                   "latency_ms_p99": rec.get("latency_ms_p99")}
         lost_processed = published - s.get("frames", 0) if processing else 0
-        lost_recorded = (published - rec.get("frames_written", 0)) if rec is not None else 0
+        lost_recorded = (published - recorded) if rec is not None else 0
         lost = lost_processed > 0 or (self.plan.lossless_record and lost_recorded > 0)
         return {
             "ok": not self.failed and not lost,
@@ -235,13 +245,49 @@ class Runner:
             "transports": {p.name: p.summary["transport"] for p in self.parts
                            if "transport" in p.summary},
             "shm_stalls": (b.get("shm") or {}).get("stalls", 0),
-            "recording": rec.get("files") if rec else None,
-            "failed": [{"part": n, "exit": rc, "stderr": tail} for n, rc, tail in self.failed],
+            "recording": [str(f) for f in files] if rec is not None else None,
+            "failed": [{"part": n, "exit": rc, "why": _why(rc, tail), "stderr": tail}
+                       for n, rc, tail in self.failed],
             "interrupted": self.interrupted,
             "workers": workers and [{"fps": w.get("fps"), "frames": w.get("frames"),
                                      "compute_ms_p50": w.get("compute_ms_p50")}
                                     for w in workers],
         }
+
+
+def _why(rc: int, tail: str) -> str:
+    """Why a part ended: the signal that killed it, or its last line of stderr."""
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    last = tail.strip().splitlines()[-1].strip() if tail.strip() else ""
+    return f"exit {rc}" + (f": {last}" if last else "")
+
+
+def _recording_files(path: str | None) -> list[Path]:
+    """The recording's file, or its rotation parts, as found on disk."""
+    if not path:
+        return []
+    p = Path(path)
+    return [p] if p.exists() else sorted(p.parent.glob(f"{p.stem}_[0-9]*{p.suffix}"))
+
+
+def recorded_frames(files: list[Path] | list[str]) -> int:
+    """Valid frames the recording's files hold, read back (also from a file whose
+    writer was killed: SWMR read, its ``/valid_frames``)."""
+    from .inspect import open_recording, valid_count
+
+    total = 0
+    for f in files:
+        try:
+            h5, _ = open_recording(f)
+            with h5:
+                total += valid_count(h5)
+        except (OSError, KeyError):
+            pass  # never created, or not a recording: it holds nothing
+    return total
 
 
 def _frame_mb(status: dict[str, Any]) -> float:
@@ -255,8 +301,10 @@ def _frame_mb(status: dict[str, Any]) -> float:
 
 def format_report(rep: dict[str, Any]) -> str:
     """The summary as a plain-text table (rich renders the same rows when on a tty)."""
-    lines = [f"framebroker run: {rep['stream']['source']} -> "
-             f"{'OK' if rep['ok'] else 'FAILED'} in {rep['seconds']} s"]
+    first = rep["failed"][0] if rep["failed"] else None
+    verdict = "OK" if rep["ok"] else "FAILED" + (
+        f" ({first['part']} first, {first['why']})" if first else " (frames lost)")
+    lines = [f"framebroker run: {rep['stream']['source']} -> {verdict} in {rep['seconds']} s"]
     lines.append(f"  {'stage':<10} {'frames':>8} {'fps':>9} {'MB/s':>9} {'p50 ms':>9} "
                  f"{'p99 ms':>9}")
     for name, st in rep["stages"].items():
@@ -272,7 +320,7 @@ def format_report(rep: dict[str, Any]) -> str:
     if rep["recording"]:
         lines.append(f"  recording: {', '.join(rep['recording'])}")
     for f in rep["failed"]:
-        lines.append(f"  FAILED: {f['part']} exited {f['exit']}:\n{f['stderr']}")
+        lines.append(f"  FAILED: {f['part']} {f['why']}:\n{f['stderr']}")
     if rep["interrupted"]:
         lines.append("  interrupted by Ctrl-C: stopped cleanly")
     return "\n".join(lines)

@@ -9,29 +9,54 @@ closed), which is how the sink tells a late frame from a lost one. Because the
 broker never lets more than ``max_pending`` frames go unacknowledged, a window at
 least that large never records a gap for a frame that is merely slow.
 
-The sink acknowledges every result it holds to the broker (the group's acker), so
-the broker can forget the frame; the broker sends END once everything is
+The sink acknowledges a result to the broker (the group's acker) only once it is
+emitted and, with ``--out``, flushed to the file, so the broker forgets no frame
+whose result a killed sink did not keep: a new sink joining is sent every result
+the old one had not acknowledged. The broker sends END once everything is
 acknowledged, and at END the sink knows the total and what, if anything, is missing.
+
+**Untrusted results.** Anyone who can reach the results socket can push to it, so a
+result must carry the broker's current session id (learnt from its status at start,
+and asked again, at most twice a second, when results of another session arrive:
+that is how a restarted broker is told from a spoofer) and a frame id below
+``next + max_pending`` (the broker never dispatches further ahead than that). Any
+other result is a counted reject and changes nothing: it is not stored, emitted or
+acknowledged. Without a control endpoint (explicit ``--work``) the session is taken
+from the first result after the start or an END.
 """
 from __future__ import annotations
 
+import os
+import struct
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
+import h5py
 import numpy as np
 import zmq
 
+from . import __version__
 from . import protocol as proto
 from .client import DEFAULT_BROKER, BrokerUnavailable, Control, cpu_seconds, resolve
+from .recorder import RecorderError, _abandon, _extend, _h5_call, _publish
 from .security import PLAIN, Guard, Security, configure_socket
+from .signals import StopSignals
+
+#: seconds between two status requests that check an unknown session id
+SESSION_CHECK_S = 0.5
 
 
 class SinkError(RuntimeError):
-    """The sink cannot start (its results endpoint cannot be bound)."""
+    """The sink cannot start (its results endpoint cannot be bound, its file cannot be
+    created) or cannot go on (its file cannot be written: the disk is full)."""
+
+
+class ResultMismatch(ValueError):
+    """A result whose shape or dtype differs from the results already in the file."""
 
 
 @dataclass
@@ -40,7 +65,8 @@ class SinkConfig:
     results: str | None = None  # bind address; default: what the broker hands out
     work: str | None = None
     reorder: int = 1024
-    out: str | None = None  # .npy or .h5: results in frame-id order
+    out: str | None = None  # .npy or .h5: results in frame-id order, crash-safe
+    overwrite: bool = False  # replace an existing ``out``
     publish: str | None = None  # bind a PUB here: every result in order, for viewers
     timeout: float = 30.0  # seconds without any message before giving up
     keep_running: bool = False
@@ -58,6 +84,14 @@ class Sink:
         sec = cfg.security
         self.work_ep, eps = resolve(cfg.broker, cfg.work, "work", cfg.timeout, self.ctx, sec)
         self.results_ep = cfg.results or eps["results"]
+        self._ctl = (Control(cfg.broker, timeout=min(cfg.timeout, 2.0), ctx=self.ctx,
+                             security=sec) if eps else None)
+        self.session: int | None = None
+        self.window = cfg.reorder  # how far past ``next`` a result may be: max_pending
+        self.next = 0
+        if self._ctl is not None:
+            self._position(self._broker_status(start=True))
+        self._last_check = time.monotonic()
         self.guard = Guard(self.ctx, sec, self.log)
         self.pull = configure_socket(self.ctx.socket(zmq.PULL), "server", sec,
                                      cfg.max_bytes + 4096)
@@ -66,18 +100,24 @@ class Sink:
         try:
             self.pull.bind(self.results_ep)
         except zmq.ZMQError as exc:
-            self.pull.close()
-            self.guard.close()
+            self._close_sockets()
             raise SinkError(f"cannot bind the results endpoint {self.results_ep}: "
                             f"{exc.strerror}") from None
         self.pub = self._bind_publisher(cfg.publish) if cfg.publish else None
+        self.signals = StopSignals()  # from the moment the file exists: it must be closed
+        self.signals.install()
+        try:
+            self.file = open_results(Path(cfg.out), cfg.overwrite) if cfg.out else None
+        except SinkError:
+            self.signals.restore()
+            self._close_sockets()
+            raise
         self.guard.start()
-        self.dealer = configure_socket(self.ctx.socket(zmq.DEALER), "client", sec)
-        self.dealer.setsockopt(zmq.LINGER, 1000)
-        self.dealer.connect(self.work_ep)
+        self.poller = zmq.Poller()
+        self.poller.register(self.pull, zmq.POLLIN)
         self._ready = proto.encode_ready(proto.Ready("fft", 1, "sink", "sink", "acker"))
-        self._send_ready()
-        self.next = self._first_expected(bool(eps))
+        self.dealer: zmq.Socket | None = None
+        self._connect_dealer()
         self.buffer: dict[int, tuple[proto.Header, np.ndarray]] = {}
         self.emitted = 0
         self.duplicates = 0
@@ -87,10 +127,7 @@ class Sink:
         self.per_worker: Counter[int] = Counter()
         self.latency_ms: deque[float] = deque(maxlen=100_000)
         self.total: int | None = None
-        self.session: int | None = None
-        self.results: list[np.ndarray] = []
-        self.result_ids: list[int] = []
-        self._acks: list[int] = []
+        self._unsaved: list[int] = []  # handled, to acknowledge once the file has them
         self._last_ack = time.monotonic()
         self._t_first = 0.0
         self._t_last = 0.0
@@ -106,29 +143,50 @@ class Sink:
             pub.bind(endpoint)
         except zmq.ZMQError as exc:
             pub.close()
-            self.pull.close()
-            self.guard.close()
+            self._close_sockets()
             raise SinkError(f"cannot bind the results PUB {endpoint}: {exc.strerror}") from None
         return pub
 
-    def _first_expected(self, have_broker: bool) -> int:
-        """The first id this sink will be sent: the FFT group's oldest unacknowledged
-        frame, so a sink that replaces a dead one neither waits for ids its predecessor
-        took nor calls them lost. (No acker means nothing is acknowledged until we join.)"""
-        if not have_broker:
-            return 0
-        ctl = Control(self.cfg.broker, timeout=min(self.cfg.timeout, 5.0), ctx=self.ctx,
-                      security=self.cfg.security)
+    def _close_sockets(self) -> None:
+        self.pull.close(linger=0)
+        self.guard.close()
+        if self._ctl is not None:
+            self._ctl.close()
+
+    def _connect_dealer(self) -> None:
+        """(Re)join the broker as the FFT group's acker. A new socket is a new identity,
+        and a new acker is sent again every result the broker still waits for."""
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)  # queued ACKs are for the old session's ids
+        self.dealer = configure_socket(self.ctx.socket(zmq.DEALER), "client",
+                                       self.cfg.security)
+        self.dealer.setsockopt(zmq.LINGER, 1000)
+        self.dealer.connect(self.work_ep)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self._send_ready()
+
+    def _broker_status(self, start: bool = False) -> dict[str, Any] | None:
+        assert self._ctl is not None
         try:
-            status = ctl.status()
+            return self._ctl.status()
         except (BrokerUnavailable, RuntimeError) as exc:
-            raise SinkError(f"cannot ask the broker where the stream is: {exc}") from None
-        finally:
-            ctl.close()
+            if start:
+                raise SinkError(f"cannot ask the broker where the stream is: {exc}") from None
+            return None
+
+    def _position(self, status: dict[str, Any]) -> None:
+        """Session, window and the first id this sink will be sent: the FFT group's oldest
+        unacknowledged frame, so a sink that replaces a dead one neither waits for ids its
+        predecessor took nor calls them lost. (No acker means nothing is acknowledged
+        until we join.)"""
+        self.session = session_id(status["session"])
+        self.window = int(status["work"].get("max_pending", self.cfg.reorder))
         group = status["work"]["groups"].get("fft")
         if group is None or group["oldest_pending"] is None:
-            return int(status["frames_sent"])
-        return int(group["oldest_pending"])
+            self.next = int(status["frames_sent"])
+        else:
+            self.next = int(group["oldest_pending"])
 
     def _send_ready(self) -> None:
         self.dealer.send_multipart([proto.WorkCmd.READY.value, self._ready])
@@ -136,12 +194,25 @@ class Sink:
 
     # --- the loop ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        poller = zmq.Poller()
-        poller.register(self.pull, zmq.POLLIN)
-        poller.register(self.dealer, zmq.POLLIN)
+        """Until END (or the timeout, or SIGTERM/SIGHUP/SIGINT); the file is then closed."""
+        try:
+            self._loop()
+            if self.signals.signum:
+                self.log(f"stopped by {self.signals.name}: closing {self.cfg.out or 'down'}")
+            self._save_and_ack(time.monotonic(), force=True)
+            if self.file is not None:
+                self._file_op(self.file.close, self.gap_ids)
+        except SinkError as exc:
+            self.log(f"stopping: {exc}; the file keeps every result acknowledged before")
+            if self.file is not None:
+                self.file.abandon()
+            raise
+        return self.summary()
+
+    def _loop(self) -> None:
         idle_since = time.monotonic()
-        while True:
-            events = dict(poller.poll(int(self.cfg.ack_interval * 1000)))
+        while not self.signals.signum:
+            events = dict(self.poller.poll(int(self.cfg.ack_interval * 1000)))
             now = time.monotonic()
             if self.pull in events:
                 for _ in range(1024):
@@ -154,17 +225,13 @@ class Sink:
             if self.dealer in events:
                 idle_since = now
                 if self._control(self.dealer.recv_multipart(copy=False)):
-                    break
-            self._flush_acks(now)
+                    return
+            self._save_and_ack(now)
             if now - self._last_ready > 0.25:
                 self._send_ready()  # heartbeat; re-joins a broker that forgot us
             if now - idle_since > self.cfg.timeout:
                 self.log(f"no results and no end-of-stream for {self.cfg.timeout:g} s")
-                break
-        self._flush_acks(time.monotonic(), force=True)
-        if self.cfg.out:
-            self.write(Path(self.cfg.out))
-        return self.summary()
+                return
 
     def _control(self, parts: list[zmq.Frame]) -> bool:
         """A message from the broker: only END is expected. True = finished."""
@@ -178,9 +245,12 @@ class Sink:
             return False
         self.total = header.total
         self._drain(until=header.total)
+        self._save_and_ack(time.monotonic(), force=True)
         self.log(summary_line(self.summary()))
         if self.cfg.keep_running:
             self.next, self.total = 0, None
+            if self._ctl is None:
+                self.session = None  # the next session's first result names it
             return False
         return True
 
@@ -190,16 +260,18 @@ class Sink:
             if header.kind != proto.Kind.RESULT:
                 raise proto.UnknownKind(f"sink takes RESULT messages, got {header.kind.name}")
         except proto.ProtocolError as exc:
-            self.rejected[exc.reason] += 1
+            self._reject(exc.reason, str(exc))
             return
-        if header.session != self.session:
-            if self.session is not None:
-                self.log(f"new broker session {header.session:#x}: frame ids restart")
-                self._drain(until=None)
-                self.next = 0
-            self.session = header.session
+        if not self._current_session(header.session):
+            self._reject("foreign_session", f"result {header.frame_id} of session "
+                                            f"{header.session:#x}, the broker's is "
+                                            f"{self.session or 0:#x}")
+            return
         fid = header.frame_id
-        self._acks.append(fid)
+        if fid >= self.next + self.window:
+            self._reject("out_of_window", f"result {fid} is past the window "
+                                          f"({self.next} + {self.window})")
+            return
         now = time.monotonic()
         if not self._t_first:
             self._t_first = now
@@ -209,8 +281,11 @@ class Sink:
                 self.gap_ids.discard(fid)
                 self.late += 1
                 self._emit(header, array)
+            elif fid in self.buffer:
+                self.duplicates += 1  # acknowledged when the one held is emitted
             else:
                 self.duplicates += 1
+                self._unsaved.append(fid)
             return
         self.per_worker[header.worker_id] += 1
         self.latency_ms.append((time.time_ns() - header.timestamp_ns) / 1e6)
@@ -221,6 +296,42 @@ class Sink:
             self.log(f"frame {self.next} missing past the reorder window")
             self.next += 1
             self._advance()
+
+    def _reject(self, reason: str, detail: str) -> None:
+        """Count; say it once per reason (a flood of them must not flood the log)."""
+        self.rejected[reason] += 1
+        if self.rejected[reason] == 1:
+            self.log(f"rejected a result ({reason}): {detail}; further ones are counted only")
+
+    def _current_session(self, session: int) -> bool:
+        """True if ``session`` is the broker's. An unknown one is checked with the broker
+        (at most every SESSION_CHECK_S): a restarted broker's is adopted, anything else
+        is refused."""
+        if session == self.session:
+            return True
+        if self._ctl is None:
+            if self.session is None:
+                self.session = session
+                return True
+            return False
+        now = time.monotonic()
+        if now - self._last_check < SESSION_CHECK_S:
+            return False
+        self._last_check = now
+        status = self._broker_status()
+        if status is not None and session_id(status["session"]) != self.session:
+            self._new_session(status)
+        return session == self.session
+
+    def _new_session(self, status: dict[str, Any]) -> None:
+        """The broker restarted: finish the old session, start from the new one's
+        position, and re-join as a new acker so that results refused before the new
+        session was known are sent again."""
+        self.log(f"new broker session {session_id(status['session']):#x}: frame ids restart")
+        self._drain(until=None)
+        self._save_and_ack(time.monotonic(), force=True, send=False)  # the old broker is gone
+        self._position(status)
+        self._connect_dealer()
 
     def _advance(self) -> None:
         while self.next in self.buffer:
@@ -238,21 +349,37 @@ class Sink:
             self.next += 1
 
     def _emit(self, header: proto.Header, array: np.ndarray) -> None:
+        if self.file is not None:
+            try:
+                self._file_op(self.file.append, header.frame_id, array)
+            except ResultMismatch as exc:  # valid on the wire, not for this file: a gap
+                self._reject("mismatched", str(exc))
+                self.gap_ids.add(header.frame_id)
+                self._unsaved.append(header.frame_id)
+                return
         self.emitted += 1
+        self._unsaved.append(header.frame_id)
         if self.pub is not None:
             self.pub.send_multipart([header.stream.encode(), proto.encode_header(header), array],
                                     copy=False)
-        if self.cfg.out:
-            self.results.append(np.array(array))  # own copy: the message buffer is zmq's
-            self.result_ids.append(header.frame_id)
 
-    def _flush_acks(self, now: float, force: bool = False) -> None:
-        if self._acks and (force or len(self._acks) >= 256
-                           or now - self._last_ack >= self.cfg.ack_interval):
-            for i in range(0, len(self._acks), proto.MAX_IDS_PER_MESSAGE):
-                chunk = self._acks[i:i + proto.MAX_IDS_PER_MESSAGE]
+    def _file_op(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except RecorderError as exc:
+            raise SinkError(str(exc)) from exc
+
+    def _save_and_ack(self, now: float, force: bool = False, send: bool = True) -> None:
+        """Flush the file, then acknowledge what it now holds: never a result that a
+        kill could still lose."""
+        if self._unsaved and (force or len(self._unsaved) >= 256
+                              or now - self._last_ack >= self.cfg.ack_interval):
+            if self.file is not None:
+                self._file_op(self.file.flush, self.gap_ids)
+            for i in range(0, len(self._unsaved) if send else 0, proto.MAX_IDS_PER_MESSAGE):
+                chunk = self._unsaved[i:i + proto.MAX_IDS_PER_MESSAGE]
                 self.dealer.send_multipart([proto.WorkCmd.ACK.value, proto.encode_ids(chunk)])
-            self._acks.clear()
+            self._unsaved.clear()
             self._last_ack = now
             self._last_ready = now
 
@@ -269,23 +396,9 @@ class Sink:
                 "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
                 "latency_ms_p99": round(float(np.percentile(lat, 99)), 3) if lat.size else None,
                 "rejected": dict(self.rejected), "auth_refused": self.guard.refused,
+                "out": self.cfg.out, "saved": self.file.flushed if self.file else None,
+                "stopped_by": self.signals.name,
                 "cpu_s": cpu_seconds()}
-
-
-    def write(self, path: Path) -> None:
-        """Results as emitted (frame-id order; a late frame comes where it arrived):
-        .npy holds the stacked results, .h5 holds /result and /frame_id."""
-        stacked = np.stack(self.results) if self.results else np.zeros((0,), np.float32)
-        if path.suffix == ".npy":
-            np.save(path, stacked)
-            return
-        import h5py
-
-        with h5py.File(path, "w") as f:
-            f.create_dataset("result", data=stacked)
-            f.create_dataset("frame_id", data=np.array(self.result_ids, dtype=np.uint64))
-            f.attrs["frames"] = self.emitted
-            f.attrs["missing_ids"] = np.array(sorted(self.gap_ids), dtype=np.uint64)
 
     def close(self) -> None:
         self.pull.close(linger=0)
@@ -293,6 +406,196 @@ class Sink:
             self.pub.close(linger=0)
         self.dealer.close(linger=500)
         self.guard.close()
+        if self._ctl is not None:
+            self._ctl.close()
+        self.signals.restore()
+
+
+def session_id(value: int | str) -> int:
+    """A session id from JSON: an integer, or (protocol v1) a hex string."""
+    return int(value, 16) if isinstance(value, str) else int(value)
+
+
+# --- the results file ---------------------------------------------------------------
+
+_NPY_HEADER = 256  # bytes: room for any shape, so the header is rewritten in place
+
+
+class _NpyResults:
+    """Results appended to a .npy file whose header is rewritten with the count at each
+    flush: after a kill ``np.load`` reads every result up to the last flush (it ignores
+    bytes past the count the header gives). A .npy holds no frame ids: use .h5 for them."""
+
+    def __init__(self, path: Path, overwrite: bool) -> None:
+        self.path = path
+        self.written = 0
+        self.flushed = 0
+        self._item: tuple[tuple[int, ...], np.dtype] | None = None
+        try:
+            self._f = open(path, "wb" if overwrite else "xb")
+            self._header((0,), np.dtype(np.float32))
+        except FileExistsError:
+            raise SinkError(f"{path}: file exists (pass --overwrite to replace it)") from None
+        except OSError as exc:
+            raise SinkError(f"{path}: cannot create the results file: {exc}") from None
+
+    def _header(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        text = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                     "shape": shape}).encode("latin1")
+        pad = _NPY_HEADER - 10 - len(text) - 1
+        self._f.seek(0)
+        self._f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER - 10) + text
+                      + b" " * pad + b"\n")
+        self._f.flush()
+        self._f.seek(0, os.SEEK_END)
+
+    def append(self, frame_id: int, array: np.ndarray) -> None:
+        item = (array.shape, array.dtype)
+        if self._item is None:
+            self._item = item
+        elif item != self._item:
+            raise ResultMismatch(f"result {frame_id} is {array.shape} {array.dtype}, the file "
+                                 f"holds {self._item[0]} {self._item[1]}")
+        self._io("writing a result", self._f.write, memoryview(np.ascontiguousarray(array)))
+        self.written += 1
+
+    def flush(self, missing: Collection[int]) -> None:
+        if self.written == self.flushed or self._item is None:
+            return
+        self._io("flushing", self._f.flush)
+        self._io("writing the header", self._header, (self.written, *self._item[0]),
+                 self._item[1])
+        self.flushed = self.written
+
+    def close(self, missing: Collection[int]) -> None:
+        try:
+            self.flush(missing)
+        finally:
+            self._f.close()
+
+    def abandon(self) -> None:
+        """After a failed write: the header still gives the last flushed count."""
+        try:
+            self._f.close()
+        except OSError:
+            pass  # the buffered tail cannot be written: it was never counted
+
+    def _io(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except OSError as exc:
+            raise SinkError(f"{self.path}: {what} failed: {exc}") from exc
+
+
+class _H5Results:
+    """Results in a SWMR HDF5 file, crash-safe like a recording (see recorder.py):
+    ``/result`` (N, ...) grows in blocks, one chunk per result written with
+    ``write_direct_chunk``; ``/frame_id``; ``/missing_ids``; and ``/valid_results``, the
+    count published only after everything before it is flushed. After a kill the file
+    opens with ``h5py.File(path, "r", swmr=True)`` and ``/valid_results`` says how many
+    leading rows are complete; a closed file is trimmed to them."""
+
+    GROW = 1024
+
+    def __init__(self, path: Path, overwrite: bool) -> None:
+        self.path = path
+        self.written = 0
+        self.flushed = 0
+        self._ids: list[int] = []
+        self._missing_written = 0
+        self.result: h5py.Dataset | None = None
+        try:
+            self.h5 = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "v110"))
+        except FileExistsError:
+            raise SinkError(f"{path}: file exists (pass --overwrite to replace it)") from None
+        except OSError as exc:
+            raise SinkError(f"{path}: cannot create the results file: {exc}") from None
+        _h5_call("creating the file", path, self._create)
+
+    def _create(self) -> None:
+        """Every object but /result now (SWMR allows no new objects later)."""
+        h5 = self.h5
+        for name in ("frame_id", "missing_ids"):
+            h5.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,), dtype="u8")
+        h5.create_dataset("valid_results", data=np.uint64(0))
+        h5.attrs["frames"] = np.int64(0)
+        h5.attrs["complete"] = np.int64(0)
+        h5.attrs["software"] = f"framebroker {__version__}"
+        h5.flush()
+
+    def _start(self, array: np.ndarray) -> None:
+        self.result = self.h5.create_dataset(
+            "result", shape=(self.GROW, *array.shape), maxshape=(None, *array.shape),
+            chunks=(1, *array.shape), dtype=array.dtype)
+        self.h5.swmr_mode = True
+
+    def append(self, frame_id: int, array: np.ndarray) -> None:
+        if self.result is None:
+            _h5_call("creating /result", self.path, self._start, array)
+        ds = self.result
+        if array.shape != ds.shape[1:] or array.dtype != ds.dtype:
+            raise ResultMismatch(f"result {frame_id} is {array.shape} {array.dtype}, the file "
+                                 f"holds {ds.shape[1:]} {ds.dtype}")
+        n = self.written
+        if n >= ds.shape[0]:
+            _h5_call("growing /result", self.path, ds.resize, n + self.GROW, 0)
+        _h5_call(f"writing result {frame_id}", self.path, ds.id.write_direct_chunk,
+                 (n,) + (0,) * array.ndim, np.ascontiguousarray(array))
+        self._ids.append(frame_id)
+        self.written = n + 1
+
+    def flush(self, missing: Collection[int]) -> None:
+        """Everything to disk, and only then the new count into /valid_results."""
+        if self.written == self.flushed and len(missing) == self._missing_written:
+            return
+        _h5_call("flushing", self.path, self._flush, missing)
+
+    def _flush(self, missing: Collection[int]) -> None:
+        h5 = self.h5
+        if self.result is not None:
+            self.result.flush()
+        if self._ids:
+            _extend(h5["frame_id"], self.flushed, np.asarray(self._ids, dtype=np.uint64))
+            self._ids.clear()
+        if len(missing) != self._missing_written:
+            ds = h5["missing_ids"]
+            ds.resize((len(missing),))
+            ds[:] = np.array(sorted(missing), dtype=np.uint64)
+            self._missing_written = len(missing)
+        h5.flush()
+        _publish(h5["valid_results"], self.written)
+        self.flushed = self.written
+
+    def close(self, missing: Collection[int]) -> None:
+        """Flush, trim /result to the results written, mark the file complete."""
+        try:
+            self.flush(missing)
+            _h5_call("closing", self.path, self._finish)
+        except SinkError:
+            self.abandon()
+            raise
+
+    def _finish(self) -> None:
+        if self.result is not None:
+            self.result.resize(self.written, 0)
+        self.h5.attrs["frames"] = np.int64(self.written)
+        self.h5.attrs["complete"] = np.int64(1)
+        self.h5.close()
+        self.h5 = None
+
+    def abandon(self) -> None:
+        """After a failed write: leave the file as of its last flush (see _abandon)."""
+        if self.h5 is not None:
+            _abandon(self)
+
+
+def open_results(path: Path, overwrite: bool = False) -> _NpyResults | _H5Results:
+    """The crash-safe writer for ``path`` (.npy or .h5)."""
+    if path.suffix == ".npy":
+        return _NpyResults(path, overwrite)
+    if path.suffix == ".h5":
+        return _H5Results(path, overwrite)
+    raise SinkError(f"{path}: use a .npy or .h5 file name")
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -12,10 +12,19 @@ Everything is served by the standard library's ``ThreadingHTTPServer`` from one 
 page (no build step, nothing fetched from a CDN): ``/`` the page, ``/stream.mjpg`` and
 ``/fft.mjpg`` the live images, ``/frame.png`` (``?raw=1``: the received pixels, lossless),
 ``/frame.jpg``, ``/fft.png`` and ``/stats`` (JSON).
+
+Any web page a browser on this host opens can try to reach the viewer, so it answers
+only requests whose ``Host`` header is an IP address, ``localhost`` or the name it was
+bound to (403 otherwise: a DNS-rebinding page sends its own name), serves at most
+``MAX_CONNECTIONS`` connections at once (more are answered 503 and closed by the
+accepting thread, so idle sockets cannot pile up threads), and drops a connection that
+sends nothing, or takes nothing, for ``IDLE_TIMEOUT_S``.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import sys
 import threading
 import time
@@ -42,6 +51,8 @@ AUTO_PERCENTILES = (0.5, 99.5)
 HIST_BINS = 64
 WORKER_SPECTRA = (proto.Output.SPECTRUM, proto.Output.MAGNITUDE)  # outputs shown as images
 BOUNDARY = "frame"
+MAX_CONNECTIONS = 32  # a page uses 3-4 (the page, two streams, /stats)
+IDLE_TIMEOUT_S = 10.0
 
 
 class ViewError(RuntimeError):
@@ -197,11 +208,11 @@ class View:
         """Listen on the HTTP address (first, so a busy port fails before anything else
         starts); returns the page's URL."""
         try:
-            self.server = ThreadingHTTPServer((self.cfg.host, self.cfg.port), _handler(self))
+            self.server = _BoundedServer((self.cfg.host, self.cfg.port), _handler(self),
+                                         MAX_CONNECTIONS)
         except OSError as exc:
             raise ViewError(f"cannot listen on {self.cfg.host}:{self.cfg.port}: "
                             f"{exc.strerror or exc}") from None
-        self.server.daemon_threads = True
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}/"
 
@@ -449,16 +460,74 @@ def page() -> bytes:
     return resources.files("broker").joinpath("view_page.html").read_bytes()
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, but at most ``limit`` of them: a connection beyond that
+    is answered 503 and closed at once by the accepting thread."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 limit: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n")
+            except OSError:
+                pass  # gone already, or its buffer is full: closing is all it gets
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()  # no thread was started to release it
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def host_allowed(host_header: str | None, bound: str) -> bool:
+    """True for a Host header that cannot come from a DNS-rebinding page: none at all
+    (not a browser), an IP address, ``localhost``, or the host name the viewer was
+    bound to. A rebinding page reaches us under its own name, which is none of these."""
+    if host_header is None:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    if host in ("localhost", bound.lower()):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _handler(view: View) -> type[BaseHTTPRequestHandler]:
     """The request handler class, bound to ``view``."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "framebroker-view"
+        timeout = IDLE_TIMEOUT_S  # socket timeout: an idle or stuck client is dropped
 
         def log_message(self, format: str, *args: Any) -> None:
             """Silent: a page polling /stats twice a second would flood the terminal."""
 
         def do_GET(self) -> None:
+            if not host_allowed(self.headers.get("Host"), view.cfg.host):
+                self.send_error(HTTPStatus.FORBIDDEN, "Host header not allowed")
+                return
             url = urlsplit(self.path)
             routes = {"/": self._page, "/stats": self._stats,
                       "/stream.mjpg": lambda: self._stream(lambda s: s.jpeg),
@@ -473,8 +542,8 @@ def _handler(view: View) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 route()
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the browser went away; nothing to answer
+            except (BrokenPipeError, ConnectionResetError, socket.timeout):
+                self.close_connection = True  # the browser went away or stopped reading
 
         def _send(self, ctype: str, body: bytes, headers: dict[str, str] | None = None) -> None:
             self.send_response(HTTPStatus.OK)
