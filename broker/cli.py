@@ -774,8 +774,9 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
     p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
     _add_record_args(p)
-    p.add_argument("--frames", type=_positive_int, default=None,
-                   help="expected frame count: preallocate exactly (default: grow)")
+    p.add_argument("--frames", "--expect-frames", dest="frames", type=_positive_int,
+                   default=None, help="expected frame count: preallocate exactly (default: "
+                                      "grow)")
     p.add_argument("--grow-frames", type=_positive_int, default=1024,
                    help="growth step when the count is unknown (default %(default)s)")
     p.add_argument("--window", type=_positive_int, default=16,
@@ -798,6 +799,22 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
     _add_no_shm(p)  # live mode always receives payloads: its queue outlives slots
+    g = p.add_argument_group("sharding", "several writers, one file each, behind a VDS "
+                                         "master PATH (start serve with --wait-recorders N)")
+    g.add_argument("--shards", type=_positive_int, default=0, metavar="N",
+                   help="start N writer processes here: PATH_shard0.h5 ... and master PATH")
+    g.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="be writer K of N (start the others elsewhere with the same PATH)")
+    g.add_argument("--shard-block", type=_positive_int, default=None, metavar="B",
+                   help="ids per block; block b goes to shard b mod N (default: "
+                        "--chunk-frames)")
+    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                   help="start the --shards writers as Ray actors (ray.init(ADDRESS); "
+                        "default: a running cluster or a local one); pip install "
+                        "'framebroker[ray]'")
+
+
+_shard = _checked_by(proto.parse_shard)
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -815,11 +832,20 @@ def cmd_record(args: argparse.Namespace) -> int:
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
                        timeout=args.timeout, shm=not args.no_shm,
                        security=_security(args, binds=False, connects=True))
-    summary = _run_part(
-        lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
-        lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
-                  f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
-                  f"{s['frames_missed']}, dropped {s['dropped']}")
+    if args.shards or args.shard or args.ray:
+        from .placement import PlacementError
+        from .shards import ShardedRecording, summary_line
+        summary = _run_part(
+            lambda: ShardedRecording(cfg, shards=args.shards, shard=args.shard,
+                                     block=args.shard_block or args.chunk_frames, ray=args.ray),
+            (RecorderError, BrokerUnavailable, ValueError, PlacementError), args.json,
+            lambda s: summary_line(s, args.path))
+    else:
+        summary = _run_part(
+            lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
+            lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
+                      f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
+                      f"{s['frames_missed']}, dropped {s['dropped']}")
     if not summary["ended"] or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK

@@ -539,7 +539,7 @@ class WorkConsumer(_Receiver):
                  group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
                  heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
                  connect_wait: float = 10.0, shm: bool = True, ctx: zmq.Context | None = None,
-                 security: Security = PLAIN) -> None:
+                 security: Security = PLAIN, shard: proto.Shard | None = None) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
         self.security = security
@@ -548,7 +548,7 @@ class WorkConsumer(_Receiver):
                                                 security)
         self._map_ring(self.endpoints, shm)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
-                                 "consumer", self.transport)
+                                 "consumer", self.transport, shard)
         self.heartbeat = heartbeat
         self.sock = configure_socket(self.ctx.socket(zmq.DEALER), "client", security,
                                      max_bytes + 4096)
