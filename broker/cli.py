@@ -662,7 +662,14 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                        description="Join the broker's FFT work group: plan a 2-D real FFT once, "
                                    "transform every frame it is given, send a result per frame "
                                    "to the sink.")
-    _add_part_args(p, cmd_worker, keep_running=True)
+    _add_worker_flags(p, cmd_worker)
+    p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
+
+
+def _add_worker_flags(p: argparse.ArgumentParser,
+                      func: Callable[[argparse.Namespace], int]) -> None:
+    """Flags of one FFT worker, shared by ``worker`` and ``workers``."""
+    _add_part_args(p, func, keep_running=True)
     p.add_argument("--work", type=_endpoint, default=None,
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
@@ -670,20 +677,48 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     _add_fft_args(p, "--output")
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
-    p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
     _add_no_shm(p)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from .workers import Worker, WorkerConfig
+def _add_workers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("workers", help="start N FFT workers: processes here, or Ray actors",
+                       description="Start --count FFT workers (each as 'framebroker worker' "
+                                   "would), as spawned processes on this host or, with "
+                                   "--ray, as Ray actors that Ray restarts when they die.")
+    _add_worker_flags(p, cmd_workers)
+    p.add_argument("--count", type=_positive_int, default=2,
+                   help="how many workers (default %(default)s)")
+    _add_ray_flag(p, "the workers")
+    p.add_argument("--restarts", type=_nonneg_int, default=3,
+                   help="--ray: times Ray restarts a dead worker (default %(default)s)")
 
-    cfg = WorkerConfig(broker=args.broker, work=args.work, results=args.results,
-                       output=args.output, backend=args.backend, color=args.color,
-                       threads=args.threads, planner=args.planner, wisdom=args.wisdom,
-                       window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       timeout=args.timeout, keep_running=args.keep_running,
-                       shm=not args.no_shm,
-                       security=_security(args, binds=False, connects=True))
+
+def _worker_config(args: argparse.Namespace) -> Any:
+    from .workers import WorkerConfig
+
+    return WorkerConfig(broker=args.broker, work=args.work, results=args.results,
+                        output=args.output, backend=args.backend, color=args.color,
+                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
+                        window=args.window, sink=not args.no_sink,
+                        worker_id=getattr(args, "id", 0), timeout=args.timeout,
+                        keep_running=args.keep_running, shm=not args.no_shm,
+                        security=_security(args, binds=False, connects=True))
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from .placement import PlacementError, Workers, summary_line
+
+    cfg = _worker_config(args)
+    summary = _run_part(lambda: Workers(cfg, args.count, args.ray, args.restarts),
+                        (BrokerUnavailable, ValueError, PlacementError), args.json,
+                        summary_line)
+    return EXIT_OK if summary["ended"] else EXIT_ERROR
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import Worker
+
+    cfg = _worker_config(args)
     summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
                         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
                                   f"compute p50 {s['compute_ms_p50']} ms, rejected "
@@ -808,13 +843,17 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--shard-block", type=_positive_int, default=None, metavar="B",
                    help="ids per block; block b goes to shard b mod N (default: "
                         "--chunk-frames)")
-    g.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
-                   help="start the --shards writers as Ray actors (ray.init(ADDRESS); "
-                        "default: a running cluster or a local one); pip install "
-                        "'framebroker[ray]'")
+    _add_ray_flag(p, "the --shards writers")
 
 
 _shard = _checked_by(proto.parse_shard)
+
+
+def _add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"start {what} as Ray actors: on the cluster at ADDRESS ('auto': the "
+                        f"running one), or without ADDRESS on a local Ray started for this "
+                        f"command (pip install 'framebroker[ray]')")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -1263,6 +1302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_watch(sub)
     _add_worker(sub)
+    _add_workers(sub)
     _add_sink(sub)
     _add_record(sub)
     _add_inspect(sub)

@@ -15,19 +15,15 @@ Start the broker with ``--wait-recorders N`` so no shard misses the first frames
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing as mp
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from . import protocol as proto
-from .client import BrokerUnavailable, Control
+from .client import Control
 from .record import RecordConfig, Recording
-from .recorder import RecorderError
 from .vds import finalise, shard_path, start_master
 
 
@@ -81,69 +77,41 @@ def record_shard(cfg: RecordConfig, shard: proto.Shard,
     return summary
 
 
-def _shard_process(cfg: RecordConfig, shard: proto.Shard, results: Any) -> None:
-    """Entry point of a spawned writer: its summary (or error) goes back on ``results``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops the broker instead
-    try:
-        results.put((shard.index, record_shard(cfg, shard, master=False), None))
-    except (RecorderError, BrokerUnavailable, ValueError) as exc:
-        results.put((shard.index, None, str(exc)))
-
-
 def record_sharded(cfg: RecordConfig, count: int, block: int,
                    log: Callable[[str], None]) -> dict[str, Any]:
     """``--shards N``: N spawned writers; the master written first and finalised last
     (after every writer ended, killed ones included: their files are recovered)."""
-    if cfg.mode != "lossless":
-        raise ValueError("sharded recording is lossless: --mode live takes every frame")
+    from .placement import start_local
+
     open_master(cfg, count, block)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     shards = [proto.Shard(k, count, block) for k in range(count)]
-    procs = [ctx.Process(target=_shard_process, args=(cfg, s, results),
-                         name=f"fb-shard{s.index}") for s in shards]
-    for s, p in zip(shards, procs):
-        p.start()
-        log(f"shard {s.index}/{count} pid {p.pid} -> {shard_path(cfg.path, s.index)}")
-    got: dict[int, tuple[dict[str, Any] | None, str | None]] = {}
-    while len(got) < count:
-        try:
-            index, summary, error = results.get(timeout=0.2)
-            got[index] = (summary, error)
-        except Exception:  # queue.Empty: see who is still alive
-            for s, p in zip(shards, procs):
-                if s.index not in got and not p.is_alive() and p.exitcode is not None:
-                    time.sleep(0.2)  # a result put just before exiting may be in flight
-                    if results.empty():
-                        got[s.index] = (None, f"writer exited with {p.exitcode}")
-    for p in procs:
-        p.join()
-    return _combine(cfg, shards, got, [p.exitcode for p in procs], log)
+    results = start_local("shard", [(cfg, s) for s in shards], log)
+    return combine(cfg, shards, results, log)
 
 
-def _combine(cfg: RecordConfig, shards: list[proto.Shard],
-             got: dict[int, tuple[dict[str, Any] | None, str | None]],
-             exitcodes: list[int | None], log: Callable[[str], None]) -> dict[str, Any]:
+def combine(cfg: RecordConfig, shards: list[proto.Shard], results: list[dict[str, Any] | str],
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Finalise the master once every writer ended and sum up: one summary."""
     per = []
-    for s, code in zip(shards, exitcodes):
-        summary, error = got[s.index]
+    for s, r in zip(shards, results):
+        error = r if isinstance(r, str) else None
         if error:
             log(f"shard {s.index}/{s.count}: {error}")
-        per.append({"index": s.index, "exitcode": code, "error": error, **(summary or {})})
+        per.append({"index": s.index, "error": error, **({} if error else r)})
     totals = [p["total"] for p in per if p.get("total") is not None]
-    master = finalise(cfg.path, max(totals) if totals else None)
+    total = max(totals) if totals else None
+    master = finalise(cfg.path, total)
     ok = [p for p in per if not p["error"]]
     seconds = max((p.get("seconds", 0) for p in ok), default=0)
     written = sum(p.get("bytes_written", 0) for p in ok)
     return {"mode": "lossless", "shards": per, "master": master, "files": [cfg.path],
             "frames_written": master["frames"], "frames_missed": master["frames_missing"],
-            "total": max(totals) if totals else None,
-            "ended": bool(ok) and len(ok) == len(per) and all(p.get("ended") for p in ok),
+            "total": total, "ended": len(ok) == len(per) and all(p.get("ended") for p in ok),
             "session_changed": any(p.get("session_changed") for p in ok),
             "dropped": 0, "seconds": seconds, "bytes_written": written,
             "mb_per_s": round(written / seconds / 1e6, 2) if seconds else 0.0,
             "fps": round(master["frames"] / seconds, 2) if seconds else 0.0,
-            "cpu_s": {p["index"]: p.get("cpu_s") for p in per}}
+            "cpu_s": {str(p["index"]): p.get("cpu_s") for p in per}}
 
 
 def summary_line(s: dict[str, Any], master_path: str) -> str:
@@ -168,6 +136,9 @@ class ShardedRecording:
             raise ValueError("sharded recording is lossless: --mode live takes every frame")
         if ray is not None and not shards:
             raise ValueError("--ray starts the writers of --shards N as Ray actors")
+        if ray is not None:
+            from .placement import require_ray
+            require_ray()  # fail now, in one line, before anything starts
         self.cfg, self.count, self.ray = cfg, shards, ray
         self.shard = proto.parse_shard(shard, block) if shard else None
         self.block = block
