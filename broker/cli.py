@@ -948,6 +948,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_fft_args(p, "--fft-output")
     p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
     p.add_argument("--record", default=None, help="also record into this HDF5 file")
+    p.add_argument("--shards", type=_nonneg_int, default=0, metavar="N",
+                   help="--record with N writer processes, one file each, behind a VDS "
+                        "master (see record --shards)")
     _add_record_args(p)
     p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
@@ -1010,7 +1013,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
              "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json",
+             "--wait-recorders", str(max(1, args.shards)) if lossless else "0", "--quiet",
+             "--json",
              *server.argv()]
     serve += ["--shm", args.shm] if args.shm else []
     if args.loop:
@@ -1027,7 +1031,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
                   args.compression, "--chunk-frames", str(args.chunk_frames)]
         record += (["--frames", str(frames)] if frames else []) + (
             ["--level", str(args.level)] if args.level is not None else []) + (
-            ["--overwrite"] if args.overwrite else [])
+            ["--overwrite"] if args.overwrite else []) + (
+            ["--shards", str(args.shards)] if args.shards else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
                    workers=[worker] * args.workers, record=record, seconds=args.seconds,
                    frames=frames, lossless_record=lossless, security=client_sec)

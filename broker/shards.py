@@ -111,7 +111,8 @@ def combine(cfg: RecordConfig, shards: list[proto.Shard], results: list[dict[str
             "dropped": 0, "seconds": seconds, "bytes_written": written,
             "mb_per_s": round(written / seconds / 1e6, 2) if seconds else 0.0,
             "fps": round(master["frames"] / seconds, 2) if seconds else 0.0,
-            "cpu_s": {str(p["index"]): p.get("cpu_s") for p in per}}
+            "cpu_s": round(sum(p.get("cpu_s") or 0 for p in per), 3),
+            "cpu_s_per_shard": [p.get("cpu_s") for p in per]}
 
 
 def summary_line(s: dict[str, Any], master_path: str) -> str:

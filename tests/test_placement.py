@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
 import pytest
 
 from broker.sources import check_synthetic, synthetic_frame
-from conftest import cli, wait_status
+from conftest import cli, run_cli, wait_status
 from conftest import summary as done
 
 SHAPE = (48, 64)
@@ -122,3 +123,26 @@ def test_without_ray_the_flag_says_how_to_install_it(tmp_path):
         sys.exit(1)
     """)
     assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
+
+
+def test_ctrl_c_ends_the_ray_workers(eps, broker_factory):
+    pytest.importorskip("ray")
+    b = broker_factory("--fps", "100", "--shape", "48x64")
+    w = cli("workers", "--ray", "--count", "2", "--broker", eps.control, "--no-sink",
+            "--planner", "estimate", "--timeout", "120")
+    pids = [int(m.rpartition("-")[2]) for m in _members(eps.control, 2)]
+    w.send_signal(signal.SIGINT)
+    out, err = w.communicate(timeout=120)
+    assert w.returncode == 130, (out, err)
+    deadline = time.monotonic() + 60
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.1)
+    assert not alive, f"actor processes {alive} outlived Ctrl-C"
+    assert run_cli("stop", "--broker", eps.control).returncode == 0
+    assert b.finish()[0] == 0

@@ -202,3 +202,17 @@ def test_shard_flags_are_checked(tmp_path):
         _, err = p.communicate(timeout=60)
         assert p.returncode != 0 and message in err.strip().splitlines()[-1], (args, err)
         assert "Traceback" not in err
+
+
+def test_run_records_with_shards(tmp_path):
+    from conftest import make_endpoints
+
+    eps = make_endpoints()
+    out = tmp_path / "run.h5"
+    r = cli("run", "--frames", "1000", "--workers", "1", "--planner", "estimate", "--shape",
+            SHAPE, "--record", str(out), "--shards", "2", "--json", "--pub", eps.pub,
+            "--work", eps.work, "--control", eps.control, "--results", eps.results)
+    rep = summary(r)
+    assert rep["ok"] and rep["stages"]["recorded"]["frames"] == 1000
+    assert rep["recording"] == [str(out)]
+    check_master(out, 1000)
