@@ -30,9 +30,10 @@ from typing import Any, Callable
 
 import broker
 
+from .bench import shards as shards_bench
 from .broker import free_tcp_endpoints
 
-PARTS = ("transport", "fft", "hdf5", "e2e")
+PARTS = ("transport", "fft", "hdf5", "e2e", "shards")
 E2E_SHAPE = (480, 640, 3)
 E2E_SIZE = "640x480x3 u8"  # the label the bench scripts give this frame size
 E2E_FRAMES = {True: 1000, False: 5000}  # by --quick
@@ -89,6 +90,8 @@ def script_argv(part: str, opts: BenchOptions) -> list[str]:
     cap instead, so the whole quick run stays within about 3 minutes."""
     argv = ["--out", str(opts.out_dir / f"{part}.json")] + (["--quick"] if opts.quick else [])
     repeat = opts.repeat
+    if part == "shards":  # broker/bench/shards.py: rounds only
+        return argv + (["--repeat", str(repeat)] if repeat else [])
     if part == "hdf5":
         repeat = repeat or (2 if opts.quick else None)
         argv += ["--naive-seconds", "1"] if opts.quick else []
@@ -342,7 +345,8 @@ def e2e_section(e: dict[str, Any]) -> str:
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "transport": transport_section, "fft": fft_section, "hdf5": hdf5_section, "e2e": e2e_section}
+    "transport": transport_section, "fft": fft_section, "hdf5": hdf5_section, "e2e": e2e_section,
+    "shards": shards_bench.section}
 
 
 def write_report(results: dict[str, Any], opts: BenchOptions, seconds: float) -> Path:
@@ -447,7 +451,8 @@ def plot_e2e(e: dict[str, Any], path: Path) -> None:
 
 
 PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
-    "transport": plot_transport, "fft": plot_fft, "hdf5": plot_hdf5, "e2e": plot_e2e}
+    "transport": plot_transport, "fft": plot_fft, "hdf5": plot_hdf5, "e2e": plot_e2e,
+    "shards": shards_bench.plot}
 
 
 # --- the command ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import h5py
@@ -216,3 +217,26 @@ def test_run_records_with_shards(tmp_path):
     assert rep["ok"] and rep["stages"]["recorded"]["frames"] == 1000
     assert rep["recording"] == [str(out)]
     check_master(out, 1000)
+
+
+def test_recorder_scaling_benchmark_reports_1_2_4_shards(tmp_path):
+    """bench/shards.py measures every shard count in one run (figures are not judged:
+    only that each run recorded every frame and was measured)."""
+    import json
+
+    from broker.bench import shards as bench
+
+    out = tmp_path / "shards.json"
+    r = subprocess.run([sys.executable, "bench/shards.py", "--quick", "--shape", "64x64",
+                        "--frames", "200", "--repeat", "1", "--record-dir", str(tmp_path),
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [row["shards"] for row in data["rows"]] == [1, 2, 4]
+    for row in data["rows"]:
+        assert row["mb_per_s"] > 0 and row["cpu_s_per_shard"] > 0
+        assert len(data["runs"][str(row["shards"])][0]["cpu_s_per_shard"]) == row["shards"]
+    assert "| 4 |" in bench.section(data) and "| 4 |" in r.stdout
+    bench.plot(data, tmp_path / "shards.png")
+    assert (tmp_path / "shards.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("shards-bench-*"))  # its files are gone
