@@ -490,14 +490,17 @@ class Shard:
         return {"index": self.index, "count": self.count, "block": self.block}
 
 
-def parse_shard(obj: Any, block: int = 1) -> Shard:
-    """A Shard from READY's ``shard`` object or from ``"K/N"`` text; BadControlMessage
-    (a ValueError) naming what is wrong."""
-    if isinstance(obj, str):
-        k, sep, n = obj.partition("/")
-        if not (sep and k.isdigit() and n.isdigit()):
-            raise BadControlMessage(f"shard {obj!r} must look like K/N, e.g. 0/2")
-        obj = {"index": int(k), "count": int(n), "block": block}
+def parse_shard(text: str, block: int = 1) -> Shard:
+    """A Shard from ``"K/N"`` text (the CLI's ``--shard``) and the block size;
+    BadControlMessage (a ValueError) naming what is wrong."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit()):
+        raise BadControlMessage(f"shard {text!r} must look like K/N, e.g. 0/2")
+    return shard_from_json({"index": int(k), "count": int(n), "block": block})
+
+
+def shard_from_json(obj: Any) -> Shard:
+    """A Shard from READY's ``shard`` object, every field checked."""
     if not isinstance(obj, dict) or set(obj) != {"index", "count", "block"}:
         raise BadControlMessage('shard must be {"index": K, "count": N, "block": B}')
     k, n, b = obj["index"], obj["count"], obj["block"]
@@ -551,7 +554,7 @@ def decode_ready(buf: bytes) -> Ready:
         raise BadControlMessage(f'READY transport must be one of {", ".join(TRANSPORTS)}')
     shard = req.get("shard")
     return Ready(group, window, acks, name, role, transport,
-                 None if shard is None else parse_shard(shard))
+                 None if shard is None else shard_from_json(shard))
 
 
 # --- shared-memory ring (same-host transport; see broker/shm.py for the mapping) -----

@@ -240,3 +240,38 @@ def test_recorder_scaling_benchmark_reports_1_2_4_shards(tmp_path):
     bench.plot(data, tmp_path / "shards.png")
     assert (tmp_path / "shards.png").stat().st_size > 1000
     assert not list(tmp_path.glob("shards-bench-*"))  # its files are gone
+
+
+def test_a_sharded_group_gets_only_its_blocks_and_keeps_its_shard(eps, broker_factory):
+    from broker.client import WorkConsumer
+
+    b = broker_factory("--frames", "300", "--wait-subscribers", "1", "--shape", SHAPE)
+    mine = proto.Shard(1, 3, 4)
+    a = WorkConsumer(broker=eps.control, group="sub-g", window=8, shard=mine, connect_wait=30)
+    other = WorkConsumer(broker=eps.control, group="sub-g", window=8,
+                         shard=proto.Shard(0, 3, 4), connect_wait=30)
+    try:
+        wait_status(eps.control, lambda s: s["work"]["rejected"].get("bad_control", 0) >= 1)
+        got = []
+        while (frame := a.recv(timeout=30)) is not None:
+            assert check_synthetic(frame.array, frame.frame_id) == -1
+            got.append(frame.frame_id)
+            a.done(frame.frame_id)
+        assert got == [i for i in range(300) if mine.owns(i)]
+    finally:
+        a.close()
+        other.close()
+    assert b.finish()[0] == 0
+
+
+@pytest.mark.parametrize("bad", [{"index": 2, "count": 2, "block": 1},
+                                 {"index": 0, "count": 0, "block": 1},
+                                 {"index": 0, "count": 2, "block": 0},
+                                 {"index": 0, "count": 2, "block": True},
+                                 {"index": 0, "count": 2}, "0/2", [0, 2, 1],
+                                 {"index": 0, "count": 2, "block": 1, "x": 1}])
+def test_ready_rejects_a_malformed_shard(bad):
+    body = ('{"group": "record", "window": 4, "acks": "self", "shard": '
+            + __import__("json").dumps(bad) + "}").encode()
+    with pytest.raises(proto.BadControlMessage, match="shard"):
+        proto.decode_ready(body)

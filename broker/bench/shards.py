@@ -38,7 +38,7 @@ import broker
 from broker.broker import free_tcp_endpoints
 
 SHARDS = (1, 2, 4)
-FULL = {"shape": "1024x1024", "dtype": "uint16", "frames": 1000, "rounds": 3}
+FULL = {"shape": "1024x1024", "dtype": "uint16", "frames": 500, "rounds": 3}
 QUICK = {"shape": "512x512", "dtype": "uint16", "frames": 600, "rounds": 2}
 
 
