@@ -34,10 +34,14 @@ def open_recording(path: str | Path) -> tuple[h5py.File, bool]:
     the writer's last flush. The flag is True in that case.
     """
     try:
-        return h5py.File(path, "r"), False
+        h5 = h5py.File(path, "r")
     except OSError as exc:
         if "already open for write" not in str(exc):
             raise
+        return h5py.File(path, "r", swmr=True), True
+    if not vds.is_master(h5) or "total" in h5.attrs:
+        return h5, False
+    h5.close()  # a master not finalised yet: its shards are being written (SWMR)
     return h5py.File(path, "r", swmr=True), True
 
 
@@ -53,7 +57,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     with h5:
         attrs = {k: _plain(v) for k, v in h5.attrs.items()}
         frames = h5["frames"]
-        n = valid_count(h5)
+        n = frames.shape[0] if vds.is_master(h5) else valid_count(h5)
         ids = h5["frame_id"][:n]
         ts = h5["timestamp_ns"][:n].astype(np.int64)
         gaps = h5["gaps"][:].astype(np.int64)

@@ -16,7 +16,11 @@ mappings, at most three per run of consecutive ids per shard (a lossless shard h
 run), never one per frame; the new file replaces the old one atomically.
 
 **Missing frames.** A frame no shard holds reads as fill: zeros in ``/frames``,
-``2**64-1`` in ``/frame_id`` (never a real id), 0 in ``/timestamp_ns``. ``/gaps``
+``2**64-1`` in ``/frame_id`` (never a real id), 0 in ``/timestamp_ns``. While the
+shards are written, open the master with ``swmr=True`` (HDF5 then opens the shard
+files in SWMR mode too); its extent is then the shards' allocated length and frames not
+flushed yet read as missing. ``/valid_frames`` is the extent once finalised (0 before);
+``/gaps``
 lists the missing ``[first_id, count]`` ranges (as in a single file) and the root
 attributes say per shard how many frames it holds, whether it closed cleanly and how
 many of its ids are missing: a shard killed mid-run keeps every frame up to its last

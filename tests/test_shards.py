@@ -17,7 +17,7 @@ import pytest
 from broker import protocol as proto
 from broker.sources import check_synthetic
 from broker.vds import MISSING_ID, shard_path
-from conftest import cli, summary, wait_status
+from conftest import cli, run_cli, summary, wait_status
 
 SHAPE = "24x32"
 N_FRAMES = 3000
@@ -101,6 +101,12 @@ def test_sharded_recording_reads_back_through_the_master(eps, broker_factory, tm
     assert info["frames"] == N_FRAMES and info["missing_frames"] == 0
     assert [s["frames"] for s in info["shards"]] == \
         [proto.Shard(k, shards, block).owned_before(N_FRAMES) for k in range(shards)]
+    shard_path(moved / out.name, 0).rename(moved / "renamed.h5")  # breaks that mapping only
+    with h5py.File(moved / out.name) as f:
+        ids, frames = f["frame_id"][:], f["frames"][:]
+    gone = np.array([proto.Shard(0, shards, block).owns(i) for i in range(N_FRAMES)])
+    assert np.all(ids[gone] == MISSING_ID) and not np.any(frames[gone])
+    np.testing.assert_array_equal(ids[~gone], np.flatnonzero(~gone))
 
 
 def _shard_pids(proc: subprocess.Popen, n: int) -> dict[int, int]:
@@ -124,6 +130,16 @@ def test_a_shard_killed_mid_run_leaves_its_flushed_frames_and_a_reported_gap(
     pids = _shard_pids(rec, 2)
     group = "record-1of2-kill"
     wait_status(eps.control, lambda s: s["work"]["groups"].get(group, {}).get("acked", 0) > 400)
+    assert run_cli("pause", "--broker", eps.control).returncode == 0  # mid-run, files open
+    with h5py.File(out, "r", swmr=True) as f:  # the live master, while the shards write
+        ids = f["frame_id"][:]
+        live = np.flatnonzero(ids == np.arange(len(ids)))
+        assert len(live) > 400 and all(check_synthetic(f["frames"][int(i)], int(i)) == -1
+                                       for i in live[::7])
+        assert np.all((ids == np.arange(len(ids))) | (ids == MISSING_ID))
+    live_report = summary(cli("inspect", str(out), "--json"))
+    assert live_report["writer_mark"] and live_report["frames"] >= len(live)
+    assert run_cli("resume", "--broker", eps.control).returncode == 0
     os.kill(pids[1], signal.SIGSTOP)  # holding unflushed frames, then gone
     time.sleep(0.2)
     os.kill(pids[1], signal.SIGKILL)
