@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import time
@@ -141,25 +142,44 @@ def start_local(kind: str, configs: list[tuple[Any, proto.Shard | None]],
         p.start()
         log(f"{kind} {i} pid {p.pid}")
     got: dict[int, dict[str, Any] | str] = {}
-    while len(got) < len(procs):
-        try:
-            i, result = results_q.get(timeout=0.2)
-            got[i] = result
-        except Exception:  # queue.Empty: anyone gone without a word?
-            for i, p in enumerate(procs):
-                if i not in got and p.exitcode is not None:
-                    time.sleep(0.2)  # a result put just before exiting may be in flight
-                    if results_q.empty():
-                        got[i] = f"exited with {p.exitcode}"
+    try:
+        while len(got) < len(procs):
+            try:
+                i, result = results_q.get(timeout=0.2)
+                got[i] = result
+            except queue.Empty:  # anyone gone without a word?
+                for i, p in enumerate(procs):
+                    if i not in got and p.exitcode is not None:
+                        time.sleep(0.2)  # a result put just before exiting may be in flight
+                        if results_q.empty():
+                            got[i] = f"exited with {p.exitcode}"
+    except KeyboardInterrupt:
+        _interrupt_children(procs)
+        raise
     for p in procs:
         p.join()
     return [got[i] for i in range(len(procs))]
 
 
+def _interrupt_children(procs: list[Any], grace: float = 10.0) -> None:
+    """Ctrl-C: every child gets SIGINT too (a terminal sends it to all of them anyway),
+    so each finishes what it holds (a writer closes its file); stragglers are ended."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.terminate()
+            p.join()
+
+
 def _child(kind: str, cfg: Any, shard: proto.Shard | None, index: int, results: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the broker instead
     try:
         results.put((index, run_part(kind, cfg, shard)))
+    except KeyboardInterrupt:
+        results.put((index, "interrupted"))
     except Exception as exc:  # reported by the parent as this part's failure
         results.put((index, f"{type(exc).__name__}: {exc}"))
 
@@ -183,11 +203,16 @@ def record_on_ray(cfg: Any, count: int, block: int, address: str,
                   log: Callable[[str], None]) -> dict[str, Any]:
     """``record --shards N --ray``: the shard writers as Ray actors (never restarted)."""
     from .shards import combine, open_master
+    from .vds import finalise
 
     open_master(cfg, count, block)
     shards = [proto.Shard(k, count, block) for k in range(count)]
-    results = start_on_ray("shard", [(cfg, s) for s in shards],
-                           None if address == "local" else address, 0, log)
+    try:
+        results = start_on_ray("shard", [(cfg, s) for s in shards],
+                               None if address == "local" else address, 0, log)
+    except KeyboardInterrupt:
+        finalise(cfg.path)  # the master says what the writers had flushed
+        raise
     return combine(cfg, shards, results, log)
 
 

@@ -85,7 +85,11 @@ def record_sharded(cfg: RecordConfig, count: int, block: int,
 
     open_master(cfg, count, block)
     shards = [proto.Shard(k, count, block) for k in range(count)]
-    results = start_local("shard", [(cfg, s) for s in shards], log)
+    try:
+        results = start_local("shard", [(cfg, s) for s in shards], log)
+    except KeyboardInterrupt:  # the writers closed their files: a valid master, then exit
+        finalise(cfg.path)
+        raise
     return combine(cfg, shards, results, log)
 
 

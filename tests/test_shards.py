@@ -291,3 +291,27 @@ def test_ready_rejects_a_malformed_shard(bad):
             + __import__("json").dumps(bad) + "}").encode()
     with pytest.raises(proto.BadControlMessage, match="shard"):
         proto.decode_ready(body)
+
+
+def test_ctrl_c_closes_every_shard_and_finalises_the_master(eps, broker_factory, tmp_path):
+    out = tmp_path / "int.h5"
+    rec = record(eps, out, "--shards", "2")
+    b = broker_factory("--fps", "500", "--wait-recorders", "2", "--shape", SHAPE,
+                       "--worker-timeout", "1", "--orphan-timeout", "1")
+    wait_status(eps.control, lambda s: s["work"]["groups"].get("record-1of2-int", {})
+                .get("acked", 0) > 200)
+    rec.send_signal(signal.SIGINT)
+    _, err = rec.communicate(timeout=120)
+    assert rec.returncode == 130, err
+    assert run_cli("stop", "--broker", eps.control).returncode == 0
+    assert b.finish()[0] == 0
+    for k in range(2):
+        with h5py.File(shard_path(out, k)) as f:  # plain open: closed by its writer
+            assert f.attrs["complete"] == 1
+    with h5py.File(out) as f:
+        assert "total" in f.attrs  # finalised
+        ids, frames = f["frame_id"][:], f["frames"][:]
+    present = np.flatnonzero(ids != MISSING_ID)
+    assert len(present) > 400
+    np.testing.assert_array_equal(ids[present], present)
+    assert all(check_synthetic(frames[i], int(i)) == -1 for i in present)
