@@ -1003,6 +1003,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     _refuse_running_broker(args.control, client_sec)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
+    if args.shards and (args.record is None or args.mode != "lossless"):
+        raise CliError("--shards N shards a lossless --record", EXIT_USAGE)
     if args.record and Path(args.record).exists() and not args.overwrite:
         raise CliError(f"{args.record} exists; use --overwrite to replace it")
     eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
