@@ -569,7 +569,8 @@ class WorkConsumer(_Receiver):
     Call ``done(frame_id)`` when a frame is finished; that returns the credit (and,
     in an ``acks="self"`` group, acknowledges it so the broker can forget it).
     While idle it heartbeats and repeats READY, so a broker that declared it dead or
-    restarted takes it back.
+    restarted takes it back. ``shard`` (a ``protocol.Shard``) makes its group take only
+    that shard's blocks of frame ids (a sharded recording's writer, broker/shards.py).
     """
 
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,

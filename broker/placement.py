@@ -111,7 +111,7 @@ def start_on_ray(kind: str, configs: list[tuple[Any, proto.Shard | None]], addre
         part = _actor_class(ray)
         cpus = 1 if kind == "worker" else 0  # writers wait on the disk and the network
         actors = [part.options(max_restarts=restarts, max_task_retries=-1 if restarts else 0,
-                               num_cpus=cpus, name=None).remote() for _ in configs]
+                               num_cpus=cpus).remote() for _ in configs]
         refs = [a.run.remote(kind, cfg, shard) for a, (cfg, shard) in zip(actors, configs)]
         log(f"started {len(actors)} {kind} actor(s) on Ray "
             f"({address or 'a local instance'}), max_restarts {restarts}")
