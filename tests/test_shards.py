@@ -53,20 +53,20 @@ def h5dump(*args: str) -> str:
                           timeout=120, cwd="/", env=env).stdout
 
 
-@pytest.mark.parametrize("shards,compression,chunk", [(2, "none", 1), (3, "none", 1),
-                                                       (2, "bslz4", 4), (3, "lz4", 4)])
+@pytest.mark.parametrize("shards,compression,chunk,block", [
+    (2, "none", 1, 1), (3, "none", 1, 1), (2, "bslz4", 4, 4),
+    (3, "lz4", 4, 7)])  # 3000 = 142 cycles of 3 x 7 + 18: partial last blocks
 def test_sharded_recording_reads_back_through_the_master(eps, broker_factory, tmp_path,
-                                                         shards, compression, chunk):
+                                                         shards, compression, chunk, block):
     out = tmp_path / "run.h5"
     rec = record(eps, out, "--shards", str(shards), "--compression", compression,
-                 "--chunk-frames", str(chunk), *(["--expect-frames", str(N_FRAMES)]
-                                                 if shards == 3 else []))
+                 "--chunk-frames", str(chunk), "--shard-block", str(block),
+                 *(["--expect-frames", str(N_FRAMES)] if shards == 3 else []))
     b = broker_factory("--frames", str(N_FRAMES), "--wait-recorders", str(shards),
                        "--shape", SHAPE)
     res = summary(rec)
     assert b.finish()[0] == 0
     assert (res["frames_written"], res["frames_missed"], res["total"]) == (N_FRAMES, 0, N_FRAMES)
-    block = chunk
     for k in range(shards):  # each shard holds exactly its blocks, in the single-file layout
         sh = proto.Shard(k, shards, block)
         with h5py.File(shard_path(out, k)) as f:
@@ -78,6 +78,7 @@ def test_sharded_recording_reads_back_through_the_master(eps, broker_factory, tm
         # regular strided mappings, not one per frame
     with h5py.File(out) as f:
         assert len(f["frames"].virtual_sources()) <= 2 * shards
+        assert f.attrs["shard_block"] == block
     check_master(out)
     # the set moves together: relative source paths, read from elsewhere
     moved = tmp_path / "elsewhere"
