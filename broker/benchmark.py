@@ -30,11 +30,12 @@ from types import ModuleType
 from typing import Any, Callable
 
 
+from .bench import shards as shards_bench
 from .bench.common import FrameSpec, child_env
 from .bench.stats import compare, error_bars, figure
 from .broker import free_tcp_endpoints
 
-PARTS = ("transport", "fft", "hdf5", "e2e")
+PARTS = ("transport", "fft", "hdf5", "e2e", "shards")
 E2E_SHAPE = (480, 640, 3)
 E2E_FRAMES = {True: 300, False: 5000}  # by --quick
 
@@ -88,6 +89,9 @@ def script_argv(part: str, opts: BenchOptions) -> list[str]:
     and the naive HDF5 writer is capped at 1 s, so the whole run stays within about 3
     minutes on two idle cores."""
     argv = ["--out", str(opts.out_dir / f"{part}.json")] + (["--quick"] if opts.quick else [])
+    if part == "shards":  # broker/bench/shards.py: its own frame, rounds and disk only
+        argv += ["--record-dir", str(opts.disk)]
+        return argv + (["--repeat", str(opts.repeat)] if opts.repeat else [])
     argv += ["--overwrite"] if opts.overwrite else []
     if opts.spec is not None:
         argv += ["--source", opts.spec.source, "--shape", "x".join(map(str, opts.spec.shape)),
@@ -448,7 +452,7 @@ def e2e_section(e: dict[str, Any], noise: Noise) -> str:
 
 SECTIONS: dict[str, Callable[[dict[str, Any], Noise], str]] = {
     "transport": transport_section, "fft": fft_section, "hdf5": hdf5_section,
-    "e2e": e2e_section}
+    "e2e": e2e_section, "shards": lambda data, _noise: shards_bench.section(data)}
 
 
 def write_report(results: dict[str, Any], opts: BenchOptions, seconds: float) -> Path:
@@ -587,7 +591,8 @@ def plot_e2e(e: dict[str, Any], path: Path) -> None:
 
 
 PLOTS: dict[str, Callable[[dict[str, Any], Path], None]] = {
-    "transport": plot_transport, "fft": plot_fft, "hdf5": plot_hdf5, "e2e": plot_e2e}
+    "transport": plot_transport, "fft": plot_fft, "hdf5": plot_hdf5, "e2e": plot_e2e,
+    "shards": shards_bench.plot}
 
 
 # --- the command ------------------------------------------------------------------------

@@ -342,7 +342,7 @@ class Broker:
             and not fft.ackers
         return (self.subscribers + self.shm_subscribers + blocking < cfg.wait_subscribers
                 or no_sink or self.dispatcher.members("fft") < cfg.wait_workers
-                or self.dispatcher.members("record") < cfg.wait_recorders)
+                or self.dispatcher.members_prefixed("record") < cfg.wait_recorders)
 
     def _serve(self, timeout_ms: float) -> None:
         """Handle whatever arrived on any socket, waiting at most ``timeout_ms``."""

@@ -670,7 +670,14 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                        description="Join the broker's FFT work group: plan a 2-D real FFT once, "
                                    "transform every frame it is given, send a result per frame "
                                    "to the sink.")
-    _add_part_args(p, cmd_worker, keep_running=True)
+    _add_worker_flags(p, cmd_worker)
+    p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
+
+
+def _add_worker_flags(p: argparse.ArgumentParser,
+                      func: Callable[[argparse.Namespace], int]) -> None:
+    """Flags of one FFT worker, shared by ``worker`` and ``workers``."""
+    _add_part_args(p, func, keep_running=True)
     p.add_argument("--work", type=_endpoint, default=None,
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
@@ -678,20 +685,48 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
     _add_fft_args(p, "--output")
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
-    p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
     _add_no_shm(p)
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from .workers import Worker, WorkerConfig
+def _add_workers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("workers", help="start N FFT workers: processes here, or Ray actors",
+                       description="Start --count FFT workers (each as 'framebroker worker' "
+                                   "would), as spawned processes on this host or, with "
+                                   "--ray, as Ray actors that Ray restarts when they die.")
+    _add_worker_flags(p, cmd_workers)
+    p.add_argument("--count", type=_positive_int, default=2,
+                   help="how many workers (default %(default)s)")
+    _add_ray_flag(p, "the workers")
+    p.add_argument("--restarts", type=_nonneg_int, default=3,
+                   help="--ray: times Ray restarts a dead worker (default %(default)s)")
 
-    cfg = WorkerConfig(broker=args.broker, work=args.work, results=args.results,
-                       output=args.output, backend=args.backend, color=args.color,
-                       threads=args.threads, planner=args.planner, wisdom=args.wisdom,
-                       window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       timeout=args.timeout, keep_running=args.keep_running,
-                       shm=not args.no_shm,
-                       security=_security(args, binds=False, connects=True))
+
+def _worker_config(args: argparse.Namespace) -> Any:
+    from .workers import WorkerConfig
+
+    return WorkerConfig(broker=args.broker, work=args.work, results=args.results,
+                        output=args.output, backend=args.backend, color=args.color,
+                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
+                        window=args.window, sink=not args.no_sink,
+                        worker_id=getattr(args, "id", 0), timeout=args.timeout,
+                        keep_running=args.keep_running, shm=not args.no_shm,
+                        security=_security(args, binds=False, connects=True))
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    from .placement import PlacementError, Workers, summary_line
+
+    cfg = _worker_config(args)
+    summary = _run_part(lambda: Workers(cfg, args.count, args.ray, args.restarts),
+                        (BrokerUnavailable, ValueError, PlacementError), args.json,
+                        summary_line)
+    return EXIT_OK if summary["ended"] else EXIT_ERROR
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .workers import Worker
+
+    cfg = _worker_config(args)
     summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
                         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
                                   f"compute p50 {s['compute_ms_p50']} ms, rejected "
@@ -793,8 +828,9 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
     p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
     _add_record_args(p)
-    p.add_argument("--frames", type=_positive_int, default=None,
-                   help="expected frame count: preallocate exactly (default: grow)")
+    p.add_argument("--frames", "--expect-frames", dest="frames", type=_positive_int,
+                   default=None, help="expected frame count: preallocate exactly (default: "
+                                      "grow)")
     p.add_argument("--grow-frames", type=_positive_int, default=1024,
                    help="growth step when the count is unknown (default %(default)s)")
     p.add_argument("--window", type=_positive_int, default=16,
@@ -815,6 +851,26 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                    help="sleep this many seconds per frame in the writer (simulates a "
                         "slow disk; for tests)")
     _add_no_shm(p)  # live mode always receives payloads: its queue outlives slots
+    g = p.add_argument_group("sharding", "several writers, one file each, behind a VDS "
+                                         "master PATH (start serve with --wait-recorders N)")
+    g.add_argument("--shards", type=_positive_int, default=0, metavar="N",
+                   help="start N writer processes here: PATH_shard0.h5 ... and master PATH")
+    g.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="be writer K of N (start the others elsewhere with the same PATH)")
+    g.add_argument("--shard-block", type=_positive_int, default=None, metavar="B",
+                   help="ids per block; block b goes to shard b mod N (default: "
+                        "--chunk-frames)")
+    _add_ray_flag(p, "the --shards writers")
+
+
+_shard = _checked_by(proto.parse_shard)
+
+
+def _add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"start {what} as Ray actors: on the cluster at ADDRESS ('auto': the "
+                        f"running one), or without ADDRESS on a local Ray started for this "
+                        f"command (pip install 'framebroker[ray]')")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -832,11 +888,20 @@ def cmd_record(args: argparse.Namespace) -> int:
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
                        timeout=args.timeout, shm=not args.no_shm,
                        security=_security(args, binds=False, connects=True))
-    summary = _run_part(
-        lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
-        lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
-                  f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
-                  f"{s['frames_missed']}, dropped {s['dropped']}")
+    if args.shards or args.shard or args.ray:
+        from .placement import PlacementError
+        from .shards import ShardedRecording, summary_line
+        summary = _run_part(
+            lambda: ShardedRecording(cfg, shards=args.shards, shard=args.shard,
+                                     block=args.shard_block or args.chunk_frames, ray=args.ray),
+            (RecorderError, BrokerUnavailable, ValueError, PlacementError), args.json,
+            lambda s: summary_line(s, args.path))
+    else:
+        summary = _run_part(
+            lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
+            lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
+                      f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
+                      f"{s['frames_missed']}, dropped {s['dropped']}")
     if not summary["ended"] or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
@@ -902,6 +967,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     _add_fft_args(p, "--fft-output")
     p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
     p.add_argument("--record", default=None, help="also record into this HDF5 file")
+    p.add_argument("--shards", type=_nonneg_int, default=0, metavar="N",
+                   help="--record with N writer processes, one file each, behind a VDS "
+                        "master (see record --shards)")
     _add_record_args(p)
     p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
@@ -954,6 +1022,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     _refuse_running_broker(args.control, client_sec)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
+    if args.shards and (args.record is None or args.mode != "lossless"):
+        raise CliError("--shards N shards a lossless --record", EXIT_USAGE)
     if args.record and Path(args.record).exists() and not args.overwrite:
         raise CliError(f"{args.record} exists; use --overwrite to replace it")
     eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
@@ -963,7 +1033,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
              "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
              "--stream", args.stream, "--sndhwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json",
+             "--wait-recorders", str(max(1, args.shards)) if lossless else "0", "--quiet",
+             "--json",
              *server.argv()]
     serve += ["--shm", args.shm] if args.shm else []
     if args.loop:
@@ -981,7 +1052,8 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
                   "--compress-threads", str(args.compress_threads)]
         record += (["--frames", str(frames)] if frames else []) + (
             ["--level", str(args.level)] if args.level is not None else []) + (
-            ["--overwrite"] if args.overwrite else [])
+            ["--overwrite"] if args.overwrite else []) + (
+            ["--shards", str(args.shards)] if args.shards else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
                    workers=[worker] * args.workers, record=record, seconds=args.seconds,
                    frames=frames, lossless_record=lossless, security=client_sec,
@@ -1164,6 +1236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_watch(sub)
     _add_worker(sub)
+    _add_workers(sub)
     _add_sink(sub)
     _add_record(sub)
     _add_inspect(sub)

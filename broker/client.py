@@ -180,16 +180,53 @@ class Control:
         self._reset()
 
 
+_WILDCARDS = ("*", "0.0.0.0", "::")
+_HOST_LOCAL = ("127.0.0.1", "localhost", "::1")  # what a broker advertises for its own host
+
+
+def _tcp_host(endpoint: str) -> tuple[str, str] | None:
+    """(host, port) of a tcp endpoint (IPv6 brackets removed), None for ipc/inproc."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return None
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), port
+
+
+def reachable(endpoints: dict[str, Any], control: str) -> dict[str, Any]:
+    """The ``endpoints`` reply with every address this client can reach.
+
+    A broker bound to a wildcard without ``--advertise`` hands out 127.0.0.1 (or the
+    wildcard itself): right on its own host, wrong from anywhere else. A client that
+    reached the control socket through another host name knows a name that reaches
+    the broker's host, so a wildcard or host-local data host is replaced by the
+    control host, unless that is itself host-local (then we are on the broker's host
+    and nothing changes). Other hosts (``--advertise``, explicit binds) are kept.
+    """
+    ctl = _tcp_host(control)
+    if ctl is None or ctl[0] in _HOST_LOCAL:
+        return endpoints
+    host = f"[{ctl[0]}]" if ":" in ctl[0] else ctl[0]
+    out = dict(endpoints)
+    for key in ("pub", "work", "control", "results"):
+        ep = endpoints.get(key)
+        data = _tcp_host(ep) if isinstance(ep, str) else None
+        if data is not None and (data[0] in _WILDCARDS or data[0] in _HOST_LOCAL):
+            out[key] = f"tcp://{host}:{data[1]}"
+    return out
+
+
 def resolve(broker: str, override: str | None, key: str, wait_s: float = 10.0,
             ctx: zmq.Context | None = None,
             security: Security = PLAIN) -> tuple[str, dict[str, Any]]:
     """The endpoint for ``key`` ("pub", "work", "results"): ``override`` if given, else
-    asked from the broker's control socket (waiting up to ``wait_s`` for it)."""
+    asked from the broker's control socket (waiting up to ``wait_s`` for it), made
+    reachable from here (see ``reachable``)."""
     if override:
         return override, {}
     ctl = Control(broker, timeout=min(1.0, wait_s), ctx=ctx, security=security)
     try:
-        eps = ctl.wait(wait_s)
+        eps = reachable(ctl.wait(wait_s), broker)
     finally:
         ctl.close()
     return eps[key], eps
@@ -533,14 +570,15 @@ class WorkConsumer(_Receiver):
     Call ``done(frame_id)`` when a frame is finished; that returns the credit (and,
     in an ``acks="self"`` group, acknowledges it so the broker can forget it).
     While idle it heartbeats and repeats READY, so a broker that declared it dead or
-    restarted takes it back.
+    restarted takes it back. ``shard`` (a ``protocol.Shard``) makes its group take only
+    that shard's blocks of frame ids (a sharded recording's writer, broker/shards.py).
     """
 
     def __init__(self, endpoint: str | None = None, *, broker: str = DEFAULT_BROKER,
                  group: str = "fft", window: int = 4, acks: str = "self", name: str = "",
                  heartbeat: float = 0.25, max_bytes: int = proto.DEFAULT_MAX_BYTES,
                  connect_wait: float = 10.0, shm: bool = True, ctx: zmq.Context | None = None,
-                 security: Security = PLAIN) -> None:
+                 security: Security = PLAIN, shard: proto.Shard | None = None) -> None:
         super().__init__(max_bytes)
         self.ctx = ctx or zmq.Context.instance()
         self.security = security
@@ -549,7 +587,7 @@ class WorkConsumer(_Receiver):
                                                 security)
         self._map_ring(self.endpoints, shm)
         self.ready = proto.Ready(group, window, acks, name or f"{group}-{os.getpid()}",
-                                 "consumer", self.transport)
+                                 "consumer", self.transport, shard)
         self.heartbeat = heartbeat
         self.sock = configure_socket(self.ctx.socket(zmq.DEALER), "client", security,
                                      max_bytes + 4096)

@@ -10,6 +10,11 @@ consumer that stays silent past the timeout, or that ROUTER can no longer reach,
 declared dead and its unacknowledged frames are dispatched again; the sink removes
 the duplicates this can cause.
 
+A *sharded* group (READY with ``shard``) takes only the frames of its shard (ids in
+blocks, block b to shard b mod N: protocol.Shard); the others are never queued or held
+for it, which is the same as settling them at once. So N lossless recorder groups, one
+per shard, each get a disjoint part of the stream and the source waits for the slowest.
+
 A group left with no members and no ackers is dissolved: at once when the last one
 said BYE, or after ``orphan_timeout`` when the last one died, so a lossless recorder
 that dies and is not restarted holds the source up for that long, not forever. Its
@@ -71,6 +76,7 @@ class Group:
     dead: int = 0
     duplicate_acks: int = 0
     orphaned_at: float | None = None  # when its last member or acker went away
+    shard: proto.Shard | None = None  # only this shard's frames (None: every frame)
 
     def empty(self) -> bool:
         return not self.members and not self.ackers
@@ -85,7 +91,8 @@ class Group:
                 "oldest_pending": next(iter(self.pending), None),
                 "queued": len(self.queue), "dispatched": self.dispatched,
                 "acked": self.acked, "redispatched": self.redispatched,
-                "dead_consumers": self.dead, "duplicate_acks": self.duplicate_acks}
+                "dead_consumers": self.dead, "duplicate_acks": self.duplicate_acks,
+                "shard": self.shard.to_json() if self.shard else None}
 
 
 class Dispatcher:
@@ -132,6 +139,8 @@ class Dispatcher:
         """Queue a new frame for every group; ``hold`` pins the slot once per group.
         ``shm_header`` (ring slots only) is what ring-reading members are sent."""
         for g in self.groups.values():
+            if g.shard is not None and not g.shard.owns(frame_id):
+                continue  # another shard's frame: settled for this group at once
             hold(slot)
             g.pending[frame_id] = Pending(frame_id, header, slot, shm_header)
             g.queue.append(frame_id)
@@ -195,10 +204,13 @@ class Dispatcher:
             return
         g = self.groups.get(r.group)
         if g is None:
-            g = self.groups[r.group] = Group(r.group, r.acks)
+            g = self.groups[r.group] = Group(r.group, r.acks, shard=r.shard)
         elif g.acks != r.acks:
             raise proto.BadControlMessage(f"group {r.group!r} acknowledges with {g.acks!r}, "
                                           f"READY said {r.acks!r}")
+        elif g.shard != r.shard:
+            raise proto.BadControlMessage(f"group {r.group!r} takes shard {g.shard}, READY "
+                                          f"said {r.shard}")
         g.orphaned_at = None
         if r.role == "acker":
             g.ackers[ident] = now

@@ -3,7 +3,9 @@
 Everything here reads the layout :mod:`broker.recorder` writes, with plain h5py (plus
 ``import hdf5plugin`` for the compressed ones). The number of valid frames is
 ``/valid_frames``: the other datasets may be longer while the writer runs or after it
-crashed (see the recorder's docstring for why).
+crashed (see the recorder's docstring for why). The master of a sharded recording
+(broker/vds.py) reads the same way; its report also lists the shards, and frames no
+shard holds (``/frame_id`` = 2**64-1) are reported missing, not counted as frames.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import h5py
 import hdf5plugin  # noqa: F401  (registers the filters compressed recordings need)
 import numpy as np
 
+from . import vds
 from .sources import geometry
 
 _THUMB_WIDTH = 320
@@ -31,10 +34,14 @@ def open_recording(path: str | Path) -> tuple[h5py.File, bool]:
     the writer's last flush. The flag is True in that case.
     """
     try:
-        return h5py.File(path, "r"), False
+        h5 = h5py.File(path, "r")
     except OSError as exc:
         if "already open for write" not in str(exc):
             raise
+        return h5py.File(path, "r", swmr=True), True
+    if not vds.is_master(h5) or "total" in h5.attrs:
+        return h5, False
+    h5.close()  # a master not finalised yet: its shards are being written (SWMR)
     return h5py.File(path, "r", swmr=True), True
 
 
@@ -50,7 +57,7 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
     with h5:
         attrs = {k: _plain(v) for k, v in h5.attrs.items()}
         frames = h5["frames"]
-        n = valid_count(h5)
+        n = frames.shape[0] if vds.is_master(h5) else valid_count(h5)
         ids = h5["frame_id"][:n]
         ts = h5["timestamp_ns"][:n].astype(np.int64)
         gaps = h5["gaps"][:].astype(np.int64)
@@ -75,6 +82,15 @@ def inspect_file(path: str | Path) -> dict[str, Any]:
             "compression_ratio": n * frame_bytes / stored if stored else None,
             "attrs": attrs,
         }
+        if vds.is_master(h5):
+            present = ids != vds.MISSING_ID
+            ids, ts = ids[present], ts[present]
+            info.update(vds.master_details(path, h5), frames=int(present.sum()),
+                        first_frame_id=int(ids[0]) if len(ids) else None,
+                        last_frame_id=int(ids[-1]) if len(ids) else None,
+                        bytes_raw=int(present.sum()) * frame_bytes)
+            stored = info["bytes_stored"]
+            info["compression_ratio"] = info["bytes_raw"] / stored if stored else None
     info.update(_timing(ts))
     return info
 
@@ -132,6 +148,14 @@ def format_report(info: dict[str, Any]) -> str:
         ("compression", f"{attrs.get('compression', '?')}, chunks {info['chunks']}, ratio "
                         + (f"{ratio:.2f}x" if ratio else "-")),
     ]
+    if "shards" in info:
+        lines.append(("shards", f"{len(info['shards'])} in blocks of {info['shard_block']} "
+                      f"ids" + ("" if info["finalised"] else " (master not finalised yet)")
+                      + ": " + ", ".join(
+                          f"{s['file']} {s['frames']}"
+                          + ("" if s["complete"] else " (not closed)")
+                          + (f" missing {s['missing']}" if s["missing"] > 0 else "")
+                          for s in info["shards"])))
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in lines)
 

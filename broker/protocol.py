@@ -458,6 +458,79 @@ def decode_ids(buf: bytes) -> tuple[int, ...]:
     return struct.unpack(f"<{len(buf) // 8}Q", buf)
 
 
+MAX_SHARDS = 1024
+MAX_SHARD_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Which frames a group takes: ids in blocks of ``block``, block b to shard
+    ``b % count``. Shard ``index`` owns every ``count``-th block from block ``index``."""
+
+    index: int
+    count: int
+    block: int
+
+    def owns(self, frame_id: int) -> bool:
+        return (frame_id // self.block) % self.count == self.index
+
+    def ordinal(self, frame_id: int) -> int:
+        """Position of an owned ``frame_id`` among the shard's ids (0 for its first)."""
+        return (frame_id // self.block // self.count) * self.block + frame_id % self.block
+
+    def frame_id(self, ordinal: int) -> int:
+        """The id at position ``ordinal`` of the shard (inverse of ``ordinal``)."""
+        return ((ordinal // self.block) * self.count + self.index) * self.block \
+            + ordinal % self.block
+
+    def owned_before(self, end: int) -> int:
+        """How many of ids 0..end-1 the shard owns."""
+        full, rest = divmod(end, self.block * self.count)
+        return full * self.block + min(max(rest - self.index * self.block, 0), self.block)
+
+    def ranges(self, first: int, count: int) -> list[tuple[int, int]]:
+        """The owned ids of ``first .. first+count-1`` as (first, count) ranges."""
+        out: list[tuple[int, int]] = []
+        fid, end = first, first + count
+        while fid < end:
+            block_end = (fid // self.block + 1) * self.block
+            if self.owns(fid):
+                n = min(block_end, end) - fid
+                if out and out[-1][0] + out[-1][1] == fid:
+                    out[-1] = (out[-1][0], out[-1][1] + n)
+                else:
+                    out.append((fid, n))
+                fid = block_end
+            else:  # jump to the start of the next block this shard owns
+                b = fid // self.block
+                fid = max(block_end, (b + (self.index - b) % self.count) * self.block)
+        return out
+
+    def to_json(self) -> dict[str, int]:
+        return {"index": self.index, "count": self.count, "block": self.block}
+
+
+def parse_shard(text: str, block: int = 1) -> Shard:
+    """A Shard from ``"K/N"`` text (the CLI's ``--shard``) and the block size;
+    BadControlMessage (a ValueError) naming what is wrong."""
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit()):
+        raise BadControlMessage(f"shard {text!r} must look like K/N, e.g. 0/2")
+    return shard_from_json({"index": int(k), "count": int(n), "block": block})
+
+
+def shard_from_json(obj: Any) -> Shard:
+    """A Shard from READY's ``shard`` object, every field checked."""
+    if not isinstance(obj, dict) or set(obj) != {"index", "count", "block"}:
+        raise BadControlMessage('shard must be {"index": K, "count": N, "block": B}')
+    k, n, b = obj["index"], obj["count"], obj["block"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (k, n, b)) \
+            or not 1 <= n <= MAX_SHARDS or not 0 <= k < n or not 1 <= b <= MAX_SHARD_BLOCK:
+        raise BadControlMessage(f"shard needs 0 <= index < count <= {MAX_SHARDS} and "
+                                f"1 <= block <= {MAX_SHARD_BLOCK}, got {obj}")
+    return Shard(k, n, b)
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """A consumer's join request: which group, how many frames it may hold, who acks."""
@@ -468,14 +541,18 @@ class Ready:
     name: str
     role: str  # "consumer" takes frames; "acker" only sends ACKs for the group
     transport: str = "tcp"  # "shm": send SHM_FRAME headers, this consumer maps the ring
+    shard: Shard | None = None  # the group takes only this shard's frames
 
 
 TRANSPORTS = ("tcp", "shm")
 
 
 def encode_ready(r: Ready) -> bytes:
-    return json.dumps({"group": r.group, "window": r.window, "acks": r.acks, "name": r.name,
-                       "role": r.role, "transport": r.transport}).encode()
+    body = {"group": r.group, "window": r.window, "acks": r.acks, "name": r.name,
+            "role": r.role, "transport": r.transport}
+    if r.shard is not None:
+        body["shard"] = r.shard.to_json()
+    return json.dumps(body).encode()
 
 
 def decode_ready(buf: bytes) -> Ready:
@@ -495,7 +572,9 @@ def decode_ready(buf: bytes) -> Ready:
         raise BadControlMessage("READY name must be a string of at most 128 chars")
     if transport not in TRANSPORTS:
         raise BadControlMessage(f'READY transport must be one of {", ".join(TRANSPORTS)}')
-    return Ready(group, window, acks, name, role, transport)
+    shard = req.get("shard")
+    return Ready(group, window, acks, name, role, transport,
+                 None if shard is None else shard_from_json(shard))
 
 
 # --- shared-memory ring (same-host transport; see broker/shm.py for the mapping) -----

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
+from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, WorkConsumer, cpu_seconds)
 from .recorder import RecordingWriter, ThreadedRecorder
@@ -53,6 +54,8 @@ class RecordConfig:
     timeout: float = 30.0
     security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
     shm: bool = True  # lossless only: the broker holds a ring slot until DONE
+    shard: proto.Shard | None = None  # lossless only: record just this shard's frames
+    group: str = "record"  # work group (a shard has its own, see broker/shards.py)
 
 
 class Recording:
@@ -62,6 +65,8 @@ class Recording:
                  ctx: zmq.Context | None = None) -> None:
         if cfg.mode not in ("lossless", "live"):
             raise ValueError(f"mode must be lossless or live, got {cfg.mode!r}")
+        if cfg.shard is not None and cfg.mode != "lossless":
+            raise ValueError("a shard is a lossless recorder: --mode live takes every frame")
         if cfg.queue_frames < cfg.window:
             raise ValueError(f"queue_frames ({cfg.queue_frames}) must be >= window "
                              f"({cfg.window}) so the receive loop never blocks")
@@ -85,9 +90,9 @@ class Recording:
         self._open_from_status()
         if cfg.mode == "lossless":
             self.source: WorkConsumer | Subscriber = WorkConsumer(
-                cfg.work, broker=cfg.broker, group="record", window=cfg.window, acks="self",
-                name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
-                shm=cfg.shm, ctx=self.ctx, security=cfg.security)
+                cfg.work, broker=cfg.broker, group=cfg.group, window=cfg.window,
+                acks="self", name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
+                shm=cfg.shm, ctx=self.ctx, security=cfg.security, shard=cfg.shard)
         else:  # queued frames outlive a live ring slot: always take payloads
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
@@ -111,14 +116,17 @@ class Recording:
     def _open(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         c = self.cfg
         self.signals.install()
+        expected = c.frames
+        if c.shard is not None and expected is not None:  # preallocate this shard's part
+            expected = max(1, c.shard.owned_before(expected))
         writer = RecordingWriter(
             path=c.path, shape=shape, dtype=dtype, stream=self.status.get("stream", ""),
-            source=self.status.get("source", ""), frames_expected=c.frames,
+            source=self.status.get("source", ""), frames_expected=expected,
             chunk_frames=c.chunk_frames, grow_frames=c.grow_frames, compression=c.compression,
             level=c.level, swmr=c.swmr, flush_frames=c.flush_frames,
             flush_seconds=c.flush_seconds, max_frames_per_file=c.max_frames_per_file,
             max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
-            compress_threads=c.compress_threads)
+            compress_threads=c.compress_threads, shard=c.shard)
         self.rec = ThreadedRecorder(writer, queue_frames=c.queue_frames,
                                     throttle_s=c.throttle_s)
 

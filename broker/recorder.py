@@ -12,7 +12,9 @@ and root attributes ``stream, source, shape, dtype, start_time, start_time_ns,
 frames_expected (-1 = unknown), compression, compression_level, chunk_frames, software,
 writer_host, writer_pid, file_index`` set at creation, and ``frames_written,
 frames_missed, first_frame_id, complete`` set when the file is closed (``complete`` = 1)
-or recovered (``complete`` stays 0).
+or recovered (``complete`` stays 0). A shard of a sharded recording (``shard=``, see
+broker/shards.py) also has ``shard_index, shard_count, shard_block``; it holds only the
+ids its shard owns, and its ``/gaps`` lists only missing ids of its own shard.
 
 **How many frames are valid.** ``/valid_frames`` is the authority while the file is being
 written and after a crash; in a closed file it equals ``len(/frame_id)`` and
@@ -72,6 +74,7 @@ import hdf5plugin
 import numpy as np
 
 from . import __version__
+from . import protocol as proto
 
 COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")
 #: level used when ``level`` is None; gzip defaults to 1 because higher levels run at
@@ -340,7 +343,7 @@ class RecordingWriter:
                  level: int | None = None, swmr: bool = True, flush_frames: int = 64,
                  flush_seconds: float = 1.0, max_frames_per_file: int = 0,
                  max_bytes_per_file: int = 0, overwrite: bool = False,
-                 compress_threads: int = 2) -> None:
+                 compress_threads: int = 2, shard: proto.Shard | None = None) -> None:
         self.path = Path(path)
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
@@ -357,6 +360,7 @@ class RecordingWriter:
         self.flush_frames, self.flush_seconds = flush_frames, flush_seconds
         self.max_frames_per_file, self.max_bytes_per_file = max_frames_per_file, max_bytes_per_file
         self.overwrite = overwrite
+        self.shard = shard
         self.frame_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self._chunk_shape = (chunk_frames,) + self.shape
 
@@ -487,6 +491,14 @@ class RecordingWriter:
         self._next_id = frame_id + 1
 
     def _record_gap(self, first: int, count: int) -> None:
+        """Declare ids missing; a shard counts only the ids it owns."""
+        if self.shard is None:
+            self._record_range(first, count)
+            return
+        for a, n in self.shard.ranges(first, count):
+            self._record_range(a, n)
+
+    def _record_range(self, first: int, count: int) -> None:
         part = self._part
         if part.first_id is None:
             part.first_id = first
@@ -586,6 +598,10 @@ class RecordingWriter:
         attrs["writer_host"] = socket.gethostname()
         attrs["writer_pid"] = np.int64(os.getpid())
         attrs["file_index"] = np.int64(part.index)
+        if self.shard is not None:
+            attrs["shard_index"] = np.int64(self.shard.index)
+            attrs["shard_count"] = np.int64(self.shard.count)
+            attrs["shard_block"] = np.int64(self.shard.block)
         for name in ("frames_written", "frames_missed", "complete"):
             attrs[name] = np.int64(0)
         attrs["first_frame_id"] = np.int64(-1)

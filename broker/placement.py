@@ -1,0 +1,242 @@
+"""Where the parts run: N FFT workers or N shard writers as local processes or Ray actors.
+
+``framebroker workers --count N`` starts N FFT workers as spawned processes here;
+``--ray [ADDRESS]`` starts them as Ray actors instead (``pip install 'framebroker[ray]'``),
+on the cluster at ADDRESS (``auto``: the running one) or, without ADDRESS, on a local
+Ray instance started for this command (loopback, no dashboard). ``record --shards N
+--ray`` does the same with the shard writers.
+
+**Frames never travel through Ray.** Ray only starts the processes and hands each its
+configuration; every actor connects to the broker by its control endpoint and takes
+frames from framebroker's ZeroMQ work channel like any worker (Ray tasks cost about a
+millisecond each, and ``ray.put`` copies).
+
+**Restarts.** Each actor is one process with ``max_restarts`` (``--restarts``, default 3)
+and unlimited task retries: when its process dies, Ray starts a new one and runs the
+part again, which re-joins the broker's group under a new name; the broker declares the
+old member dead after ``--worker-timeout`` and dispatches its frames again (the sink
+removes duplicates), so every frame is still processed exactly once at the sink. The
+new process imports the FFTW wisdom the first one saved (``--wisdom``, default the user
+cache dir), so it does not pay MEASURE planning again. A shard writer is not restarted
+(``max_restarts=0``): a new writer cannot append to a file its predecessor left mid-run,
+so the recording keeps that shard's frames up to its last flush and reports the rest as
+a gap (see broker/vds.py), exactly as when a local writer dies.
+
+**Stopping.** ``framebroker stop`` ends the stream: every actor returns at end-of-stream
+and the command prints their summaries. Ctrl-C (or SIGTERM) ends the actors at once:
+they belong to this command's Ray job, which ``ray.shutdown()`` ends.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+from . import protocol as proto
+
+RAY_HINT = "pip install 'framebroker[ray]'"
+
+
+class PlacementError(RuntimeError):
+    """Ray is missing or cannot place the actors; the message says what to do."""
+
+
+def require_ray() -> Any:
+    """The ``ray`` module, or PlacementError with the install hint."""
+    try:
+        import ray
+    except ImportError:
+        raise PlacementError(f"--ray needs Ray, which is not installed here: {RAY_HINT}"
+                             ) from None
+    return ray
+
+
+def connect(address: str | None, cpus: int) -> Any:
+    """Join the Ray cluster at ``address``, or start a local one (``address`` None)."""
+    ray = require_ray()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PlacementError(f"cannot start Ray{f' at {address}' if address else ''}: "
+                             f"{exc}") from None
+    return ray
+
+
+# --- what runs in each process ------------------------------------------------------------
+
+def run_part(kind: str, cfg: Any, shard: proto.Shard | None = None) -> dict[str, Any]:
+    """One part, start to end-of-stream: an FFT worker or a shard writer. The same code
+    runs in a spawned process and in a Ray actor."""
+    if kind == "worker":
+        from .workers import Worker
+
+        worker = Worker(cfg)
+        try:
+            summary = worker.run()
+        finally:
+            worker.close()
+    else:
+        from .shards import record_shard
+
+        summary = record_shard(cfg, shard, master=False)
+    return {**summary, "pid": os.getpid()}
+
+
+def _actor_class(ray: Any) -> Any:
+    @ray.remote
+    class Part:
+        """One framebroker part in one Ray worker process."""
+
+        def run(self, kind: str, cfg: Any, shard: proto.Shard | None) -> dict[str, Any]:
+            return run_part(kind, cfg, shard)
+
+    return Part
+
+
+def start_on_ray(kind: str, configs: list[tuple[Any, proto.Shard | None]], address: str | None,
+                 restarts: int, log: Callable[[str], None]) -> list[dict[str, Any] | str]:
+    """Run one actor per config until each returns; an actor that failed for good gives
+    its error text in its place. Ctrl-C/SIGTERM end every actor."""
+    ray = connect(address, max(len(configs), os.cpu_count() or 1))
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        part = _actor_class(ray)
+        cpus = 1 if kind == "worker" else 0  # writers wait on the disk and the network
+        actors = [part.options(max_restarts=restarts, max_task_retries=-1 if restarts else 0,
+                               num_cpus=cpus).remote() for _ in configs]
+        refs = [a.run.remote(kind, cfg, shard) for a, (cfg, shard) in zip(actors, configs)]
+        log(f"started {len(actors)} {kind} actor(s) on Ray "
+            f"({address or 'a local instance'}), max_restarts {restarts}")
+        results: list[dict[str, Any] | str] = []
+        for ref in refs:
+            try:
+                results.append(ray.get(ref))
+            except Exception as exc:  # RayActorError, RayTaskError: this part failed
+                results.append(" ".join(str(exc).split())[:500])
+        return results
+    finally:
+        ray.shutdown()
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def start_local(kind: str, configs: list[tuple[Any, proto.Shard | None]],
+                log: Callable[[str], None]) -> list[dict[str, Any] | str]:
+    """Run one spawned process per config until each returns (its summary, or the text
+    of why it failed)."""
+    ctx = mp.get_context("spawn")
+    results_q = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(kind, cfg, shard, i, results_q),
+                         name=f"fb-{kind}{i}") for i, (cfg, shard) in enumerate(configs)]
+    for i, p in enumerate(procs):
+        p.start()
+        log(f"{kind} {i} pid {p.pid}")
+    got: dict[int, dict[str, Any] | str] = {}
+    try:
+        while len(got) < len(procs):
+            try:
+                i, result = results_q.get(timeout=0.2)
+                got[i] = result
+            except queue.Empty:  # anyone gone without a word?
+                for i, p in enumerate(procs):
+                    if i not in got and p.exitcode is not None:
+                        time.sleep(0.2)  # a result put just before exiting may be in flight
+                        if results_q.empty():
+                            got[i] = f"exited with {p.exitcode}"
+    except KeyboardInterrupt:
+        _interrupt_children(procs)
+        raise
+    for p in procs:
+        p.join()
+    return [got[i] for i in range(len(procs))]
+
+
+def _interrupt_children(procs: list[Any], grace: float = 10.0) -> None:
+    """Ctrl-C: every child gets SIGINT too (a terminal sends it to all of them anyway),
+    so each finishes what it holds (a writer closes its file); stragglers are ended."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.terminate()
+            p.join()
+
+
+def _child(kind: str, cfg: Any, shard: proto.Shard | None, index: int, results: Any) -> None:
+    try:
+        results.put((index, run_part(kind, cfg, shard)))
+    except KeyboardInterrupt:
+        results.put((index, "interrupted"))
+    except Exception as exc:  # reported by the parent as this part's failure
+        results.put((index, f"{type(exc).__name__}: {exc}"))
+
+
+def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
+                log: Callable[[str], None]) -> dict[str, Any]:
+    """``framebroker workers``: ``count`` FFT workers here or on Ray; one summary."""
+    configs = [(cfg, None)] * count
+    results = (start_local("worker", configs, log) if ray is None else
+               start_on_ray("worker", configs, None if ray == "local" else ray, restarts, log))
+    for r in results:
+        if isinstance(r, str):
+            log(f"worker failed: {r}")
+    ok = [r for r in results if isinstance(r, dict)]
+    return {"workers": results, "frames": sum(r["frames"] for r in ok),
+            "failed": len(results) - len(ok), "ended": bool(ok) and len(ok) == len(results)
+            and all(r["ended"] for r in ok), "placement": "local" if ray is None else "ray"}
+
+
+def record_on_ray(cfg: Any, count: int, block: int, address: str,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """``record --shards N --ray``: the shard writers as Ray actors (never restarted)."""
+    from .shards import combine, open_master
+    from .vds import finalise
+
+    open_master(cfg, count, block)
+    shards = [proto.Shard(k, count, block) for k in range(count)]
+    try:
+        results = start_on_ray("shard", [(cfg, s) for s in shards],
+                               None if address == "local" else address, 0, log)
+    except KeyboardInterrupt:
+        finalise(cfg.path)  # the master says what the writers had flushed
+        raise
+    return combine(cfg, shards, results, log)
+
+
+class Workers:
+    """What ``framebroker workers`` runs (``run()`` returns the summary)."""
+
+    def __init__(self, cfg: Any, count: int, ray: str | None, restarts: int) -> None:
+        if ray is not None:
+            require_ray()  # fail now, in one line, before anything starts
+        self.cfg, self.count, self.ray, self.restarts = cfg, count, ray, restarts
+
+    def run(self) -> dict[str, Any]:
+        return run_workers(self.cfg, self.count, self.ray, self.restarts, log_line)
+
+    def close(self) -> None:
+        """Nothing to release: every worker closes its own sockets."""
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    per = ", ".join(f"{r['frames']} (pid {r['pid']})" if isinstance(r, dict) else "failed"
+                    for r in s["workers"])
+    return (f"framebroker workers: {len(s['workers'])} on {s['placement']}, {s['frames']} "
+            f"frames: {per}")
+
+
+def log_line(message: str) -> None:
+    print(f"framebroker workers: {message}", file=sys.stderr, flush=True)

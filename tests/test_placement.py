@@ -1,0 +1,151 @@
+"""Workers and shard writers placed as spawned processes or Ray actors.
+
+The Ray tests run ``framebroker workers --ray`` / ``record --shards N --ray`` on a local
+Ray instance the command starts (2 CPUs, no dashboard, loopback). Frames travel over
+framebroker's ZeroMQ work channel, never through Ray."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from broker.sources import check_synthetic, synthetic_frame
+from conftest import acked, cli, run_cli, wait_status
+from conftest import summary as done
+
+SHAPE = (48, 64)
+
+
+def check_spectra(path, n: int) -> None:
+    """Every frame id once, in order, each spectrum equal to numpy's rfft2 of the frame."""
+    with h5py.File(path) as f:
+        ids, spectra = f["frame_id"][:], f["result"][:]
+    np.testing.assert_array_equal(ids, np.arange(n))
+    for fid in range(0, n, max(1, n // 200)):
+        ref = np.fft.rfft2(synthetic_frame(SHAPE, "uint8", fid).astype(np.float64))
+        np.testing.assert_allclose(spectra[fid], ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+def _members(control: str, n: int) -> list[str]:
+    st = wait_status(control, lambda s: len(s["work"]["groups"].get("fft", {})
+                                           .get("members", {})) >= n, timeout=180)
+    return list(st["work"]["groups"]["fft"]["members"])
+
+
+def test_workers_here_process_every_frame(eps, broker_factory, tmp_path):
+    out = tmp_path / "results.h5"
+    b = broker_factory("--frames", "600", "--wait-workers", "2", "--shape", "48x64")
+    w = cli("workers", "--broker", eps.control, "--count", "2", "--output", "spectrum",
+            "--planner", "estimate", "--json")
+    s = cli("sink", "--broker", eps.control, "--json", "--out", str(out))
+    res = done(s)
+    assert (res["frames"], res["gaps"], len(res["per_worker"])) == (600, 0, 2)
+    ws = done(w)
+    assert ws["placement"] == "local" and ws["frames"] == 600 and ws["ended"]
+    assert len({r["pid"] for r in ws["workers"]}) == 2
+    assert b.finish()[0] == 0
+    check_spectra(out, 600)
+
+
+def test_ray_workers_survive_a_sigkill_every_frame_once(eps, broker_factory, tmp_path):
+    pytest.importorskip("ray")
+    out, wisdom = tmp_path / "results.h5", tmp_path / "wisdom"
+    b = broker_factory("--frames", "3000", "--wait-workers", "2", "--shape", "48x64",
+                       "--fps", "300", "--worker-timeout", "1")
+    w = cli("workers", "--ray", "--count", "2", "--broker", eps.control, "--output",
+            "spectrum", "--planner", "measure", "--wisdom", str(wisdom), "--json",
+            "--timeout", "120")
+    s = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "180")
+    first = _members(eps.control, 2)
+    victim, originals = first[0], {int(m.rpartition("-")[2]) for m in first}
+    pid = int(victim.rpartition("-")[2])
+    wait_status(eps.control, lambda st: st["frames_sent"] >= 500)
+    os.kill(pid, signal.SIGKILL)  # the actor's process: Ray starts a new one
+    st = wait_status(eps.control, lambda st: st["work"]["groups"]["fft"]["dead_consumers"] >= 1
+                     and len(st["work"]["groups"]["fft"]["members"]) >= 2, timeout=180)
+    assert victim not in st["work"]["groups"]["fft"]["members"]  # a new process took over
+    res = done(s)
+    assert (res["frames"], res["total"], res["gaps"]) == (3000, 3000, 0)
+    ws = done(w)
+    assert ws["placement"] == "ray" and ws["ended"] and ws["failed"] == 0
+    pids = {r["pid"] for r in ws["workers"]}
+    assert pid not in pids and len(pids) == 2
+    [restarted] = [r for r in ws["workers"] if r["pid"] not in originals]
+    # the new process planned from the wisdom its predecessors saved: no MEASURE again
+    assert restarted["plans"] and all(p["wisdom_imported"] for p in restarted["plans"])
+    assert b.finish()[0] == 0
+    check_spectra(out, 3000)
+
+
+def test_ray_shard_writers_record_through_the_master(eps, broker_factory, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray.h5"
+    rec = cli("record", str(out), "--shards", "2", "--ray", "--broker", eps.control, "--json",
+              "--timeout", "120")
+    b = broker_factory("--fps", "500", "--wait-recorders", "2", "--shape", "24x32")
+    wait_status(eps.control, acked("record-1of2-ray", 300), timeout=180)
+    assert run_cli("stop", "--broker", eps.control).returncode == 0  # ends the actors too
+    res = done(rec)
+    n = res["total"]
+    assert n > 600 and (res["frames_written"], res["frames_missed"]) == (n, 0)
+    assert b.finish()[0] == 0
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
+        frames = f["frames"][:]
+    assert all(check_synthetic(frames[i], i) == -1 for i in range(n))
+    assert {p["pid"] for p in res["shards"]} and len({p["pid"] for p in res["shards"]}) == 2
+
+
+def test_without_ray_the_flag_says_how_to_install_it(tmp_path):
+    """Ray made unimportable in the child (a module shim first on its path)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ray.py").write_text("raise ImportError('No module named ray (blocked by test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    for args in (["workers", "--ray", "--count", "2"],
+                 ["record", str(tmp_path / "x.h5"), "--shards", "2", "--ray"]):
+        p = cli(*args, "--broker", "tcp://127.0.0.1:1", "--timeout", "0.2", env=env)
+        out, err = p.communicate(timeout=60)
+        lines = err.strip().splitlines()
+        assert p.returncode == 1 and len(lines) == 1, (out, err)
+        assert "pip install 'framebroker[ray]'" in lines[0], err
+    check = textwrap.dedent("""
+        import sys
+        try:
+            import ray
+        except ImportError:
+            sys.exit(0)
+        sys.exit(1)
+    """)
+    assert subprocess.run([sys.executable, "-c", check], env=env).returncode == 0
+
+
+def test_ctrl_c_ends_the_ray_workers(eps, broker_factory):
+    pytest.importorskip("ray")
+    b = broker_factory("--fps", "100", "--shape", "48x64")
+    w = cli("workers", "--ray", "--count", "2", "--broker", eps.control, "--no-sink",
+            "--planner", "estimate", "--timeout", "120")
+    pids = [int(m.rpartition("-")[2]) for m in _members(eps.control, 2)]
+    w.send_signal(signal.SIGINT)
+    out, err = w.communicate(timeout=120)
+    assert w.returncode == 130, (out, err)
+    deadline = time.monotonic() + 60
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        for pid in list(alive):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                alive.discard(pid)
+        time.sleep(0.1)
+    assert not alive, f"actor processes {alive} outlived Ctrl-C"
+    assert run_cli("stop", "--broker", eps.control).returncode == 0
+    assert b.finish()[0] == 0
