@@ -53,10 +53,11 @@ RECORD_FRAMES = (8, 4096)   # the recorder trials' frame count bounds
 POOL = 8                    # distinct frames cycled through
 SHM_RING = "64slots"
 # Budget weights, in the order the dimensions run (the first ones matter most).
-WEIGHTS = {"transport": 3.0, "fft": 1.0, "workers": 3.0, "recorder": 1.5, "hwm": 2.5}
+WEIGHTS = {"transport": 4.0, "fft": 1.0, "workers": 3.0, "recorder": 1.5, "hwm": 2.5}
 DIMENSIONS = tuple(WEIGHTS)
 TRIAL_ERRORS = (OSError, RuntimeError, ValueError, queue.Empty)
 MAX_ROUNDS = 3
+PANEL_TEARDOWN_S = 1.0  # stopping a panel's brokers and joining their processes
 OVERHEAD_MARGIN = 1.25
 TEARDOWN_S = 0.5  # after the last trial: the report, temporary files, interpreter exit
 
@@ -76,10 +77,14 @@ class Setting:
 class Dimension:
     name: str
     settings: tuple[Setting, ...]  # the first is run's default
-    measure: Callable[[Any, float], tuple[float, str]]  # (value, box) -> fps, note
+    measure: Callable[[Any, float], tuple[float, str]] | None  # (value, box) -> fps, note
     overhead_s: float  # a first guess of one trial's cost beyond its box (processes)
     min_box_s: float
     max_box_s: float
+    #: measures every setting at once in interleaved rounds (values, rounds, box,
+    #: deadline, on_window, soft deadline) -> fps per setting per round;
+    #: ``overhead_s`` is then its start-up
+    panel: Callable[..., list[list[float]]] | None = None
 
 
 @dataclass
@@ -181,7 +186,8 @@ class Tuner:
         time-boxed so the rounds fit the dimension's share of what is left; it may run
         past its share to finish two rounds, never past the budget."""
         n = len(dim.settings)
-        need = 2 * n * (self._overhead(dim) + dim.min_box_s)
+        need = (dim.overhead_s + 2 * n * (dim.min_box_s + WARMUP_S) if dim.panel else
+                2 * n * (self._overhead(dim) + dim.min_box_s))
         if need > self._left():
             self._skip(dim.name, f"two rounds of its {n} settings need about {need:.1f} s; "
                                  f"{max(self._left(), 0):.1f} s of the budget is left")
@@ -190,6 +196,9 @@ class Tuner:
         stop_at = min(self._deadline, now + max(share, need))
         outcome = Outcome(dim.name, [s.label for s in dim.settings],
                           {s.label: [] for s in dim.settings}, {}, dim.settings[0].label)
+        if dim.panel is not None:
+            self._panel(dim, outcome, stop_at)
+            return self._decide(dim, outcome, now)
         for r in range(MAX_ROUNDS):
             target = max(2, r + 1)  # rounds to plan the boxes for
             for i, setting in enumerate(dim.settings):
@@ -204,7 +213,34 @@ class Tuner:
             else:
                 continue
             break
-        outcome.seconds = round(time.monotonic() - now, 2)
+        self._decide(dim, outcome, now)
+
+    def _panel(self, dim: Dimension, outcome: Outcome, stop_at: float) -> None:
+        """All settings at once (one start-up), rounds of windows until ``stop_at``."""
+        n = len(dim.settings)
+        box = min(dim.max_box_s, max(dim.min_box_s, (stop_at - time.monotonic()
+                                                     - dim.overhead_s) / (n * MAX_ROUNDS)
+                                      - WARMUP_S))
+
+        def window(r: int, i: int, fps: float) -> None:
+            self.log(f"tune: {dim.name} {dim.settings[i].label} round {r + 1}: {fps:.1f} fps")
+
+        t0 = time.monotonic()
+        try:
+            runs = dim.panel([s.value for s in dim.settings], MAX_ROUNDS, box,
+                             self._deadline - PANEL_TEARDOWN_S, window,
+                             stop_at - PANEL_TEARDOWN_S)
+        except TRIAL_ERRORS as exc:
+            runs = [[] for _ in dim.settings]
+            for s in dim.settings:
+                outcome.notes[s.label] = f"failed: {exc}"
+        for s, r in zip(dim.settings, runs):
+            outcome.runs[s.label] = r
+            outcome.notes.setdefault(s.label, f"{len(r)} windows of {box:.2f} s")
+        self._cost[dim.name] = time.monotonic() - t0 - len(runs[0]) * n * (box + WARMUP_S)
+
+    def _decide(self, dim: Dimension, outcome: Outcome, started: float) -> None:
+        outcome.seconds = round(time.monotonic() - started, 2)
         decide(outcome)
         if outcome.recommended:
             outcome.flags = next(s.flags for s in dim.settings
@@ -249,14 +285,6 @@ class Tuner:
         return next(s.value for s in settings if s.label == o.recommended)
 
     # --- dimensions ---------------------------------------------------------------------
-    def _pubsub(self, value: tuple[str, int, str], box: float) -> tuple[float, str]:
-        from .bench.transport import run_cell
-
-        transport, hwm, policy = value
-        cell = run_cell("framebroker", transport, self.spec.shape, self.spec.dtype, box,
-                        WARMUP_S, hwm=hwm, source=self.spec.source, policy=policy)
-        return cell["fps"], f"{cell['mb_per_s']:.0f} MB/s"
-
     def _transports(self) -> tuple[Setting, ...]:
         ipc = {name: f"ipc://{tempfile.gettempdir()}/framebroker-{name}"
                for name in ("pub", "work", "control", "results")}
@@ -267,8 +295,16 @@ class Tuner:
                                     {"shm": SHM_RING}))
         return tuple(settings)
 
+    def _pubsub_panel(self, values: list[tuple[str, int, str]], rounds: int, box: float,
+                      deadline: float, on_window, soft_deadline: float) -> list[list[float]]:
+        from .bench.transport import interleaved_pubsub
+
+        return interleaved_pubsub(self.spec, values, rounds, box, WARMUP_S, deadline,
+                                  on_window, soft_deadline)
+
     def dim_transport(self) -> Dimension:
-        return Dimension("transport", self._transports(), self._pubsub, 1.0, 0.25, 2.0)
+        return Dimension("transport", self._transports(), None, 4.0, 0.2, 1.5,
+                         self._pubsub_panel)
 
     def dim_hwm(self) -> Dimension:
         transports = self._transports()
@@ -279,7 +315,7 @@ class Tuner:
         settings.append(Setting(f"hwm {RUN_HWM}, latest:1 ({transport})",
                                 (transport, RUN_HWM, "latest:1"),
                                 {"policy": "latest:1"}))  # a subscriber's flag, not run's
-        return Dimension("hwm", tuple(settings), self._pubsub, 1.0, 0.25, 2.0)
+        return Dimension("hwm", tuple(settings), None, 4.0, 0.2, 1.5, self._pubsub_panel)
 
     def _case(self):
         """The FFT case (frames rendered once) with this session's wisdom store."""

@@ -381,6 +381,78 @@ def run_cell(method: str, transport: str, shape, dtype, seconds: float, warmup: 
                 Path(path[6:]).unlink(missing_ok=True)
 
 
+def interleaved_pubsub(spec: FrameSpec, settings: list[tuple[str, int, str]], rounds: int,
+                       box: float, warmup: float, deadline: float = float("inf"),
+                       on_window: Callable[[int, int, float], None] = lambda *a: None,
+                       soft_deadline: float = float("inf")) -> list[list[float]]:
+    """framebroker PUB/SUB fps of every ``(transport, hwm, policy)`` setting, in
+    interleaved rounds of short windows, for ``framebroker tune``.
+
+    One broker process per setting, all started at once (so the start-up is paid once,
+    not per trial), each paused except the one being measured; the subscribers live in
+    this process and take turns: resume, drop ``warmup`` s of frames, count ``box`` s,
+    pause. A round that would end after ``deadline`` (a ``time.monotonic()`` value) is
+    not started, nor a third or later one that would end after ``soft_deadline``. Returns the fps of each setting per round (shm frames are counted only
+    when they pass both seqlock checks)."""
+    spawn = mp.get_context("spawn")
+    stop = spawn.Event()
+    procs, subs, ctls = [], [], []
+    try:
+        for i, (transport, hwm, _) in enumerate(settings):
+            ep = _endpoints("tcp" if transport == "tcp" else "ipc", f"panel{i}-{os.getpid()}")
+            method = "shm" if transport == "shm" else "framebroker"
+            procs.append(spawn.Process(target=_sender_proc, args=(
+                method, ep, spec, stop, False, hwm, zmq.COPY_THRESHOLD)))
+            procs[-1].start()
+            ctls.append((ep, Control(ep["control"], timeout=30)))
+        for (ep, ctl), (transport, hwm, policy) in zip(ctls, settings):
+            subs.append(Subscriber(broker=ep["control"], timeout=30, rcvhwm=hwm,
+                                   policy=policy, shm=transport == "shm"))
+            if transport == "shm" and subs[-1].transport != "shm":
+                raise RuntimeError(f"shm fell back to tcp: {subs[-1].shm_fallback}")
+            ctl.pause()
+        runs: list[list[float]] = [[] for _ in settings]
+        window = len(settings) * (box + warmup + 0.05)
+        for r in range(rounds):
+            if time.monotonic() + window > (deadline if r < 2 else soft_deadline):
+                break
+            for i, (sub, (_, ctl)) in enumerate(zip(subs, ctls)):
+                ctl.resume()
+                one = lambda s=sub: s.recv().array.nbytes if s.transport != "shm" else (
+                    _confirmed(s))  # noqa: E731
+                fps = _measure(one, box, warmup)["fps"]
+                ctl.pause()
+                runs[i].append(fps)
+                on_window(r, i, fps)
+        return runs
+    finally:
+        for sub in subs:
+            sub.close()
+        for ep, ctl in ctls:
+            try:
+                ctl.stop()
+            except (TimeoutError, RuntimeError):
+                pass
+            ctl.close()
+        stop.set()
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+        for ep, _ in ctls:
+            for path in ep.values():
+                if path.startswith("ipc://"):
+                    Path(path[6:]).unlink(missing_ok=True)
+
+
+def _confirmed(sub: Subscriber) -> int:
+    """The next ring frame that passed both seqlock checks."""
+    while True:
+        frame = sub.recv()
+        if sub.confirm(frame):
+            return frame.array.nbytes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short cells (for CI and smoke runs)")
