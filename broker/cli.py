@@ -697,8 +697,6 @@ def _add_workers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=_positive_int, default=2,
                    help="how many workers (default %(default)s)")
     _add_ray_flag(p, "the workers")
-    p.add_argument("--restarts", type=_nonneg_int, default=3,
-                   help="--ray: times Ray restarts a dead worker (default %(default)s)")
 
 
 def _worker_config(args: argparse.Namespace) -> Any:
@@ -871,6 +869,8 @@ def _add_ray_flag(p: argparse.ArgumentParser, what: str) -> None:
                    help=f"start {what} as Ray actors: on the cluster at ADDRESS ('auto': the "
                         f"running one), or without ADDRESS on a local Ray started for this "
                         f"command (pip install 'framebroker[ray]')")
+    p.add_argument("--restarts", type=_nonneg_int, default=3,
+                   help="--ray: times Ray restarts a dead one (default %(default)s)")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -893,7 +893,8 @@ def cmd_record(args: argparse.Namespace) -> int:
         from .shards import ShardedRecording, summary_line
         summary = _run_part(
             lambda: ShardedRecording(cfg, shards=args.shards, shard=args.shard,
-                                     block=args.shard_block or args.chunk_frames, ray=args.ray),
+                                     block=args.shard_block or args.chunk_frames, ray=args.ray,
+                                     restarts=args.restarts),
             (RecorderError, BrokerUnavailable, ValueError, PlacementError), args.json,
             lambda s: summary_line(s, args.path))
     else:

@@ -17,10 +17,12 @@ part again, which re-joins the broker's group under a new name; the broker decla
 old member dead after ``--worker-timeout`` and dispatches its frames again (the sink
 removes duplicates), so every frame is still processed exactly once at the sink. The
 new process imports the FFTW wisdom the first one saved (``--wisdom``, default the user
-cache dir), so it does not pay MEASURE planning again. A shard writer is not restarted
-(``max_restarts=0``): a new writer cannot append to a file its predecessor left mid-run,
-so the recording keeps that shard's frames up to its last flush and reports the rest as
-a gap (see broker/vds.py), exactly as when a local writer dies.
+cache dir), so it does not pay MEASURE planning again. A restarted shard writer cannot
+append to the file its predecessor left mid-run, so it writes the shard's next file
+(``OUT_shardK_r1.h5``, ...) with the frames the broker dispatches to it from then on;
+the master maps every file of the shard, and the frames the dead writer had taken but
+not flushed are reported as a gap (see broker/vds.py). Processes started here (without
+``--ray``) are not restarted.
 
 **Stopping.** ``framebroker stop`` ends the stream: every actor returns at end-of-stream
 and the command prints their summaries. Ctrl-C (or SIGTERM) ends the actors at once:
@@ -72,9 +74,10 @@ def connect(address: str | None, cpus: int) -> Any:
 
 # --- what runs in each process ------------------------------------------------------------
 
-def run_part(kind: str, cfg: Any, shard: proto.Shard | None = None) -> dict[str, Any]:
+def run_part(kind: str, cfg: Any, shard: proto.Shard | None = None,
+             restarted: bool = False) -> dict[str, Any]:
     """One part, start to end-of-stream: an FFT worker or a shard writer. The same code
-    runs in a spawned process and in a Ray actor."""
+    runs in a spawned process and in a Ray actor (``restarted``: Ray restarted it)."""
     if kind == "worker":
         from .workers import Worker
 
@@ -86,7 +89,7 @@ def run_part(kind: str, cfg: Any, shard: proto.Shard | None = None) -> dict[str,
     else:
         from .shards import record_shard
 
-        summary = record_shard(cfg, shard, master=False)
+        summary = record_shard(cfg, shard, master=False, restarted=restarted)
     return {**summary, "pid": os.getpid()}
 
 
@@ -96,7 +99,8 @@ def _actor_class(ray: Any) -> Any:
         """One framebroker part in one Ray worker process."""
 
         def run(self, kind: str, cfg: Any, shard: proto.Shard | None) -> dict[str, Any]:
-            return run_part(kind, cfg, shard)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
+            return run_part(kind, cfg, shard, restarted)
 
     return Part
 
@@ -199,9 +203,10 @@ def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
             and all(r["ended"] for r in ok), "placement": "local" if ray is None else "ray"}
 
 
-def record_on_ray(cfg: Any, count: int, block: int, address: str,
+def record_on_ray(cfg: Any, count: int, block: int, address: str, restarts: int,
                   log: Callable[[str], None]) -> dict[str, Any]:
-    """``record --shards N --ray``: the shard writers as Ray actors (never restarted)."""
+    """``record --shards N --ray``: the shard writers as Ray actors; a restarted one
+    writes its shard's next file (see broker/vds.py)."""
     from .shards import combine, open_master
     from .vds import finalise
 
@@ -209,7 +214,7 @@ def record_on_ray(cfg: Any, count: int, block: int, address: str,
     shards = [proto.Shard(k, count, block) for k in range(count)]
     try:
         results = start_on_ray("shard", [(cfg, s) for s in shards],
-                               None if address == "local" else address, 0, log)
+                               None if address == "local" else address, restarts, log)
     except KeyboardInterrupt:
         finalise(cfg.path)  # the master says what the writers had flushed
         raise

@@ -24,7 +24,7 @@ import numpy as np
 from . import protocol as proto
 from .client import Control
 from .record import RecordConfig, Recording
-from .vds import finalise, shard_path, start_master
+from .vds import finalise, next_incarnation, shard_path, start_master
 
 
 def shard_group(master: str | Path, shard: proto.Shard) -> str:
@@ -36,10 +36,10 @@ def shard_group(master: str | Path, shard: proto.Shard) -> str:
     return f"record-{shard.index}of{shard.count}-{stem}"[:proto.MAX_GROUP_NAME]
 
 
-def shard_config(cfg: RecordConfig, shard: proto.Shard) -> RecordConfig:
+def shard_config(cfg: RecordConfig, shard: proto.Shard, incarnation: int = 0) -> RecordConfig:
     """The config of one shard's writer: its own file and its own part of the stream."""
-    return dataclasses.replace(cfg, path=str(shard_path(cfg.path, shard.index)), shard=shard,
-                               group=shard_group(cfg.path, shard))
+    return dataclasses.replace(cfg, path=str(shard_path(cfg.path, shard.index, incarnation)),
+                               shard=shard, group=shard_group(cfg.path, shard))
 
 
 def open_master(cfg: RecordConfig, count: int, block: int) -> None:
@@ -57,16 +57,19 @@ def open_master(cfg: RecordConfig, count: int, block: int) -> None:
 
 
 def record_shard(cfg: RecordConfig, shard: proto.Shard,
-                 log: Callable[[str], None] | None = None,
-                 master: bool = True) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None, master: bool = True,
+                 restarted: bool = False) -> dict[str, Any]:
     """One shard's writer, start to end-of-stream; finalises the master at the end.
 
-    ``master=False``: a coordinator owns the master (it starts it and finalises it)."""
+    ``master=False``: a coordinator owns the master (it starts it and finalises it).
+    ``restarted``: this writer replaces one of the same shard that died (Ray restarted
+    it): it writes the shard's next file, OUT_shardK_r1.h5, ..., never over the last."""
     if cfg.mode != "lossless":
         raise ValueError("sharded recording is lossless: --mode live takes every frame")
     if master:
         open_master(cfg, shard.count, shard.block)
-    rec = Recording(shard_config(cfg, shard), log=log)
+    incarnation = next_incarnation(cfg.path, shard.index) if restarted else 0
+    rec = Recording(shard_config(cfg, shard, incarnation), log=log)
     try:
         summary = rec.run()
     finally:
@@ -133,7 +136,7 @@ class ShardedRecording:
     (``run()`` returns the summary, ``close()`` is for the CLI's part protocol)."""
 
     def __init__(self, cfg: RecordConfig, *, shards: int = 0, shard: str | None = None,
-                 block: int = 1, ray: str | None = None) -> None:
+                 block: int = 1, ray: str | None = None, restarts: int = 3) -> None:
         if bool(shards) == bool(shard):
             raise ValueError("give --shards N (all writers here) or --shard K/N (one), "
                              "not both")
@@ -144,7 +147,7 @@ class ShardedRecording:
         if ray is not None:
             from .placement import require_ray
             require_ray()  # fail now, in one line, before anything starts
-        self.cfg, self.count, self.ray = cfg, shards, ray
+        self.cfg, self.count, self.ray, self.restarts = cfg, shards, ray, restarts
         self.shard = proto.parse_shard(shard, block) if shard else None
         self.block = block
 
@@ -153,7 +156,8 @@ class ShardedRecording:
             return record_shard(self.cfg, self.shard, log=log_line)
         if self.ray is not None:
             from .placement import record_on_ray
-            return record_on_ray(self.cfg, self.count, self.block, self.ray, log_line)
+            return record_on_ray(self.cfg, self.count, self.block, self.ray, self.restarts,
+                                 log_line)
         return record_sharded(self.cfg, self.count, self.block, log_line)
 
     def close(self) -> None:

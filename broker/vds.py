@@ -7,6 +7,10 @@ holds no pixels. Its ``/frames``, ``/frame_id`` and ``/timestamp_ns`` are virtua
 datasets presenting every frame in frame-id order, so plain h5py (with ``import
 hdf5plugin`` for compressed shards) and ``h5dump`` read it as one recording.
 
+**Files.** Shard K's file is ``OUT_shardK.h5``; a writer restarted for the same shard
+(by Ray) cannot append to it and writes ``OUT_shardK_r1.h5``, ``_r2`` ...: the master
+maps the runs of ids of every file of the shard.
+
 **Mappings.** Shard K's position p holds the p-th id it owns, so one regular hyperslab
 maps all of it: virtual start ``K*B``, stride ``N*B``, block ``B`` against consecutive
 blocks of the shard's datasets. While recording the count is ``H5S_UNLIMITED`` on both
@@ -62,10 +66,25 @@ _UNLIMITED = h5py.h5s.UNLIMITED
 _DATASETS = ("frames", "frame_id", "timestamp_ns")
 
 
-def shard_path(out: str | Path, index: int) -> Path:
-    """Shard ``index`` of recording ``out``: OUT.h5 -> OUT_shard0.h5."""
+def shard_path(out: str | Path, index: int, incarnation: int = 0) -> Path:
+    """Shard ``index`` of recording ``out``: OUT.h5 -> OUT_shard0.h5; a writer restarted
+    for the same shard (``incarnation`` 1, 2, ...) writes OUT_shard0_r1.h5, ..."""
     out = Path(out)
-    return out.with_name(f"{out.stem}_shard{index}{out.suffix}")
+    again = f"_r{incarnation}" if incarnation else ""
+    return out.with_name(f"{out.stem}_shard{index}{again}{out.suffix}")
+
+
+def shard_files(out: str | Path, index: int) -> list[Path]:
+    """Every file shard ``index`` has: its first writer's, then its restarts', in order."""
+    files = []
+    while (path := shard_path(out, index, len(files))).is_file():
+        files.append(path)
+    return files
+
+
+def next_incarnation(out: str | Path, index: int) -> int:
+    """The incarnation a restarted writer of shard ``index`` takes: the first unused."""
+    return max(1, len(shard_files(out, index)))
 
 
 @contextlib.contextmanager
@@ -87,17 +106,19 @@ class _Run:
     src: int
     ordinal: int
     length: int
+    source: str = ""  # the file (name relative to the master) that holds it
 
 
 @dataclass
 class ShardState:
-    """What one shard file holds, read for the master."""
+    """What one shard's files hold, read for the master."""
 
     index: int
-    path: Path
+    path: Path  # its first file
+    files: list[str] = field(default_factory=list)
     exists: bool = False
     frames: int = 0
-    complete: bool = False
+    complete: bool = True  # every file closed by its writer (and there is one)
     recovered: bool = False
     last_id: int = -1
     runs: list[_Run] = field(default_factory=list)
@@ -157,20 +178,21 @@ def _write(out: Path, shards: list[proto.Shard], shape: tuple[int, ...], dtype: 
                 dt = dtype if name == "frames" else np.dtype("u8")
                 dcpl = _plist(dt, MISSING_ID if name == "frame_id" else 0)
                 for k, shard in enumerate(shards):
-                    source = shard_path(out, k).name.encode()  # relative: the set moves
                     if runs is None:
                         b = shard.block
+                        source = shard_path(out, k).name.encode()  # relative: the set moves
                         vs = _select(_space(None, tail), k * b, _UNLIMITED, len(shards) * b,
                                      b, tail)
                         ss = _select(_space(None, tail), 0, _UNLIMITED, b, b, tail)
                         dcpl.set_virtual(vs, source, name.encode(), ss)
                         continue
-                    src_n = max((r.src + r.length for r in runs[k]), default=0)
-                    for start, count, stride, block, src in (
-                            p for r in runs[k] for p in _pieces(shard, r)):
-                        vs = _select(_space(extent, tail), start, count, stride, block, tail)
-                        ss = _select(_space(src_n, tail), src, 1, 1, count * block, tail)
-                        dcpl.set_virtual(vs, source, name.encode(), ss)
+                    for r in runs[k]:
+                        src_n = max(x.src + x.length for x in runs[k] if x.source == r.source)
+                        for start, count, stride, block, src in _pieces(shard, r):
+                            vs = _select(_space(extent, tail), start, count, stride, block,
+                                         tail)
+                            ss = _select(_space(src_n, tail), src, 1, 1, count * block, tail)
+                            dcpl.set_virtual(vs, r.source.encode(), name.encode(), ss)
                 h5py.h5d.create(h5.id, name.encode(), h5py.h5t.py_create(dt),
                                 _space(extent, tail), dcpl=dcpl)
             h5.create_dataset("gaps", data=gaps.reshape(-1, 2).astype(np.uint64),
@@ -224,49 +246,59 @@ def start_master(out: str | Path, *, count: int, block: int, shape: tuple[int, .
 
 
 def _read_shard(out: Path, shard: proto.Shard) -> ShardState:
-    """A shard file's runs of ids; a file whose writer died here is recovered first."""
+    """Every file of a shard, its runs of ids; a file whose writer died on this host is
+    recovered first."""
     st = ShardState(shard.index, shard_path(out, shard.index))
-    if not st.path.is_file():
-        return st
-    st.exists = True
+    for path in shard_files(out, shard.index):
+        _read_file(path, shard, st)
+    st.exists = bool(st.files)
+    st.complete = st.complete and st.exists
+    return st
+
+
+def _read_file(path: Path, shard: proto.Shard, st: ShardState) -> None:
     try:
-        h5 = h5py.File(st.path, "r")
+        h5 = h5py.File(path, "r")
+        recovered = False
     except OSError as exc:
         if "already open for write" not in str(exc):
             raise
-        h5 = _recovered_or_swmr(st)
+        h5, recovered = _recovered_or_swmr(path)
     with h5:
         n = int(h5["valid_frames"][()])
         ids = h5["frame_id"][:n].astype(np.int64)
         gaps = h5["gaps"][:].astype(np.int64).reshape(-1, 2)
-        st.complete = bool(h5.attrs.get("complete", 0)) and not st.recovered and not h5.swmr_mode
-        st.attrs = {k: h5.attrs[k] for k in ("source", "start_time") if k in h5.attrs}
-    st.frames = n
-    st.last_id = int(ids[-1]) if n else -1
-    st.gap_end = int((gaps[:, 0] + gaps[:, 1]).max()) if len(gaps) else 0
+        closed = bool(h5.attrs.get("complete", 0)) and not recovered and not h5.swmr_mode
+        st.attrs = st.attrs or {k: h5.attrs[k] for k in ("source", "start_time")
+                                if k in h5.attrs}
     if n and not all(shard.owns(int(i)) for i in ids[:: max(1, n // 64)]):
-        raise RecorderError(f"{st.path}: holds ids of another shard (not shard "
+        raise RecorderError(f"{path}: holds ids of another shard (not shard "
                             f"{shard.index}/{shard.count} in blocks of {shard.block})")
+    st.files.append(path.name)
+    st.frames += n
+    st.complete = st.complete and closed
+    st.recovered = st.recovered or recovered
+    st.last_id = max(st.last_id, int(ids[-1]) if n else -1)
+    st.gap_end = max(st.gap_end, int((gaps[:, 0] + gaps[:, 1]).max()) if len(gaps) else 0)
     ordinals = (ids // shard.block // shard.count) * shard.block + ids % shard.block
     breaks = np.flatnonzero(np.diff(ordinals) != 1) + 1
     for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), n]):
         if b > a:
-            st.runs.append(_Run(a, int(ordinals[a]), b - a))
-    return st
+            st.runs.append(_Run(a, int(ordinals[a]), b - a, path.name))
 
 
-def _recovered_or_swmr(st: ShardState) -> h5py.File:
-    """Recover a shard whose writer died on this host; read a live one as it is."""
-    with h5py.File(st.path, "r", swmr=True) as h5:
+def _recovered_or_swmr(path: Path) -> tuple[h5py.File, bool]:
+    """Recover a shard file whose writer died on this host; read a live one as it is.
+    Returns the open file and whether it was recovered."""
+    with h5py.File(path, "r", swmr=True) as h5:
         host = h5.attrs.get("writer_host")
     if host == socket.gethostname():
         try:
-            recover(st.path)
-            st.recovered = True
-            return h5py.File(st.path, "r")
+            recover(path)
+            return h5py.File(path, "r"), True
         except RecorderError:
             pass  # its writer is still running: read what it has flushed
-    return h5py.File(st.path, "r", swmr=True)
+    return h5py.File(path, "r", swmr=True), False
 
 
 def _missing(shard: proto.Shard, runs: list[_Run], end: int) -> list[tuple[int, int]]:
@@ -311,8 +343,9 @@ def finalise(out: str | Path, total: int | None = None) -> dict[str, Any]:
         n_missing = int(gaps[:, 1].sum()) if len(gaps) else 0
         summary = {"frames": end - n_missing, "extent": end, "frames_missing": n_missing,
                    "complete": all(st.complete for st in states) and n_missing == 0,
-                   "shards": [{"index": st.index, "file": st.path.name, "exists": st.exists,
-                               "frames": st.frames, "complete": st.complete,
+                   "shards": [{"index": st.index, "file": st.path.name, "files": st.files,
+                               "exists": st.exists, "frames": st.frames,
+                               "complete": st.complete,
                                "recovered": st.recovered,
                                "missing": sum(c for _, c in m)}
                               for st, m in zip(states, missing)]}
@@ -323,6 +356,8 @@ def finalise(out: str | Path, total: int | None = None) -> dict[str, Any]:
                  "shard_frames": np.array([st.frames for st in states], np.int64),
                  "shard_complete": np.array([st.complete for st in states], np.int64),
                  "shard_recovered": np.array([st.recovered for st in states], np.int64),
+                 "shard_restarts": np.array([max(0, len(st.files) - 1) for st in states],
+                                            np.int64),
                  "shard_missing": np.array([s["missing"] for s in summary["shards"]],
                                            np.int64)}
         _write(out, shards, tuple(int(d) for d in base["shape"]), np.dtype(str(base["dtype"])),
@@ -343,9 +378,10 @@ def master_details(out: str | Path, h5: h5py.File) -> dict[str, Any]:
     missing = h5.attrs.get("shard_missing", np.full(count, -1))
     for k in range(count):
         path = shard_path(out, k)
-        size = path.stat().st_size if path.is_file() else 0
+        size = sum(f.stat().st_size for f in shard_files(out, k))
         stored += size
         shards.append({"file": path.name, "exists": path.is_file(), "bytes": size,
+                       "files": [f.name for f in shard_files(out, k)],
                        "frames": int(frames[k]), "complete": bool(complete[k]),
                        "missing": int(missing[k])})
     return {"shards": shards, "shard_block": int(h5.attrs["shard_block"]),

@@ -149,3 +149,51 @@ def test_ctrl_c_ends_the_ray_workers(eps, broker_factory):
     assert not alive, f"actor processes {alive} outlived Ctrl-C"
     assert run_cli("stop", "--broker", eps.control).returncode == 0
     assert b.finish()[0] == 0
+
+
+def _holder(path) -> int:
+    """The pid of the process that has ``path`` open (a shard writer's actor)."""
+    import psutil
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if any(f.path == str(path) for f in proc.open_files()):
+                    return proc.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.1)
+    raise AssertionError(f"no process holds {path}")
+
+
+def test_ray_restarts_a_killed_shard_writer_into_a_new_file(eps, broker_factory, tmp_path):
+    pytest.importorskip("ray")
+    from broker import protocol as proto
+    from broker.vds import MISSING_ID, shard_path
+
+    out, n = tmp_path / "again.h5", 3000
+    rec = cli("record", str(out), "--shards", "2", "--ray", "--broker", eps.control, "--json",
+              "--timeout", "120", "--flush-frames", "32")
+    b = broker_factory("--frames", str(n), "--fps", "600", "--wait-recorders", "2",
+                       "--shape", "24x32", "--worker-timeout", "1", "--orphan-timeout", "60")
+    wait_status(eps.control, acked("record-1of2-again", 300), timeout=180)
+    os.kill(_holder(shard_path(out, 1)), signal.SIGKILL)
+    res = done(rec, ok=(0, 3))  # 3: the frames the dead writer had not flushed are lost
+    assert b.finish()[0] == 0
+    master = res["master"]
+    assert master["shards"][1]["files"] == ["again_shard1.h5", "again_shard1_r1.h5"]
+    assert master["shards"][1]["recovered"] and master["shards"][0]["complete"]
+    with h5py.File(shard_path(out, 1, 1)) as f:
+        assert len(f["frame_id"]) > 0 and f.attrs["complete"] == 1  # the new writer's
+    with h5py.File(out) as f:
+        ids, frames, gaps = f["frame_id"][:], f["frames"][:], f["gaps"][:]
+        assert list(f.attrs["shard_restarts"]) == [0, 1]
+    assert len(ids) == n
+    present = np.flatnonzero(ids != MISSING_ID)
+    np.testing.assert_array_equal(ids[present], present)
+    assert all(check_synthetic(frames[i], int(i)) == -1 for i in present)
+    missing = {int(a) + j for a, c in gaps for j in range(int(c))}
+    assert missing == set(range(n)) - set(present.tolist())
+    assert all(proto.Shard(1, 2, 1).owns(i) for i in missing)  # only the killed shard's
+    assert len(present) > n - 200  # a gap of unflushed frames, not the rest of the run
