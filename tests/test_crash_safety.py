@@ -46,6 +46,13 @@ def read_results(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return f["frame_id"][:n], f["result"][:n]
 
 
+def stop(broker) -> None:
+    """SIGTERM, so the broker ends its stream and exits by itself (no SIGKILL left to
+    the fixture: nothing for it to clean up after)."""
+    broker.proc.terminate()
+    broker.proc.communicate(timeout=60)
+
+
 def check_spectra(ids: np.ndarray, spectra: np.ndarray, every: int = 1) -> None:
     """Each row equals numpy's rfft2 of the synthetic frame its id names."""
     assert len(ids) == len(spectra)
@@ -168,7 +175,7 @@ def test_stop_signals_close_the_sink_file(eps, broker_factory, tmp_path, sig):
     """kill -TERM / -HUP / Ctrl-C: the sink writes what it holds, closes the file (plain
     h5py opens it) and prints its summary; every result in it is right."""
     out = tmp_path / "results.h5"
-    broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
+    b = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
     w = worker(eps)
     s = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
     wait_status(eps.control, acked("fft", 100))
@@ -183,6 +190,7 @@ def test_stop_signals_close_the_sink_file(eps, broker_factory, tmp_path, sig):
     check_spectra(ids, spectra, every=13)
     w.kill()
     w.communicate()
+    stop(b)
 
 
 def _fsize(limit: int):
@@ -195,10 +203,10 @@ def test_full_disk_stops_the_sink_at_once_and_keeps_what_it_acknowledged(
     once with a clear error; the file opens (SWMR) with every result up to its last
     flush; the broker never saw an acknowledgement for a result that is not in it."""
     out = tmp_path / "results.h5"
-    broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
+    b = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
     w = worker(eps)
     s = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60",
-            preexec_fn=_fsize(400_000))  # about 18 results of 64x41 complex64
+            preexec_fn=_fsize(3_000_000))  # ~140 results of 64x41 complex64, > max-pending
     _, err = s.communicate(timeout=120)
     assert s.returncode == 1, err
     assert "File too large" in err and str(out) in err and "Traceback" not in err
@@ -209,6 +217,7 @@ def test_full_disk_stops_the_sink_at_once_and_keeps_what_it_acknowledged(
     check_spectra(ids, spectra)
     w.kill()
     w.communicate()
+    stop(b)
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".npy"])
@@ -225,7 +234,7 @@ def test_npy_out_is_readable_after_sigkill(eps, broker_factory, tmp_path):
     """A .npy --out is rewritten in place with the count at each flush: after SIGKILL
     np.load reads every result acknowledged."""
     out = tmp_path / "results.npy"
-    broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
+    b = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
     w = worker(eps)
     s = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
     wait_status(eps.control, acked("fft", 100))
@@ -237,6 +246,7 @@ def test_npy_out_is_readable_after_sigkill(eps, broker_factory, tmp_path):
     check_spectra(np.arange(len(spectra)), spectra, every=17)
     w.kill()
     w.communicate()
+    stop(b)
 
 
 # --- the recorder and stop signals (case 6) -------------------------------------------------
@@ -246,7 +256,7 @@ def test_stop_signals_close_the_recording(eps, broker_factory, tmp_path, sig):
     """``record r.h5 & kill $!`` (and -HUP, Ctrl-C): the recorder writes what it holds and
     closes the file: plain h5py opens it, every frame it says is valid is intact."""
     out = tmp_path / "r.h5"
-    broker_factory("--fps", "200", "--shape", "60x80x3", "--wait-recorders", "1")
+    b = broker_factory("--fps", "200", "--shape", "60x80x3", "--wait-recorders", "1")
     rec = cli("record", str(out), "--broker", eps.control, "--json", "--timeout", "60")
     wait_status(eps.control, acked("record", 100))
     rec.send_signal(sig)
@@ -258,6 +268,7 @@ def test_stop_signals_close_the_recording(eps, broker_factory, tmp_path, sig):
         np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))
         for i in range(0, n, 7):
             assert check_synthetic(f["frames"][i], i) == -1, i
+    stop(b)
 
 
 # --- run's summary when a part dies (case 6) ---------------------------------------------

@@ -1,12 +1,7 @@
 """A short soak in CI: the whole pipeline for about a minute, memory and fds flat."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import soak  # noqa: E402
+from broker.bench import soak
 
 # After warm-up. The recorder legitimately holds up to its window (16 frames, 15 MB at
 # 640x480x3) in flight, so the bound is 32 MB; leaking one frame a second would exceed
