@@ -303,7 +303,8 @@ class Guard:
         """Count (and log once per peer) a refused handshake seen by a socket monitor;
         also called by the broker for the XPUBs, whose monitors it reads itself."""
         if event["event"] & REFUSAL_EVENTS:
-            self.refused += 1
+            with self._log_lock:  # the monitor thread and the broker's loop both count
+                self.refused += 1
             if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said who for
                 # AUTH; here only the endpoint and the error are known
                 self._refusal(f"{endpoint}:{event['event']}:{event['value']}",

@@ -5,9 +5,16 @@ duplicates too) but not which connection sent them, and when a connection ends i
 reports one unsubscription per distinct topic. Counting messages therefore lets one
 socket that subscribes 100 times count as 100 subscribers for good. Here each
 subscription is attributed to its connection by the file descriptor libzmq attaches
-to the message (``SRCFD``), and a socket monitor reports connections accepted and
+to the message (``SRCFD``), and a socket monitor reports connections that
 ended (with the same descriptor): a subscriber is a connection holding at least one
 subscription that matches our stream.
+
+A connection's end is seen twice: out of band, at once (the monitor's DISCONNECTED),
+and in band, after every message that connection had queued (libzmq then reports one
+unsubscription, without a descriptor, per topic the connection held). Between the
+two, messages carrying that descriptor are the dead connection's, not those of a new
+connection that reused the number; so an ended connection's topics are kept apart
+until its in-band unsubscriptions have come (or ENDED_GRACE_S has passed).
 
 libzmq keeps every distinct subscription of every connection in memory (about 47
 bytes per subscribed byte were measured), so the number and total size of distinct
@@ -17,6 +24,8 @@ that makes the broker reset the socket (close and bind it again: libzmq frees wh
 it held; real subscribers reconnect and subscribe again by themselves).
 """
 from __future__ import annotations
+
+import time
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -30,7 +39,8 @@ MAX_SUBSCRIPTION_MESSAGE = 4096
 MAX_SUBSCRIPTIONS = 1024  # distinct (connection, topic) pairs held on one XPUB
 MAX_SUBSCRIBED_BYTES = 64 * 1024  # their topics' bytes
 MAX_MESSAGES_PER_CALL = 4096  # a subscription flood cannot starve the frame loop
-CONNECTION_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED
+ENDED_GRACE_S = 5.0  # an ended connection's in-band unsubscriptions come within ms
 
 
 class Subscriptions:
@@ -46,6 +56,7 @@ class Subscriptions:
         self.monitor = sock.get_monitor_socket(CONNECTION_EVENTS | extra_events)
         self._on_event = on_event
         self.by_fd: dict[int, set[bytes]] = {}
+        self.ended: dict[int, tuple[float, set[bytes]]] = {}  # fd -> (when, topics due)
         self.held = 0  # distinct (connection, topic) pairs
         self.held_bytes = 0
         self.rejected: dict[str, int] = {}
@@ -72,11 +83,14 @@ class Subscriptions:
                 event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            if event["event"] & CONNECTION_EVENTS:
-                self._forget(int(event["value"]))
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._ended(int(event["value"]))
                 changed = True
             elif self._on_event is not None:
                 self._on_event(event)
+        now = time.monotonic()
+        for fd in [fd for fd, (t, _) in self.ended.items() if now - t > ENDED_GRACE_S]:
+            del self.ended[fd]
         for _ in range(MAX_MESSAGES_PER_CALL):
             try:
                 msg = self.sock.recv(zmq.NOBLOCK, copy=False)
@@ -85,10 +99,23 @@ class Subscriptions:
             changed |= self._message(msg)
         return changed
 
-    def _forget(self, fd: int) -> None:
+    def _ended(self, fd: int) -> None:
+        """A connection ended: it stops counting now; its topics wait for their in-band
+        unsubscriptions (until then, messages with its descriptor are its own)."""
         topics = self.by_fd.pop(fd, set())
         self.held -= len(topics)
         self.held_bytes -= sum(len(t) for t in topics)
+        if topics:  # none: nothing of it was read, so nothing of it is queued either
+            self.ended[fd] = (time.monotonic(), topics)
+
+    def _settle_ended(self, topic: bytes) -> None:
+        """An in-band unsubscription of an ended connection: tick it off."""
+        for fd, (_, due) in self.ended.items():
+            if topic in due:
+                due.discard(topic)
+                if not due:
+                    del self.ended[fd]
+                return
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -98,11 +125,18 @@ class Subscriptions:
         if not data or data[0] not in (0, 1):
             self._reject("not_subscription")
             return False
+        topic = data[1:]
         try:
             fd = int(msg.get(zmq.SRCFD))
-        except zmq.ZMQError:
-            return False  # an unsubscription libzmq made for an ended connection
-        topic, topics = data[1:], self.by_fd.setdefault(fd, set())
+        except zmq.ZMQError:  # libzmq's unsubscription for an ended connection
+            if data[0] == 0:
+                self._settle_ended(topic)
+            return False
+        if fd in self.ended:  # queued by a connection that has ended: its in-band
+            if data[0] == 1:  # unsubscriptions will name this topic too
+                self.ended[fd][1].add(topic)
+            return False
+        topics = self.by_fd.setdefault(fd, set())
         if data[0] == 0:
             if topic in topics:
                 topics.discard(topic)

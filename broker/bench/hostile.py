@@ -21,7 +21,10 @@ The attacks (numbers are the issue's):
 """
 from __future__ import annotations
 
+import argparse
+import json
 import socket
+import sys
 import struct
 import time
 from typing import Any, Callable, Iterable
@@ -91,7 +94,7 @@ def control_oversize(ctx: zmq.Context, control: str) -> int:
 
 def fake_reports(ctx: zmq.Context, control: str, n: int = 300, prefix: str = "fake") -> int:
     """``n`` invented subscriber names: they must not push real ones out of status."""
-    ctl = Control(control, timeout=2.0, ctx=ctx)
+    ctl = Control(control, timeout=10.0, ctx=ctx)
     try:
         for i in range(n):
             ctl.request("report", client=f"{prefix}-{i}", policy="all", received=1,
@@ -170,9 +173,11 @@ def zmtp_subscriber(endpoint: str) -> socket.socket:
     return sock
 
 
-def _send_subscriptions(endpoint: str, topics: Iterable[bytes]) -> int:
-    """Subscribe to every topic over one raw connection, then close it; returns the
-    count sent (a connection the broker drops, e.g. on MAXMSGSIZE, ends it early)."""
+def _send_subscriptions(endpoint: str, topics: Iterable[bytes], hold: float = 1.0) -> int:
+    """Subscribe to every topic over one raw connection, keep it ``hold`` seconds (what
+    libzmq has not read when a connection ends is dropped, never held), then close it;
+    returns the count sent (a connection the broker drops, e.g. on MAXMSGSIZE, ends
+    it early)."""
     sent = 0
     sock = zmtp_subscriber(endpoint)
     try:
@@ -184,7 +189,7 @@ def _send_subscriptions(endpoint: str, topics: Iterable[bytes]) -> int:
                 sock.sendall(batch)
                 batch.clear()
         sock.sendall(batch)
-        time.sleep(0.05)
+        time.sleep(hold)
     except OSError:
         pass  # dropped by the broker
     finally:
@@ -195,7 +200,7 @@ def _send_subscriptions(endpoint: str, topics: Iterable[bytes]) -> int:
 def subscription_attacks(pub: str, distinct: int = 20000, size: int = 1024,
                          huge: int = 20 * 2**20) -> int:
     """One ``huge``-byte subscription and ``distinct`` distinct ``size``-byte ones."""
-    sent = _send_subscriptions(pub, [b"h" * huge])
+    sent = _send_subscriptions(pub, [b"h" * huge], hold=0.1)
     pad = b"s" * max(0, size - 12)
     return sent + _send_subscriptions(pub, (pad + b"%011d" % i for i in range(distinct)))
 
@@ -267,10 +272,27 @@ def run(control: str, seconds: float, results: str | None = None,
                 break
             try:
                 sent[name] = sent.get(name, 0) + attack()
-            except (AssertionError, zmq.ZMQError, TimeoutError, RuntimeError) as exc:
+            except (AssertionError, zmq.ZMQError, OSError, RuntimeError) as exc:
                 errors.append(f"{name}: {exc!r}"[:300])
                 log(f"hostile: {name} failed: {exc!r}")
         rounds += 1
     ctx.destroy(linger=0)
     return {"seconds": seconds, "rounds": rounds, "sent": sent, "errors": errors[:20],
             "error_count": len(errors)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run every hostile-peer attack against a "
+                                             "broker (and a sink) for a while.")
+    ap.add_argument("--broker", required=True, help="the broker's control endpoint")
+    ap.add_argument("--results", default=None, help="a sink's results endpoint to spoof")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--flood-messages", type=int, default=20000,
+                    help="messages per flood round (control and work)")
+    ap.add_argument("--distinct", type=int, default=2000,
+                    help="distinct subscriptions per round")
+    args = ap.parse_args(argv)
+    res = run(args.broker, args.seconds, args.results, args.flood_messages, args.distinct,
+              log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(res))
+    return 0
