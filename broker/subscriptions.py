@@ -57,6 +57,7 @@ class Subscriptions:
         self._on_event = on_event
         self.by_fd: dict[int, set[bytes]] = {}
         self.ended: dict[int, tuple[float, set[bytes]]] = {}  # fd -> (when, topics due)
+        self.inproc: dict[bytes, int] = {}  # topic -> subscriptions of inproc peers
         self.held = 0  # distinct (connection, topic) pairs
         self.held_bytes = 0
         self.rejected: dict[str, int] = {}
@@ -71,7 +72,8 @@ class Subscriptions:
     def subscribers(self) -> int:
         """Connections holding a subscription that matches our stream."""
         return sum(1 for topics in self.by_fd.values()
-                   if any(self.topic.startswith(t) for t in topics))
+                   if any(self.topic.startswith(t) for t in topics)) + sum(
+            n for t, n in self.inproc.items() if self.topic.startswith(t))
 
     def update(self) -> bool:
         """Read connection events, then subscriptions; True if anything changed.
@@ -108,14 +110,23 @@ class Subscriptions:
         if topics:  # none: nothing of it was read, so nothing of it is queued either
             self.ended[fd] = (time.monotonic(), topics)
 
-    def _settle_ended(self, topic: bytes) -> None:
-        """An in-band unsubscription of an ended connection: tick it off."""
+    def _inproc(self, subscribe: bool, topic: bytes) -> bool:
+        """A message without a descriptor. A subscription is an inproc peer's (same
+        process, trusted: counted by message, as libzmq reports them). An
+        unsubscription ticks off an ended connection's topic, else an inproc one."""
+        if subscribe:
+            self.inproc[topic] = self.inproc.get(topic, 0) + 1
+            return True
         for fd, (_, due) in self.ended.items():
             if topic in due:
                 due.discard(topic)
                 if not due:
                     del self.ended[fd]
-                return
+                return False
+        if self.inproc.get(topic, 0) > 0:
+            self.inproc[topic] -= 1
+            return True
+        return False
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -128,10 +139,8 @@ class Subscriptions:
         topic = data[1:]
         try:
             fd = int(msg.get(zmq.SRCFD))
-        except zmq.ZMQError:  # libzmq's unsubscription for an ended connection
-            if data[0] == 0:
-                self._settle_ended(topic)
-            return False
+        except zmq.ZMQError:  # no descriptor: an inproc peer (in this process), or
+            return self._inproc(data[0] == 1, topic)  # libzmq's for an ended connection
         if fd in self.ended:  # queued by a connection that has ended: its in-band
             if data[0] == 1:  # unsubscriptions will name this topic too
                 self.ended[fd][1].add(topic)
