@@ -34,13 +34,26 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
-from .security import PLAIN, Guard, Security, configure_socket
+from .rejects import RejectLog
+from .security import PLAIN, REFUSAL_EVENTS, Guard, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
 from .sources import Pacer, Source, SourceError, format_shape
+from .subscriptions import (MAX_SUBSCRIBED_BYTES, MAX_SUBSCRIPTION_MESSAGE, MAX_SUBSCRIPTIONS,
+                            Subscriptions)
 
 COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop", "report")
 MAX_REPORTING_CLIENTS = 256  # a peer inventing names cannot grow the table past this
 REPORT_EXPIRY_S = 30.0  # a client silent this long is dropped from status
+XPUB_REBIND_S = 5.0  # how long a reset XPUB may take to get its address back
+
+
+@dataclass
+class ClientReport:
+    """A reporting client's latest counters, when it last reported and how often."""
+
+    seen: float
+    report: dict[str, Any]
+    reports: int = 1
 
 
 @dataclass
@@ -167,8 +180,11 @@ class Broker:
         self.state = "starting"
         self.error = ""
         self.control_rejected: dict[str, int] = {}
-        self.clients: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.clients: dict[str, ClientReport] = {}
         self.backpressure_waits = 0
+        self.xpub_resets = 0
+        self.waiting_for: dict[str, Any] | None = None  # the stall status reports
+        self._stalled_since = 0.0
         self.shm_stalls = 0
         self.shm_subscribers = 0
         self.ring: Ring | None = None
@@ -199,32 +215,34 @@ class Broker:
     def _bind(self) -> None:
         cfg = self.cfg
         self.guard = Guard(self.ctx, cfg.security, self.log)
-        self.pub = self._server_socket(zmq.XPUB, None)
-        self.pub.setsockopt(zmq.XPUB_VERBOSER, 1)
-        self.pub.setsockopt(zmq.SNDHWM, cfg.sndhwm)
-        self.control = self._server_socket(zmq.REP, proto.MAX_CONTROL_BYTES)
+        self.pub = self._xpub(cfg.sndhwm)
+        self.control = self._server_socket(zmq.REP, proto.MAX_CONTROL_WIRE_BYTES)
         self.work = self._server_socket(zmq.ROUTER, 16 * 1024 * 1024)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished consumer fails the send
         self.work.setsockopt(zmq.SNDHWM, 0)  # credit windows bound the queue, not the HWM
         socks = [(self.pub, cfg.pub), (self.control, cfg.control), (self.work, cfg.work)]
         self.shm_pub: zmq.Socket | None = None
         if self.ring is not None:
-            self.shm_pub = self._server_socket(zmq.XPUB, None)
-            self.shm_pub.setsockopt(zmq.XPUB_VERBOSER, 1)
             # a header queued longer than the ring is long names an overwritten slot, so
             # the queue (HWM, and the kernel buffer: headers are small) stays well short
-            self.shm_pub.setsockopt(zmq.SNDHWM, shm_queue(cfg.sndhwm, self.ring.info.nslots))
+            self.shm_pub = self._xpub(shm_queue(cfg.sndhwm, self.ring.info.nslots))
             self.shm_pub.setsockopt(zmq.SNDBUF, SHM_SOCKET_BUFFER)
             socks.append((self.shm_pub, pub_endpoint(cfg.stream, self.session)))
+        self.xpub_endpoints = {id(sock): ep for sock, ep in socks if sock.type == zmq.XPUB}
+        self.subs: dict[int, Subscriptions] = {}  # id(XPUB) -> its subscriptions
         try:
             for sock, ep in socks:
                 sock.setsockopt(zmq.LINGER, cfg.linger_ms)
-                self.guard.watch(sock, ep)
+                if sock.type == zmq.XPUB:
+                    self.subs[id(sock)] = self._subscriptions(sock, ep)
+                else:
+                    self.guard.watch(sock, ep)
                 sock.bind(ep)
         except zmq.ZMQError as exc:
             self.close()
             raise SourceError(f"cannot bind {ep}: {exc.strerror}") from None
         self.guard.start()
+        self.control_log = RejectLog(self.log, "control")
         self.dispatcher = Dispatcher(self.work, max_pending=cfg.max_pending,
                                      timeout=cfg.worker_timeout,
                                      orphan_timeout=cfg.orphan_timeout, send=self._send_work,
@@ -235,6 +253,55 @@ class Broker:
 
     def _server_socket(self, kind: int, max_bytes: int | None) -> zmq.Socket:
         return configure_socket(self.ctx.socket(kind), "server", self.cfg.security, max_bytes)
+
+    def _xpub(self, sndhwm: int) -> zmq.Socket:
+        """A frame XPUB: every subscription message reported (VERBOSER) and at most a
+        stream name long (longer ones cost the sender its connection)."""
+        sock = self._server_socket(zmq.XPUB, MAX_SUBSCRIPTION_MESSAGE)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        sock.setsockopt(zmq.SNDHWM, sndhwm)
+        return sock
+
+    def _subscriptions(self, sock: zmq.Socket, endpoint: str) -> Subscriptions:
+        refusals = REFUSAL_EVENTS if self.cfg.security.curve else 0
+        return Subscriptions(sock, self.topic, refusals,
+                             lambda event: self.guard.on_event(endpoint, event))
+
+    def _reset_xpub(self, name: str) -> None:
+        """Close XPUB ``name`` (pub or shm_pub) and bind a new one at its address: the
+        only way to make libzmq free the subscriptions a peer made it hold. Its
+        subscribers reconnect and subscribe again; the reset is counted."""
+        old = getattr(self, name)
+        ep = self.xpub_endpoints.pop(id(old))
+        subs = self.subs.pop(id(old))
+        subs.close()
+        self.poller.unregister(old)
+        sndhwm = old.getsockopt(zmq.SNDHWM)
+        sndbuf = old.getsockopt(zmq.SNDBUF)
+        old.close(linger=0)
+        sock = self._xpub(sndhwm)
+        sock.setsockopt(zmq.SNDBUF, sndbuf)
+        sock.setsockopt(zmq.LINGER, self.cfg.linger_ms)
+        new = self._subscriptions(sock, ep)
+        new.rejected = subs.rejected
+        t0 = time.monotonic()
+        deadline = t0 + XPUB_REBIND_S
+        while True:  # closing is asynchronous in libzmq: the address comes back soon
+            try:
+                sock.bind(ep)
+                break
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        setattr(self, name, sock)
+        self.xpub_endpoints[id(sock)] = ep
+        self.subs[id(sock)] = new
+        self.poller.register(sock, zmq.POLLIN)
+        self.xpub_resets += 1
+        self.log(f"{name}: reset (a peer made it hold more than {MAX_SUBSCRIPTIONS} distinct "
+                 f"subscriptions or {MAX_SUBSCRIBED_BYTES} bytes of them) in "
+                 f"{(time.monotonic() - t0) * 1000:.0f} ms; its subscribers reconnect")
 
     def endpoints(self) -> dict[str, Any]:
         host = self.cfg.advertise
@@ -247,6 +314,8 @@ class Broker:
 
     def close(self) -> None:
         """Close the sockets and unlink the ring (safe to call more than once)."""
+        for subs in getattr(self, "subs", {}).values():
+            subs.close()
         for name in ("pub", "control", "work", "shm_pub"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
@@ -297,13 +366,16 @@ class Broker:
                 waiting = self._waiting()
                 self.state = "paused" if self.paused else "waiting" if waiting else "streaming"
                 if self.paused or waiting:
+                    self._stalled(None)
                     self._serve(100)
                     pacer.reset()
                     continue
                 if not self.dispatcher.has_room(self.sent):
                     self.backpressure_waits += 1
+                    self._stalled(self.dispatcher.blocker(self.sent))
                     self._serve(50)
                     continue
+                self._stalled(None)
                 if self.ring is not None and self._ring_ready is None:
                     self._ring_ready = self._free_ring_slot()
                     if self._ring_ready is None:  # lossless consumers hold every slot
@@ -328,6 +400,16 @@ class Broker:
         self._finish()
         return self.status()
 
+    def _stalled(self, blocker: tuple[str, str | None] | None) -> None:
+        """Note (for status) which group and member the source is waiting for, since when."""
+        if blocker is None:
+            self.waiting_for = None
+            return
+        if self.waiting_for is None:
+            self._stalled_since = time.monotonic()
+        self.state = "waiting"
+        self.waiting_for = {"group": blocker[0], "member": blocker[1]}
+
     def _waiting(self) -> bool:
         """Hold the start until the awaited peers are there; once streaming, never again
         (a consumer that dies later must not stop the camera)."""
@@ -348,15 +430,10 @@ class Broker:
         """Handle whatever arrived on any socket, waiting at most ``timeout_ms``."""
         events = dict(self.poller.poll(timeout_ms))
         if self.control in events:
-            self._handle_control()
-        if self.pub in events:
-            self.subscribers += self._subscription_changes(self.pub)
-            self.peak_subscribers = max(self.peak_subscribers,
-                                        self.subscribers + self.shm_subscribers)
-        if self.shm_pub is not None and self.shm_pub in events:
-            self.shm_subscribers += self._subscription_changes(self.shm_pub)
-            self.peak_subscribers = max(self.peak_subscribers,
-                                        self.subscribers + self.shm_subscribers)
+            for _ in range(64):  # a flood drains quickly; frames still go out between
+                if not self._handle_control():
+                    break
+        self._update_subscribers()
         if self.work in events:
             for _ in range(256):
                 try:
@@ -365,6 +442,29 @@ class Broker:
                     break
                 self.dispatcher.handle(parts)
         self.dispatcher.reap()
+        self.control_log.flush()
+        self.dispatcher.reject_log.flush()
+
+    def _update_subscribers(self) -> None:
+        """Subscribers by connection on each XPUB (see subscriptions.py); an XPUB a peer
+        filled with subscriptions is reset."""
+        for name in ("pub", "shm_pub"):
+            sock = getattr(self, name)
+            if sock is None:
+                continue
+            subs = self.subs[id(sock)]
+            changed = subs.update()
+            if subs.over_limit:
+                self._reset_xpub(name)
+                subs, changed = self.subs[id(getattr(self, name))], True
+            if changed:
+                n = subs.subscribers()
+                if name == "pub":
+                    self.subscribers = n
+                else:
+                    self.shm_subscribers = n
+                self.peak_subscribers = max(self.peak_subscribers,
+                                            self.subscribers + self.shm_subscribers)
 
     def _capture_and_send(self) -> bool:
         fid = self.sent
@@ -452,27 +552,17 @@ class Broker:
         self.state = "stopped"
 
     # --- subscriptions and control ------------------------------------------------
-    def _subscription_changes(self, sock: zmq.Socket) -> int:
-        """Net (un)subscriptions to our stream that arrived on XPUB ``sock``."""
-        change = 0
-        while True:
-            try:
-                msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return change
-            if not msg or msg[0] not in (0, 1) or not self.topic.startswith(msg[1:]):
-                continue
-            change += 1 if msg[0] == 1 else -1
-
-    def _handle_control(self) -> None:
+    def _handle_control(self) -> bool:
+        """Answer one control request; False if none was waiting. Every bad request is
+        answered with an error, counted by reason, and logged at a bounded rate."""
         try:
-            raw = self.control.recv_multipart(zmq.NOBLOCK)
+            frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return
+            return False
         try:
-            if len(raw) != 1:
-                raise proto.BadPartCount(f"control request must be 1 part, got {len(raw)}")
-            req = proto.decode_request(raw[0])
+            if len(frames) != 1:
+                raise proto.BadPartCount(f"control request must be 1 part, got {len(frames)}")
+            req = proto.decode_request(frames[0].bytes)
             cmd = req["cmd"]
             if cmd not in COMMANDS:
                 raise proto.BadControlMessage(f"unknown command {cmd[:40]!r}; known: "
@@ -484,11 +574,12 @@ class Broker:
                                               f"{sorted(set(req) - {'cmd'})}")
         except proto.ProtocolError as exc:
             self.control_rejected[exc.reason] = self.control_rejected.get(exc.reason, 0) + 1
+            self.control_log(_peer(frames[0]), exc.reason, str(exc)[:200])
             self.control.send(proto.encode_reply(False, error=str(exc)))
-            return
+            return True
         if cmd == "snapshot":
             self._reply_snapshot()
-            return
+            return True
         if cmd == "endpoints":
             reply = self.endpoints()
         elif cmd == "status":
@@ -506,6 +597,7 @@ class Broker:
             self.request_stop()
             reply = {"stopping": True, "frames": self.sent}
         self.control.send(proto.encode_reply(True, **reply))
+        return True
 
     def _reply_snapshot(self) -> None:
         if self.latest is None:
@@ -518,27 +610,41 @@ class Broker:
 
     def _store_report(self, report: dict[str, Any]) -> None:
         """Keep a subscriber's latest counters: drops happen at the subscriber (its HWM or
-        its latest:N queue), so only it can say how many; status shows them per client."""
-        self.clients.pop(report["client"], None)
-        self.clients[report["client"]] = (time.monotonic(), report)
-        while len(self.clients) > MAX_REPORTING_CLIENTS:
-            del self.clients[next(iter(self.clients))]
+        its latest:N queue), so only it can say how many; status shows them per client.
+
+        A full table evicts stale entries first, then the names that reported least
+        (ties: the longest silent). A live client reports every second, so names
+        invented by a peer (each sent a few times) go before it, and a flood of new
+        names evicts only other new names."""
+        now, name = time.monotonic(), report["client"]
+        known = self.clients.get(name)
+        if known is not None:
+            known.seen, known.report, known.reports = now, report, known.reports + 1
+            return
+        self.clients[name] = ClientReport(now, report)
+        if len(self.clients) > MAX_REPORTING_CLIENTS:
+            victim = min(self.clients.items(), key=lambda kv: (
+                now - kv[1].seen <= REPORT_EXPIRY_S, kv[1].reports, kv[1].seen))[0]
+            del self.clients[victim]
 
     def consumers(self) -> dict[str, dict[str, Any]]:
         """Clients that reported within REPORT_EXPIRY_S, with the age of their report."""
         now = time.monotonic()
-        for name in [n for n, (t, _) in self.clients.items() if now - t > REPORT_EXPIRY_S]:
+        for name in [n for n, c in self.clients.items() if now - c.seen > REPORT_EXPIRY_S]:
             del self.clients[name]
-        return {name: {**{k: v for k, v in r.items() if k != "client"},
-                       "age_s": round(now - t, 2)} for name, (t, r) in self.clients.items()}
+        return {name: {**{k: v for k, v in c.report.items() if k != "client"},
+                       "age_s": round(now - c.seen, 2)} for name, c in self.clients.items()}
 
     # --- reporting -------------------------------------------------------------------
     def rate(self) -> float:
-        """Frames per second over the recent window (the live rate, not the average)."""
+        """Frames per second over the recent window up to now (the live rate, not the
+        average): while the source waits or is paused it falls, instead of showing the
+        rate of the last frames sent."""
         if len(self._rate_window) < 2:
             return 0.0
-        (t0, n0), (t1, n1) = self._rate_window[0], self._rate_window[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        (t0, n0), (_, n1) = self._rate_window[0], self._rate_window[-1]
+        now = time.monotonic()
+        return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
     def status(self) -> dict[str, Any]:
         elapsed = self._t_last - self._t_first
@@ -557,6 +663,13 @@ class Broker:
                 "paused": self.paused, "sndhwm": self.cfg.sndhwm,
                 "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
                 "backpressure_waits": self.backpressure_waits,
+                "waiting": None if self.waiting_for is None else {
+                    **self.waiting_for,
+                    "seconds": round(time.monotonic() - self._stalled_since, 3)},
+                "subscriptions": {name: self.subs[id(sock)].status() for name, sock in
+                                  (("pub", self.pub), ("shm_pub", self.shm_pub))
+                                  if sock is not None},
+                "xpub_resets": self.xpub_resets,
                 "control_rejected": dict(self.control_rejected),
                 "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
                 "error": self.error,
@@ -596,6 +709,14 @@ class Broker:
                 f"{s['avg_fps']:.1f} fps, {s['mb_per_s']:.1f} MB/s, peak subscribers "
                 f"{s['peak_subscribers']}, re-dispatched {redis}"
                 + (f", error: {self.error}" if self.error else ""))
+
+
+def _peer(frame: zmq.Frame) -> str:
+    """The peer's address as libzmq saw it (for reject logs), or "?"."""
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return "?"
 
 
 def install_signal_handlers(broker: Broker) -> None:

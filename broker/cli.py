@@ -567,6 +567,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
                 "auth_refused"):
         print(f"{key:>12}: {status[key]}")
+    if status.get("waiting"):
+        w = status["waiting"]
+        print(f"{'waiting':>12}: for group {w['group']!r} member {w['member']} since "
+              f"{w['seconds']:g} s")
+    print(f"{'rejected':>12}: control {status['control_rejected']}, work "
+          f"{status['work']['rejected']}")
     subs, workers = status["transports"]["subscribers"], status["transports"]["workers"]
     print(f"{'transports':>12}: subscribers tcp {subs['tcp']} shm {subs['shm']}, "
           f"workers tcp {workers['tcp']} shm {workers['shm']}")

@@ -37,6 +37,7 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol as proto
+from .rejects import RejectLog
 
 
 @dataclass(eq=False)
@@ -60,6 +61,7 @@ class Consumer:
     inflight: set[int] = field(default_factory=set)
     dispatched: int = 0
     transport: str = "tcp"  # "shm": it maps the ring and gets SHM_FRAME headers
+    served: int = 0  # when it was last sent a frame (the dispatcher's send count)
 
 
 @dataclass(eq=False)
@@ -117,6 +119,8 @@ class Dispatcher:
         self._member_group: dict[bytes, Group] = {}
         self._acker_group: dict[bytes, Group] = {}
         self.rejected: dict[str, int] = {}
+        self.reject_log = RejectLog(log, "work")
+        self._sends = 0
         self.dissolved: dict[str, int] = {}  # group name -> frames abandoned, summed
 
     # --- frames in ---------------------------------------------------------------
@@ -125,6 +129,18 @@ class Dispatcher:
         oldest unacknowledged frame (``pending`` is in id order: dicts keep insertion)."""
         return all(not g.pending or next_id - next(iter(g.pending)) < self.max_pending
                    for g in self.groups.values())
+
+    def blocker(self, next_id: int) -> tuple[str, str | None] | None:
+        """What frame ``next_id`` waits for: (group, member holding the group's oldest
+        unacknowledged frame, or None when nobody holds it: queued, or done and waiting
+        for the acker); None if it need not wait."""
+        for g in self.groups.values():
+            if g.pending:
+                oldest = next(iter(g.pending.values()))
+                if next_id - oldest.frame_id >= self.max_pending:
+                    c = self._consumer(oldest.consumer or b"") if not oldest.done else None
+                    return g.name, (c.name or c.ident.hex()) if c is not None else None
+        return None
 
     def members(self, group: str) -> int:
         g = self.groups.get(group)
@@ -158,7 +174,7 @@ class Dispatcher:
             self._handle(ident, parts[1:], now)
         except proto.ProtocolError as exc:
             self.rejected[exc.reason] = self.rejected.get(exc.reason, 0) + 1
-            self._log(f"work: rejected message from {ident.hex()}: {exc}")
+            self.reject_log(ident.hex(), exc.reason, str(exc)[:200])
 
     def _handle(self, ident: bytes, parts: list[bytes], now: float) -> None:
         if not parts:
@@ -167,6 +183,9 @@ class Dispatcher:
             cmd = proto.WorkCmd(parts[0])
         except ValueError:
             raise proto.BadControlMessage(f"unknown work command {parts[0][:16]!r}") from None
+        if cmd in (proto.WorkCmd.HB, proto.WorkCmd.BYE) and len(parts) != 1:
+            raise proto.BadPartCount(f"work command {cmd.value!r} takes no body, got "
+                                     f"{len(parts) - 1} parts")
         self._touch(ident, now)
         if cmd is proto.WorkCmd.READY:
             self._join(ident, proto.decode_ready(_body(parts)), now)
@@ -256,12 +275,15 @@ class Dispatcher:
 
     # --- sending ------------------------------------------------------------------
     def pump(self) -> None:
-        """Send queued frames to the least-loaded members that have credit."""
+        """Send queued frames to members with free credit, the least recently served
+        first: equal consumers get equal shares (picking the least loaded instead sent
+        nearly every frame to the first member whenever both were idle)."""
         for g in self.groups.values():
             while g.queue and g.members:
-                c = min(g.members.values(), key=lambda m: len(m.inflight) / m.window)
-                if len(c.inflight) >= c.window:
+                free = [m for m in g.members.values() if len(m.inflight) < m.window]
+                if not free:
                     break
+                c = min(free, key=lambda m: m.served)
                 fid = g.queue.popleft()
                 p = g.pending.get(fid)
                 if p is None:  # acknowledged while queued for re-dispatch
@@ -276,6 +298,8 @@ class Dispatcher:
                 p.consumer, p.done = c.ident, False
                 c.inflight.add(fid)
                 c.dispatched += 1
+                self._sends += 1
+                c.served = self._sends
                 g.dispatched += 1
 
     def end_of_stream(self, header: bytes) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -332,7 +333,28 @@ def result_header(stream: str, frame_id: int, timestamp_ns: int, array: np.ndarr
 
 # --- control channel (REQ/REP, JSON) ---------------------------------------------
 
-MAX_CONTROL_BYTES = 64 * 1024
+MAX_CONTROL_BYTES = 64 * 1024  # what the broker parses; larger requests get an error reply
+#: what the control socket's MAXMSGSIZE lets through, so that a request above
+#: MAX_CONTROL_BYTES can still be answered with an error (larger ones cost the
+#: sender its connection: libzmq drops it on the size prefix, nothing is allocated)
+MAX_CONTROL_WIRE_BYTES = 1024 * 1024
+MAX_JSON_DEPTH = 8  # nesting of arrays/objects; no message of ours needs more than 2
+JSON_INT_MIN, JSON_INT_MAX = -2**63, 2**64 - 1  # every JSON integer must fit 64 bits
+_MAX_INT_DIGITS = 20  # len(str(2**64 - 1)); longer digit strings are refused unparsed
+#: a JSON string (escapes included) or a bracket outside strings
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+class RequestTooLarge(BadControlMessage):
+    reason = "too_large"
+
+
+class JsonTooDeep(BadControlMessage):
+    reason = "json_depth"
+
+
+class JsonNumberRange(BadControlMessage):
+    reason = "json_number"
 
 
 def encode_request(cmd: str, **args: Any) -> bytes:
@@ -340,14 +362,66 @@ def encode_request(cmd: str, **args: Any) -> bytes:
     return json.dumps({"cmd": cmd, **args}).encode()
 
 
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    """Parse a bounded JSON object; raises BadControlMessage naming ``what`` was wrong."""
-    if len(data) > MAX_CONTROL_BYTES:
-        raise BadControlMessage(f"{what} of {len(data)} bytes exceeds {MAX_CONTROL_BYTES}")
+def _check_depth(data: bytes) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH before json sees it: the stdlib parser
+    recurses per level and raises RecursionError (not a JSONDecodeError) on ``[`` * 60000.
+    Brackets inside strings do not count; a scan that stops early is cheap."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(data):
+        c = m.group()[0]
+        if c in b"[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise JsonTooDeep(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        elif c in b"]}":
+            depth -= 1
+
+
+def _bounded_int(text: str) -> int:
+    """parse_int hook: a 64-bit integer or a JsonNumberRange (the stdlib would convert
+    any length, and raise ValueError past 4300 digits)."""
+    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+        raise JsonNumberRange(f"JSON integer of {len(text)} characters is outside "
+                              f"{JSON_INT_MIN}..{JSON_INT_MAX}")
+    value = int(text)
+    if not JSON_INT_MIN <= value <= JSON_INT_MAX:
+        raise JsonNumberRange(f"JSON integer {value} is outside {JSON_INT_MIN}..{JSON_INT_MAX}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """parse_float hook: 1e999 would become inf, which no peer of ours sends."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonNumberRange(f"JSON number {text[:40]} is not a finite double")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    """parse_constant hook: NaN and Infinity are not JSON (RFC 8259)."""
+    raise JsonNumberRange(f"{name} is not a JSON number")
+
+
+def loads_bounded(data: bytes, what: str, limit: int = MAX_CONTROL_BYTES) -> Any:
+    """The one JSON decoder for bytes from a peer: at most ``limit`` bytes, nesting at
+    most MAX_JSON_DEPTH, 64-bit integers, finite numbers. Any other failure (bad UTF-8,
+    bad syntax, or anything the stdlib raises) is a BadControlMessage too, so no
+    exception from peer input can leave a handler."""
+    if len(data) > limit:
+        raise RequestTooLarge(f"request too large: {len(data)} bytes (limit {limit})")
+    _check_depth(data)
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadControlMessage(f"{what} is not JSON: {exc}") from None
+        return json.loads(data, parse_int=_bounded_int, parse_float=_finite_float,
+                          parse_constant=_no_constant)
+    except BadControlMessage:
+        raise
+    except (ValueError, RecursionError, TypeError) as exc:  # JSONDecodeError, UnicodeError
+        raise BadControlMessage(f"{what} is not JSON: {str(exc)[:200]}") from None
+
+
+def _json_object(data: bytes, what: str, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+    """Parse a bounded JSON object; raises BadControlMessage naming ``what`` was wrong."""
+    obj = loads_bounded(data, what, limit)
     if not isinstance(obj, dict):
         raise BadControlMessage(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -416,7 +490,7 @@ def encode_reply(ok: bool, **fields: Any) -> bytes:
 
 def decode_reply(data: bytes) -> dict[str, Any]:
     """Parse a control reply; raises BadControlMessage if it is not a JSON object with "ok"."""
-    rep = _json_object(data, "control reply")
+    rep = _json_object(data, "control reply", MAX_CONTROL_WIRE_BYTES)  # status can be long
     if "ok" not in rep:
         raise BadControlMessage('control reply must have "ok"')
     return rep

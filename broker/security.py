@@ -8,9 +8,14 @@ that decide who may connect and how fast a dead peer is noticed live in one plac
   pair and the server's *public* key. A ZAP handler (one ``ThreadAuthenticator`` per
   binding process) admits only clients whose public key is in the ``--curve-allow``
   directory. Refusals are logged once per peer and all of them are counted.
-* **Heartbeats**: ZMTP PING/PONG on every connection, so a peer that stopped
-  answering (SIGSTOP, a pulled cable, a frozen host) is disconnected after
-  ``HEARTBEAT_TIMEOUTS`` intervals instead of holding a TCP connection forever.
+* **Heartbeats**: ZMTP PING/PONG on client sockets and on the broker's XPUBs, so a
+  peer that stopped answering (SIGSTOP, a pulled cable, a frozen host) is
+  disconnected after ``HEARTBEAT_TIMEOUTS`` intervals instead of holding a TCP
+  connection forever. Server sockets whose receive queue is bounded (REP, ROUTER,
+  PULL) use TCP keepalive instead (a dead host is dropped after about as long; a
+  stopped process keeps its connection) and the work channel's own HB messages
+  (broker/dispatch.py): see ``configure_socket`` for the libzmq bug that rules ZMTP
+  heartbeats out there.
 
 The message format is unchanged: CURVE is below ZMTP framing (docs/protocol.md).
 """
@@ -164,15 +169,37 @@ def _load(path: Path, flag: str) -> tuple[bytes, bytes | None]:
 def configure_socket(sock: zmq.Socket, role: Role, security: Security = PLAIN,
                      max_bytes: int | None = None) -> zmq.Socket:
     """Set the options every framebroker socket shares, before bind/connect:
-    MAXMSGSIZE (a receiver never allocates more than it validates), ZMTP heartbeats
-    (dead peers are dropped), and CURVE for ``role`` when keys are configured."""
+    MAXMSGSIZE (a receiver never allocates more than it validates), dead-peer
+    detection, and CURVE for ``role`` when keys are configured.
+
+    Why no ZMTP heartbeats on REP/ROUTER/PULL servers: libzmq 4.3.5 (and master, see
+    zeromq/libzmq#4364, #4841) aborts with ``Assertion failed: !_io_error
+    (stream_engine_base.cpp:310)`` when a connection's receive queue is full (its
+    RCVHWM: the engine stops reading) and the peer then resets the connection (epoll
+    reports EPOLLHUP/EPOLLERR, which it reports even with reading stopped): the engine
+    marks itself ``_io_error`` and waits for the application to drain the queue; if
+    the heartbeat timer fires first, it calls ``out_event``, which asserts. Any peer
+    can do that to a server (flood faster than it drains, close with unread replies).
+    An XPUB reads its peers' queues itself, eagerly, into its own list of pending
+    subscriptions, so with RCVHWM 0 its engines never stop reading and keep their
+    heartbeats (the broker bounds what it accepts from them, broker.py).
+    """
     if max_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-    if security.heartbeat > 0:
+    zmtp_heartbeat = role == "client" or sock.type == zmq.XPUB
+    if role == "server" and sock.type == zmq.XPUB:
+        sock.setsockopt(zmq.RCVHWM, 0)
+    if security.heartbeat > 0 and zmtp_heartbeat:
         ivl = max(1, int(security.heartbeat * 1000))
         sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ivl * HEARTBEAT_TIMEOUTS)
         sock.setsockopt(zmq.HEARTBEAT_TTL, ivl * HEARTBEAT_TIMEOUTS)
+    elif security.heartbeat > 0:
+        ivl_s = max(1, round(security.heartbeat))  # the kernel counts whole seconds
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, ivl_s)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, ivl_s)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, HEARTBEAT_TIMEOUTS)
     if security.curve:
         (security.apply_server if role == "server" else security.apply_client)(sock)
     return sock
@@ -267,17 +294,21 @@ class Guard:
         try:
             while not self._stop.is_set():
                 for mon, _ in poller.poll(100):
-                    event = recv_monitor_message(mon)
-                    if event["event"] & REFUSAL_EVENTS:
-                        self.refused += 1
-                        if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said
-                            # who for AUTH; here only the endpoint and the error are known
-                            self._refusal(f"{names[mon]}:{event['event']}:{event['value']}",
-                                          _handshake_refusal(names[mon], event["event"],
-                                                             event["value"]))
+                    self.on_event(names[mon], recv_monitor_message(mon))
         finally:
             for mon, _ in self._monitors:
                 mon.close(linger=0)
+
+    def on_event(self, endpoint: str, event: dict) -> None:
+        """Count (and log once per peer) a refused handshake seen by a socket monitor;
+        also called by the broker for the XPUBs, whose monitors it reads itself."""
+        if event["event"] & REFUSAL_EVENTS:
+            with self._log_lock:  # the monitor thread and the broker's loop both count
+                self.refused += 1
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said who for
+                # AUTH; here only the endpoint and the error are known
+                self._refusal(f"{endpoint}:{event['event']}:{event['value']}",
+                              _handshake_refusal(endpoint, event["event"], event["value"]))
 
     def close(self) -> None:
         """Stop the monitor thread and the ZAP handler (before the context ends)."""

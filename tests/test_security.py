@@ -47,9 +47,17 @@ def test_configure_socket_sets_every_shared_option(tmp_path):
                                   from_key_dir(keys, "server", heartbeat=0.5), 4096)
         client = configure_socket(ctx.socket(zmq.DEALER), "client", from_key_dir(keys, "client"))
         plain = configure_socket(ctx.socket(zmq.SUB), "client", Security(heartbeat=0))
+        xpub = configure_socket(ctx.socket(zmq.XPUB), "server", Security(heartbeat=0.5), 256)
         assert server.getsockopt(zmq.MAXMSGSIZE) == 4096
-        assert (server.getsockopt(zmq.HEARTBEAT_IVL), server.getsockopt(zmq.HEARTBEAT_TIMEOUT)
-                ) == (500, 1500)
+        # no ZMTP heartbeats on a server with a bounded receive queue (the libzmq abort,
+        # see configure_socket): TCP keepalive instead; an XPUB keeps them, unbounded
+        assert server.getsockopt(zmq.HEARTBEAT_IVL) == 0
+        assert (server.getsockopt(zmq.TCP_KEEPALIVE), server.getsockopt(zmq.TCP_KEEPALIVE_CNT)
+                ) == (1, 3)
+        assert (xpub.getsockopt(zmq.HEARTBEAT_IVL), xpub.getsockopt(zmq.HEARTBEAT_TIMEOUT),
+                xpub.getsockopt(zmq.RCVHWM)) == (500, 1500, 0)
+        assert (client.getsockopt(zmq.HEARTBEAT_IVL), client.getsockopt(zmq.TCP_KEEPALIVE)
+                ) == (1000, -1)
         assert server.curve_server and not client.curve_server
         assert client.getsockopt(zmq.MECHANISM) == zmq.CURVE
         assert plain.getsockopt(zmq.HEARTBEAT_IVL) == 0
