@@ -18,7 +18,7 @@ import pytest
 
 # One ring directory per test session (before broker.shm reads it; parts started by the
 # tests inherit it), so that two sessions running side by side never judge each other's rings.
-os.environ["FRAMEBROKER_SHM_DIR"] = tempfile.mkdtemp(prefix="framebroker-tests-", dir="/dev/shm")
+os.environ["FRAMEBROKER_SHM_DIR"] = tempfile.mkdtemp(prefix="fb-tests-", dir="/dev/shm")
 
 import broker.client  # noqa: E402
 from broker import shm  # noqa: E402
@@ -132,7 +132,7 @@ def broker_factory(eps: Endpoints) -> Iterator:
 
 
 def ring_files() -> set[str]:
-    return {p.name for p in shm.SHM_DIR.glob(shm.PREFIX + "*")}
+    return {p.name for p in shm.SHM_DIR.glob(shm.PREFIX + "*") if p.is_file()}
 
 
 @pytest.fixture(autouse=True, scope="session")
