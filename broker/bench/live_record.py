@@ -14,7 +14,9 @@ a noisy machine:
 
 Every method writes a new file on the same disk (a temporary directory, deleted after
 each run), and an untimed ``os.sync()`` before each run keeps one run's writeback out of
-the next. ``--record-args`` passes extra flags to ``record`` (e.g. ``--window 16``).
+the next. ``--record-args`` passes extra flags to ``record`` (e.g. ``--window 16``);
+``--baseline TREE`` adds ``record tcp/shm @TREE`` rows: the same runs with ``serve`` and
+``record`` from another checkout (e.g. the commit before a change), in the same rounds.
 
 ``python bench/live_record.py`` (``--quick`` for fewer frames) prints the table and
 writes ``--out`` (default ``live_record.json`` in the current directory).
@@ -68,8 +70,9 @@ def writer_alone(path: Path, shape: tuple[int, ...], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def record(shm: str | None, extra: list[str]) -> Method:
-    """``serve`` + ``record`` as real processes; the recorder's own fps."""
+def record(shm: str | None, extra: list[str], tree: Path | None = None) -> Method:
+    """``serve`` + ``record`` as real processes (from checkout ``tree`` if given); the
+    recorder's own fps."""
     def run(path: Path, shape: tuple[int, ...], n: int) -> float:
         pub, work, control, results = free_tcp_endpoints(4)
         serve = ["serve", "--pub", pub, "--work", work, "--control", control,
@@ -77,7 +80,7 @@ def record(shm: str | None, extra: list[str]) -> Method:
                  "--shape", "x".join(map(str, shape)), "--frames", str(n),
                  "--wait-recorders", "1", "--quiet", "--json"] + (["--shm", shm] if shm else [])
         rec = ["record", str(path), "--broker", control, "--frames", str(n), "--json", *extra]
-        procs = [_cli(serve), _cli(rec)]
+        procs = [_cli(serve, tree), _cli(rec, tree)]
         outs = [p.communicate(timeout=600) for p in procs]
         for p, (out, err) in zip(procs, outs):
             if p.returncode != 0:
@@ -90,9 +93,13 @@ def record(shm: str | None, extra: list[str]) -> Method:
     return run
 
 
-def methods(shm: str, extra: list[str]) -> dict[str, Method]:
-    return {"plain write": plain_write, "writer alone": writer_alone,
-            "record tcp": record(None, extra), "record shm": record(shm, extra)}
+def methods(shm: str, extra: list[str], baseline: Path | None = None) -> dict[str, Method]:
+    table = {"plain write": plain_write, "writer alone": writer_alone,
+             "record tcp": record(None, extra), "record shm": record(shm, extra)}
+    if baseline is not None:
+        table[f"record tcp @{baseline.name}"] = record(None, [], baseline)
+        table[f"record shm @{baseline.name}"] = record(shm, [], baseline)
+    return table
 
 
 def bench_size(shape: tuple[int, ...], n: int, rounds: int, tmp: Path,
@@ -140,9 +147,10 @@ def _pool(shape: tuple[int, ...]) -> list[np.ndarray]:
     return [synthetic_frame(shape, "uint8", i) for i in range(POOL)]
 
 
-def _cli(args: list[str]) -> subprocess.Popen:
+def _cli(args: list[str], tree: Path | None = None) -> subprocess.Popen:
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree)}
     return subprocess.Popen([sys.executable, "-m", "broker.cli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tree)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     ap.add_argument("--shm", default="512MiB", help="the broker's ring for record shm")
     ap.add_argument("--record-args", default="", help="extra flags for record, one string")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="TREE",
+                    help="also run serve + record from this checkout, in the same rounds")
     ap.add_argument("--out", type=Path, default=Path("live_record.json"))
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         raise SystemExit(f"{args.out} exists: pass --overwrite or another --out")
-    table = methods(args.shm, args.record_args.split())
+    table = methods(args.shm, args.record_args.split(),
+                    args.baseline.resolve() if args.baseline else None)
     tmp = Path(tempfile.mkdtemp(prefix="live-record-bench-"))
     load = os.getloadavg()
     results: dict[str, dict[str, dict]] = {}
@@ -173,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(results)
     meta = {"rounds": args.rounds, "quick": args.quick, "shm": args.shm,
+            "baseline": str(args.baseline) if args.baseline else None,
             "record_args": args.record_args, "load_before": load, "load_after": os.getloadavg(),
             "python": platform.python_version(), "framebroker": broker.__version__,
             "frames": {s: SIZES[s][2] if args.quick else SIZES[s][1] for s in args.sizes}}
