@@ -6,7 +6,8 @@ a noisy machine:
 
 * ``plain write``: ``f.write(frame)`` of every frame into a new file: the disk's limit.
 * ``writer alone``: :class:`broker.recorder.RecordingWriter` with its defaults, fed from
-  memory in this process: what the HDF5 layer allows.
+  memory in this process: what the HDF5 layer allows, timed from the first frame to the
+  file closed, as ``record`` times itself.
 * ``record tcp`` / ``record shm``: a real ``framebroker serve`` (synthetic source,
   ``--wait-recorders 1``, plus ``--shm RING`` for shm) and a real ``framebroker record``
   (lossless, preallocated) on free loopback ports. The rate is the recorder's own
@@ -61,10 +62,12 @@ def plain_write(path: Path, shape: tuple[int, ...], n: int) -> float:
 
 
 def writer_alone(path: Path, shape: tuple[int, ...], n: int) -> float:
+    """Timed as ``record`` times itself: from the first frame to the file closed (the
+    file is created before, as ``record`` creates it before it joins)."""
     pool = _pool(shape)
-    t0 = time.perf_counter()
     with RecordingWriter(path=path, shape=shape, dtype=np.uint8, stream="bench",
                          source="synthetic", frames_expected=n) as writer:
+        t0 = time.perf_counter()
         for i in range(n):
             writer.write(i, i, pool[i % POOL])
     return n / (time.perf_counter() - t0)
