@@ -195,6 +195,7 @@ class Broker:
         self._stop_requested = False
         self._t_start = time.monotonic()
         self._t_first = 0.0
+        self._first_frame_unix: float | None = None  # wall clock: run's start-up figure
         self._t_last = 0.0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
         own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
@@ -485,6 +486,7 @@ class Broker:
         now = time.monotonic()
         if not self._t_first:
             self._t_first = now
+            self._first_frame_unix = time.time()
         self._t_last = now
         self._rate_window.append((now, self.sent))
         return True
@@ -657,6 +659,7 @@ class Broker:
                 "rate_fps": round(self.rate(), 2), "avg_fps": round(avg, 2),
                 "mb_per_s": round(avg * self.frame_bytes / 1e6, 2),
                 "uptime_s": round(time.monotonic() - self._t_start, 3),
+                "first_frame_unix": self._first_frame_unix,
                 "subscribers": self.subscribers + self.shm_subscribers,
                 "peak_subscribers": self.peak_subscribers,
                 "transports": self.transports(), "shm": self.shm_status(),

@@ -642,7 +642,7 @@ def _write_png(out: Path, array: np.ndarray) -> None:
 
 def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
     """FFT worker flags, shared by ``worker`` and ``run`` (which calls it --fft-output)."""
-    from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
+    from .choices import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
     p.add_argument(output_flag, dest="output", choices=OUTPUTS, default="peak",
                    help="what is sent back per frame (default %(default)s)")
@@ -808,7 +808,7 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 def _add_record_args(p: argparse.ArgumentParser) -> None:
     """Recorder flags shared by ``record`` and ``run``."""
-    from .recorder import COMPRESSIONS
+    from .choices import COMPRESSIONS
 
     p.add_argument("--mode", choices=("lossless", "live"), default="lossless",
                    help="lossless: credit-based, the source waits for the disk; live: PUB, "
@@ -837,8 +837,9 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                                       "grow)")
     p.add_argument("--grow-frames", type=_positive_int, default=1024,
                    help="growth step when the count is unknown (default %(default)s)")
-    p.add_argument("--window", type=_positive_int, default=16,
-                   help="lossless: frames held at once (default %(default)s)")
+    p.add_argument("--window", type=_positive_int, default=None,
+                   help="lossless: frames held at once (default: from the frame size and "
+                        "disk rate, see broker/record.py)")
     p.add_argument("--queue-frames", type=_positive_int, default=64,
                    help="frames buffered between receive and disk (default %(default)s)")
     p.add_argument("--flush-frames", type=_positive_int, default=64,
@@ -885,7 +886,7 @@ def cmd_record(args: argparse.Namespace) -> int:
 
     cfg = RecordConfig(path=args.path, broker=args.broker, work=args.work, pub=args.pub,
                        mode=args.mode, frames=args.frames, window=args.window,
-                       queue_frames=max(args.queue_frames, args.window),
+                       queue_frames=max(args.queue_frames, args.window or 0),
                        chunk_frames=args.chunk_frames, grow_frames=args.grow_frames,
                        compression=args.compression, level=args.level, swmr=not args.no_swmr,
                        flush_frames=args.flush_frames, flush_seconds=args.flush_seconds,

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import zmq
@@ -593,8 +593,20 @@ class WorkConsumer(_Receiver):
                                      max_bytes + 4096)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.connect(self.endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._watched: dict[int, Callable[[], None]] = {}
         self._last_sent = 0.0
         self._join()
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also wait on file descriptor ``fd`` in ``recv``: when it is readable, call
+        ``callback`` (in the receiving thread, so it may call ``done``) and keep waiting.
+        A recorder's writer thread wakes it this way, so credit goes back the moment a
+        frame is safe rather than when the next frame arrives (which, with the whole
+        window held, it never does)."""
+        self._poller.register(fd, zmq.POLLIN)
+        self._watched[fd] = callback
 
     def _join(self) -> None:
         self.sock.send_multipart([proto.WorkCmd.READY.value, proto.encode_ready(self.ready)])
@@ -607,7 +619,11 @@ class WorkConsumer(_Receiver):
             left = end - time.monotonic()
             if left <= 0:
                 raise ReceiveTimeout(f"no work from {self.endpoint} within {timeout:g} s")
-            if self.sock.poll(int(min(left, self.heartbeat) * 1000) + 1):
+            events = dict(self._poller.poll(int(min(left, self.heartbeat) * 1000) + 1))
+            for fd, callback in self._watched.items():
+                if fd in events:
+                    callback()
+            if self.sock in events:
                 parts = self.sock.recv_multipart(copy=False)
                 try:
                     header, array = proto.decode(parts, max_bytes=self.max_bytes)

@@ -30,11 +30,8 @@ import pyfftw
 import scipy.fft
 
 from . import _fftkern
+from .choices import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
-COLORS = ("gray", "channels")
-OUTPUTS = ("spectrum", "magnitude", "radial", "peak")
-BACKENDS = ("pyfftw", "scipy", "numpy")
-PLANNERS = {"estimate": "FFTW_ESTIMATE", "measure": "FFTW_MEASURE", "patient": "FFTW_PATIENT"}
 FRAME_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 

@@ -5,12 +5,24 @@
   writer has taken it, so a slow disk slows the credit, the credit slows the
   broker's dispatch, and the source waits: nothing is dropped anywhere. The queue
   in front of the writer is at least as deep as the window, so the receive loop
-  never blocks and keeps heartbeating through a disk hiccup.
+  never blocks and keeps heartbeating through a disk hiccup. The writer thread wakes
+  the receive loop (a socket pair polled with the work socket) after every frame, so
+  DONE, and with it the credit and the frame's ring slot, goes back the moment the
+  frame is safe: with the whole window held no next frame can arrive to trigger it.
+  The window (``window=None``, the default) is the bandwidth-delay rule of
+  :func:`auto_window`: enough frames to keep the disk busy for ``WINDOW_COVER_S``
+  at ``disk_rate`` bytes/s (the time credit takes to come back as a new frame, with
+  room for scheduling hiccups on a loaded machine), at least ``MIN_WINDOW``, and at
+  most what ``WINDOW_MEMORY`` bytes hold, the broker's ``max_pending`` (more credit
+  would never be used) and half the shm ring (so the recorder never holds every slot
+  the source needs). ``window=N`` (``--window N``) overrides it.
 * **live**: a PUB subscriber. A full queue drops the frame (counted); frames PUB
   dropped show up as id jumps. Either way the file's ``/gaps`` lists every missing id.
 """
 from __future__ import annotations
 
+import math
+import socket
 import sys
 import time
 from collections import deque
@@ -29,6 +41,56 @@ from .security import PLAIN, Security
 from .signals import Stopped, StopSignals
 
 
+DISK_RATE = 2e9          # bytes/s a new file takes here (measured.md: 0.4-9 GB/s)
+WINDOW_COVER_S = 0.05    # seconds of writing the frames in flight cover
+WINDOW_MEMORY = 256 << 20  # at most this many bytes of frames held
+MIN_WINDOW = 4
+FALLBACK_WINDOW = 16     # frame size unknown (explicit endpoints, no control answer)
+
+
+def auto_window(frame_bytes: int, disk_rate: float = DISK_RATE, max_pending: int | None = None,
+                ring_slots: int | None = None) -> int:
+    """Frames a lossless recorder holds at once (the module docstring has the rule).
+    Too few and the disk waits for every credit round trip; too many only costs memory."""
+    want = math.ceil(disk_rate * WINDOW_COVER_S / max(frame_bytes, 1))
+    limits = [WINDOW_MEMORY // max(frame_bytes, 1)]
+    limits += [max_pending] if max_pending else []
+    limits += [ring_slots // 2] if ring_slots else []
+    return max(MIN_WINDOW, min(want, *limits))
+
+
+class _Wakeup:
+    """A socket pair: ``set()`` from any thread makes ``fileno()`` readable until
+    ``clear()``. At most one byte is in flight however often it is set, so the writer
+    thread never blocks on it and the reader drains one byte per wake-up."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._pending = False
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def set(self) -> None:
+        if not self._pending:
+            self._pending = True
+            self._w.send(b"\0")
+
+    def clear(self) -> None:
+        """Call before looking at what changed: a set() after this wakes again."""
+        self._pending = False
+        try:
+            self._r.recv(64)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
 @dataclass
 class RecordConfig:
     path: str
@@ -37,8 +99,9 @@ class RecordConfig:
     pub: str | None = None
     mode: str = "lossless"
     frames: int | None = None  # expected count: preallocate; None = grow
-    window: int = 16
-    queue_frames: int = 64
+    window: int | None = None  # None: auto_window() from the frame size and disk_rate
+    disk_rate: float = DISK_RATE
+    queue_frames: int = 64  # raised to the window when the window is automatic
     chunk_frames: int = 1
     grow_frames: int = 1024
     compression: str = "none"
@@ -67,7 +130,7 @@ class Recording:
             raise ValueError(f"mode must be lossless or live, got {cfg.mode!r}")
         if cfg.shard is not None and cfg.mode != "lossless":
             raise ValueError("a shard is a lossless recorder: --mode live takes every frame")
-        if cfg.queue_frames < cfg.window:
+        if cfg.window is not None and cfg.queue_frames < cfg.window:
             raise ValueError(f"queue_frames ({cfg.queue_frames}) must be >= window "
                              f"({cfg.window}) so the receive loop never blocks")
         self.cfg = cfg
@@ -87,12 +150,16 @@ class Recording:
         self._session: int | None = None
         self._t0 = 0.0
         self._t1 = 0.0
+        self._wakeup = _Wakeup()
+        self.window = cfg.window or FALLBACK_WINDOW
+        self._queue_frames = cfg.queue_frames
         self._open_from_status()
         if cfg.mode == "lossless":
             self.source: WorkConsumer | Subscriber = WorkConsumer(
-                cfg.work, broker=cfg.broker, group=cfg.group, window=cfg.window,
+                cfg.work, broker=cfg.broker, group=cfg.group, window=self.window,
                 acks="self", name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
                 shm=cfg.shm, ctx=self.ctx, security=cfg.security, shard=cfg.shard)
+            self.source.watch(self._wakeup.fileno(), self._written)
         else:  # queued frames outlive a live ring slot: always take payloads
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,
@@ -111,7 +178,14 @@ class Recording:
             return  # explicit endpoints and no control: open on the first frame
         finally:
             ctl.close()
-        self._open(tuple(self.status["shape"]), np.dtype(self.status["dtype"]))
+        shape, dtype = tuple(self.status["shape"]), np.dtype(self.status["dtype"])
+        if self.cfg.window is None:
+            ring = self.status.get("shm") if self.cfg.shm else None
+            self.window = auto_window(int(np.prod(shape)) * dtype.itemsize, self.cfg.disk_rate,
+                                      self.status.get("work", {}).get("max_pending"),
+                                      ring["slots"] if ring else None)
+            self._queue_frames = max(self.cfg.queue_frames, self.window)
+        self._open(shape, dtype)
 
     def _open(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
         c = self.cfg
@@ -127,8 +201,8 @@ class Recording:
             flush_seconds=c.flush_seconds, max_frames_per_file=c.max_frames_per_file,
             max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
             compress_threads=c.compress_threads, shard=c.shard)
-        self.rec = ThreadedRecorder(writer, queue_frames=c.queue_frames,
-                                    throttle_s=c.throttle_s)
+        self.rec = ThreadedRecorder(writer, queue_frames=self._queue_frames,
+                                    throttle_s=c.throttle_s, on_written=self._wakeup.set)
 
     # --- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -199,6 +273,13 @@ class Recording:
                 self._queued_ids.append(h.frame_id)
             self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
 
+    def _written(self) -> None:
+        """The writer thread woke us: credit back now, and its error, if any, surfaces."""
+        self._wakeup.clear()
+        assert self.rec is not None
+        self.rec.raise_error()
+        self._ack_written()
+
     def _ack_written(self) -> None:
         """DONE for the frames the writer has taken since the last call (in order)."""
         if self.rec is None or self.cfg.mode != "lossless":
@@ -220,6 +301,8 @@ class Recording:
             self.rec.close()
         finally:
             self._ack_written()
+            if self._t0:  # the rate runs until the last frame is in the file
+                self._t1 = time.monotonic()
 
     def summary(self) -> dict[str, Any]:
         w = self.rec.writer if self.rec else None
@@ -240,8 +323,13 @@ class Recording:
                 "rejected": dict(self.source.rejected), "mismatched": self.mismatched,
                 "session_changed": self.session_changed, "transport": self.source.transport,
                 "stopped_by": self.signals.name,
+                "window": self.window if self.cfg.mode == "lossless" else None,
+                "writer_busy_s": round(self.rec.busy_s, 3) if self.rec else 0.0,
+                "writer_fps": round(w.frames_written / self.rec.busy_s, 2)
+                if w and self.rec and self.rec.busy_s > 0 else None,
                 "cpu_s": cpu_seconds()}
 
     def close(self) -> None:
         self.source.close()
         self.signals.restore()
+        self._wakeup.close()

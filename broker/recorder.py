@@ -75,8 +75,8 @@ import numpy as np
 
 from . import __version__
 from . import protocol as proto
+from .choices import COMPRESSIONS
 
-COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")
 #: level used when ``level`` is None; gzip defaults to 1 because higher levels run at
 #: single-digit frames/s on 1080p camera content here.
 DEFAULT_LEVELS: dict[str, int | None] = {"none": None, "lz4": 5, "bslz4": None, "zstd": 3,
@@ -980,16 +980,23 @@ class ThreadedRecorder:
     caller must not modify a frame it has put. An exception in the writer thread is raised
     as RecorderError by the next ``put`` or by ``close``. ``throttle_s`` sleeps after each
     frame, to simulate a slow disk in tests.
+
+    ``on_written`` is called in the writer thread after each queued item is done with
+    (written, gap recorded, or failed), so a receive loop waiting on its socket can be
+    woken the moment a frame is safe instead of finding out on its next frame.
     """
 
     def __init__(self, writer: RecordingWriter, *, queue_frames: int = 64,
-                 throttle_s: float = 0.0) -> None:
+                 throttle_s: float = 0.0, on_written: Callable[[], None] | None = None) -> None:
         if queue_frames < 1:
             raise RecorderError(f"queue_frames must be >= 1, got {queue_frames}")
         self.writer = writer
         self.throttle_s = throttle_s
+        self._on_written = on_written or (lambda: None)
         self.dropped = 0
         self.queued = 0
+        self.busy_s = 0.0  # time spent writing frames: the writer's rate alone is
+        # frames_written / busy_s, whatever kept it waiting in between
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
         self._error: BaseException | None = None
         self._closed = False
@@ -1001,7 +1008,7 @@ class ThreadedRecorder:
         """Queue a frame; False if live mode dropped it. Raises the writer's error."""
         if self._closed:
             raise RecorderError(f"{self.writer.path}: recorder is closed")
-        self._raise_error()
+        self.raise_error()
         item = (frame_id, timestamp_ns, frame)
         if block:
             self._put_blocking(item)
@@ -1030,12 +1037,12 @@ class ThreadedRecorder:
         finally:
             self._thread.join()
             self.writer.close()
-        self._raise_error()
+        self.raise_error()
 
     def add_gap(self, first: int, count: int) -> None:
         """Declare ids ``first .. first+count-1`` missing, in order with the queued
         frames (e.g. frames the broker sent after the last one this recorder got)."""
-        self._raise_error()
+        self.raise_error()
         self._put_blocking(_Gap((int(first), int(count))))
 
     @property
@@ -1056,11 +1063,12 @@ class ThreadedRecorder:
                 return
             except queue.Full:
                 if raise_errors:
-                    self._raise_error()
+                    self.raise_error()
                 if not self._thread.is_alive():
                     raise RecorderError(f"{self.writer.path}: writer thread is gone") from None
 
-    def _raise_error(self) -> None:
+    def raise_error(self) -> None:
+        """Raise the writer thread's error as RecorderError, if it had one."""
         if self._error is not None:
             raise RecorderError(f"{self.writer.path}: writer thread failed: "
                                 f"{self._error}") from self._error
@@ -1082,9 +1090,13 @@ class ThreadedRecorder:
             if isinstance(item, _Gap):
                 self._guard(self.writer.add_gap, *item)
             else:
+                t0 = time.perf_counter()
                 self._guard(self.writer.write, *item)
                 if self.throttle_s:
                     time.sleep(self.throttle_s)
+                self.busy_s += time.perf_counter() - t0
+            del item  # drop our reference (a zmq buffer, a ring slot view) before telling
+            self._on_written()
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> None:
         try:

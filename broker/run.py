@@ -14,6 +14,13 @@ per process, and exits non-zero if a lossless path lost a frame or a part failed
 What was recorded is read back from the recording itself (its valid frames), not
 taken from the recorder's word, so a recorder or broker that died without a summary
 still gets an honest count; and the part that failed first is named, with why.
+Next to it, two figures of this run: the start-up (from starting the parts to the
+broker's first frame) and the pipeline efficiency: the end-to-end rate (the slowest
+of the processed and recorded rates) over the slowest stage alone, where a stage
+alone is what its own work allows, timed inside the part: the FFT workers' compute
+(the median ``execute`` time, summed over workers) and the recorder's writer (frames
+over the time spent writing them). 1.0 means the pipeline costs nothing around its
+slowest stage.
 """
 from __future__ import annotations
 
@@ -108,6 +115,7 @@ class Runner:
         self.interrupted = False
         self.t_start = 0.0
         self.t_end = 0.0
+        self.t_spawn_unix = 0.0
 
     @property
     def broker(self) -> Part:
@@ -117,6 +125,7 @@ class Runner:
         workdir = Path(tempfile.mkdtemp(prefix="framebroker-run-"))
         previous = signal.signal(signal.SIGINT, self._interrupt)
         try:
+            self.t_spawn_unix = time.time()
             for part in self.parts:
                 part.start(workdir)
             self.t_start = time.monotonic()
@@ -217,18 +226,23 @@ class Runner:
             stages["processed"] = {"frames": s.get("frames", 0), "fps": s.get("fps", 0.0),
                                    "mb_per_s": round(s.get("fps", 0.0) * frame_mb, 2),
                                    "latency_ms_p50": s.get("latency_ms_p50"),
-                                   "latency_ms_p99": s.get("latency_ms_p99")}
+                                   "latency_ms_p99": s.get("latency_ms_p99"),
+                                   "alone_fps": _workers_alone_fps(workers)}
         if rec is not None:
             stages["recorded"] = {"frames": recorded,
                                   "fps": rec.get("fps", 0.0), "mb_per_s": rec.get("mb_per_s", 0),
                                   "latency_ms_p50": rec.get("latency_ms_p50"),
-                                  "latency_ms_p99": rec.get("latency_ms_p99")}
+                                  "latency_ms_p99": rec.get("latency_ms_p99"),
+                                  "alone_fps": rec.get("writer_fps")}
         lost_processed = published - s.get("frames", 0) if processing else 0
         lost_recorded = (published - recorded) if rec is not None else 0
         lost = lost_processed > 0 or (self.plan.lossless_record and lost_recorded > 0)
         return {
             "ok": not self.failed and not lost,
             "seconds": round(self.t_end - self.t_start, 3),
+            "startup_s": (round(b["first_frame_unix"] - self.t_spawn_unix, 3)
+                          if b.get("first_frame_unix") else None),
+            "efficiency": efficiency(stages),
             "stream": {"source": b.get("source"), "shape": b.get("shape"),
                        "dtype": b.get("dtype")},
             "stages": stages,
@@ -290,6 +304,24 @@ def recorded_frames(files: list[Path] | list[str]) -> int:
     return total
 
 
+def _workers_alone_fps(workers: list[dict[str, Any]]) -> float | None:
+    """What the FFT stage alone allows: each worker at its median compute time."""
+    rates = [1000.0 / w["compute_ms_p50"] for w in workers if w.get("compute_ms_p50")]
+    return round(sum(rates), 2) if rates else None
+
+
+def efficiency(stages: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """End to end (the slowest final stage's rate) over the slowest stage alone."""
+    final = [st["fps"] for name, st in stages.items() if name in ("processed", "recorded")]
+    alone = {name: st["alone_fps"] for name, st in stages.items() if st.get("alone_fps")}
+    if not final or not alone:
+        return None
+    slowest = min(alone, key=alone.__getitem__)
+    e2e = min(final)
+    return {"value": round(e2e / alone[slowest], 3), "end_to_end_fps": e2e,
+            "slowest_stage": slowest, "slowest_alone_fps": alone[slowest]}
+
+
 def _frame_mb(status: dict[str, Any]) -> float:
     import numpy as np
 
@@ -306,11 +338,21 @@ def format_report(rep: dict[str, Any]) -> str:
         f" ({first['part']} first, {first['why']})" if first else " (frames lost)")
     lines = [f"framebroker run: {rep['stream']['source']} -> {verdict} in {rep['seconds']} s"]
     lines.append(f"  {'stage':<10} {'frames':>8} {'fps':>9} {'MB/s':>9} {'p50 ms':>9} "
-                 f"{'p99 ms':>9}")
+                 f"{'p99 ms':>9} {'alone fps':>10}")
     for name, st in rep["stages"].items():
+        alone = st.get("alone_fps")
         lines.append(f"  {name:<10} {st['frames']:>8} {st.get('fps', 0):>9.1f} "
                      f"{st.get('mb_per_s', 0) or 0:>9.1f} {_ms(st.get('latency_ms_p50')):>9} "
-                     f"{_ms(st.get('latency_ms_p99')):>9}")
+                     f"{_ms(st.get('latency_ms_p99')):>9} "
+                     f"{'-' if alone is None else f'{alone:.1f}':>10}")
+    eff = rep.get("efficiency")
+    if eff:
+        lines.append(f"  pipeline efficiency {eff['value']:.2f}: end to end "
+                     f"{eff['end_to_end_fps']:.1f} fps over the slowest stage alone "
+                     f"({eff['slowest_stage']}, {eff['slowest_alone_fps']:.1f} fps)")
+    if rep.get("startup_s") is not None:
+        lines.append(f"  start-up: {rep['startup_s']:.2f} s from starting the parts to the "
+                     f"first frame")
     d, g = rep["dropped"], rep["gaps"]
     lines.append(f"  dropped: processing {d['processing']}, recording {d['recording']} "
                  f"(recorder queue {d['recorder_queue']}); gaps: sink {g['sink']}, recorder "

@@ -1,0 +1,12 @@
+"""Names the CLI offers as choices, apart from the modules that implement them.
+
+Building the parser must not import an FFT or HDF5 library: every part (broker, sink,
+worker, recorder, ``run`` itself) builds the whole parser, and pyfftw (which imports
+scipy) plus h5py cost a loaded 2-core machine seconds of start-up per process.
+broker/fft.py and broker/recorder.py use these same tuples.
+"""
+COLORS = ("gray", "channels")
+OUTPUTS = ("spectrum", "magnitude", "radial", "peak")
+BACKENDS = ("pyfftw", "scipy", "numpy")
+PLANNERS = {"estimate": "FFTW_ESTIMATE", "measure": "FFTW_MEASURE", "patient": "FFTW_PATIENT"}
+COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")
