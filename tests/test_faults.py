@@ -61,7 +61,8 @@ def test_bad_reports_are_refused_and_the_table_is_bounded(eps, broker_factory):
     assert len(status["consumers"]) == MAX_REPORTING_CLIENTS
     assert "c0" not in status["consumers"] and f"c{MAX_REPORTING_CLIENTS + 39}" in \
         status["consumers"]
-    assert status["control_rejected"] == {"bad_control": len(bad)}
+    # 2**64 does not fit 64 signed bits: refused by the JSON decoder itself
+    assert status["control_rejected"] == {"bad_control": len(bad) - 1, "json_number": 1}
     assert status["frames_sent"] > 0 and ctl.request("status")["state"] == "streaming"
     ctl.close()
 
