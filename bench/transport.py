@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: tcp ipc inproc; add shm for the shared-memory columns")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the scheduler place sender and receiver (noisier)")
+    ap.add_argument("--peers", action="store_true",
+                    help="also the tcp peers table (imagezmq where installed; "
+                         "broker/bench/peers.py), same sizes, seconds and rounds")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transport.json")
     args = ap.parse_args(argv)
     global PIN
@@ -348,10 +351,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"of {[round(r['fps']) for r in runs]}", file=sys.stderr, flush=True)
     print_table(rows)
     print_shm_table(rows)
+    peer_rows = []
+    if args.peers:
+        from broker.bench import peers
+        methods = [m for m in peers.METHODS
+                   if peers.imagezmq_available() or not m.startswith("imagezmq")]
+        peer_rows = peers.measure_rows(args.sizes, methods, seconds, warmup, args.repeat,
+                                       peers.DEFAULT_HWM, PIN)
+        peers.print_table(peer_rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform_info(), "seconds_per_cell": seconds,
                                     "repeat": args.repeat, "hwm": HWM, "pinned": PIN,
-                                    "rows": rows}, indent=2))
+                                    "rows": rows, "peers": peer_rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
+import pytest
 
 from broker.cli import build_parser
 from conftest import run_cli
@@ -93,3 +97,24 @@ def test_tune_workers_runs_the_pipeline(tmp_path):
     args = _parse_run(result["recommendation"])
     assert result["best"]["workers"].startswith(f"{args.workers} x {args.threads} thread")
     assert {t["dimension"] for t in result["trials"]} == {"fft", "workers"}
+
+
+def test_peers_bench_measures_framebroker_beside_imagezmq_and_raw_in_one_run(tmp_path):
+    """bench/peers.py: every method gets a cell of real frames at the receiver, the
+    JSON holds what the table printed (a smoke run: no speed is asserted)."""
+    pytest.importorskip("imagezmq")  # in the test extra
+    out = tmp_path / "peers.json"
+    methods = ["imagezmq-reqrep", "raw", "framebroker", "framebroker-flat-out"]
+    script = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
+    res = subprocess.run([sys.executable, str(script), "--sizes", "640x480x3 u8",
+                          "--methods", *methods, "--seconds", "0.2", "--warmup", "0.05",
+                          "--repeat", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == methods
+    for row in data["rows"]:
+        assert row["frames"] > 0 and row["mb_per_s"] > 0
+        assert row["mb_per_s"] == pytest.approx(row["fps"] * 640 * 480 * 3 / 1e6)
+    assert "| 640x480x3 u8 |" in res.stdout
+    assert data["header"]["pack_us"] > 0 and data["header"]["validate_us"] > 0
