@@ -104,7 +104,7 @@ def test_peers_bench_measures_framebroker_beside_imagezmq_and_raw_in_one_run(tmp
     JSON holds what the table printed (a smoke run: no speed is asserted)."""
     pytest.importorskip("imagezmq")  # in the test extra
     out = tmp_path / "peers.json"
-    methods = ["imagezmq-reqrep", "raw", "framebroker", "framebroker-flat-out"]
+    methods = ["tcp-socket", "imagezmq-reqrep", "raw", "framebroker", "framebroker-flat-out"]
     script = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
     res = subprocess.run([sys.executable, str(script), "--sizes", "640x480x3 u8",
                           "--methods", *methods, "--seconds", "0.2", "--warmup", "0.05",

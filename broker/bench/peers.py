@@ -4,6 +4,10 @@ One sender process and one receiver process on loopback tcp (pinned to separate 
 as in the transport benchmark), each cell measured at the receiver for a fixed time
 after a warm-up; the rounds run every method once in turn, so load drift hits all alike:
 
+* ``tcp-socket``: no ZeroMQ at all: one prebuilt frame ``sendall`` again and again on a
+  plain loopback TCP socket, read with ``recv_into`` a preallocated buffer, frame by
+  frame. No framing, no per-frame allocation: the kernel's copy is the whole cost, which
+  is what bounds any tcp transport here (the "limit" the README compares with).
 * ``imagezmq-reqrep``: imagezmq's default, ``ImageSender.send_image`` (REQ) to
   ``ImageHub.recv_image`` + ``send_reply`` (REP): raw arrays, lossless, one frame in
   flight.
@@ -34,6 +38,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import socket
 import sys
 import time
 from pathlib import Path
@@ -51,8 +56,8 @@ from ..sources import SyntheticSource, synthetic_frame
 SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
          "1920x1080x3 u8": ((1080, 1920, 3), "uint8"),
          "2048x2048 u16": ((2048, 2048), "uint16")}
-METHODS = ("imagezmq-reqrep", "imagezmq-pubsub", "pickle", "raw", "framebroker",
-           "framebroker-flat-out", "framebroker-block")
+METHODS = ("tcp-socket", "imagezmq-reqrep", "imagezmq-pubsub", "pickle", "raw",
+           "framebroker", "framebroker-flat-out", "framebroker-block")
 DEFAULT_HWM = BrokerConfig.sndhwm
 
 
@@ -89,6 +94,20 @@ def send_imagezmq(ep: str, shape, dtype, stop, hwm: int, reqrep: bool) -> None:
         sender.zmq_socket.close(linger=0)
 
 
+def send_socket(ep: str, shape, dtype, stop) -> None:
+    host, port = ep[len("tcp://"):].rsplit(":", 1)
+    frame = memoryview(synthetic_frame(shape, dtype, 0)).cast("B")
+    with socket.create_server((host, int(port))) as server:
+        server.settimeout(60)
+        conn, _ = server.accept()
+        with conn:
+            try:
+                while not stop.is_set():
+                    conn.sendall(frame)
+            except OSError:  # the receiver has measured and gone
+                pass
+
+
 def send_pub(ep: str, shape, dtype, stop, hwm: int, pickle: bool) -> None:
     pub = zmq.Context.instance().socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, hwm)
@@ -118,7 +137,9 @@ def send_framebroker(eps: dict[str, str], shape, dtype, stop, hwm: int,
 
 
 def _sender(method: str, eps: dict[str, str], shape, dtype, stop, hwm: int) -> None:
-    if method.startswith("imagezmq"):
+    if method == "tcp-socket":
+        send_socket(eps["pub"], shape, dtype, stop)
+    elif method.startswith("imagezmq"):
         send_imagezmq(eps["pub"], shape, dtype, stop, hwm, method == "imagezmq-reqrep")
     elif method.startswith("framebroker"):
         send_framebroker(eps, shape, dtype, stop, hwm, method == "framebroker-flat-out")
@@ -149,8 +170,37 @@ def measure(recv_one: Callable[[], int], seconds: float, warmup: float,
                     "receiver_cpu_ms_per_frame": cpu / n * 1e3}
 
 
+def receive_socket(ep: str, shape, dtype, seconds: float, warmup: float,
+                   started) -> dict[str, Any]:
+    host, port = ep[len("tcp://"):].rsplit(":", 1)
+    buf = memoryview(np.empty(shape, dtype)).cast("B")
+    deadline = time.monotonic() + 60
+    while True:  # the sender binds in its own process: retry until it listens
+        try:
+            conn = socket.create_connection((host, int(port)), timeout=60)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+    def one() -> int:
+        got = 0
+        while got < len(buf):
+            n = conn.recv_into(buf[got:])
+            if not n:
+                raise ConnectionError("the sender closed the connection")
+            got += n
+        return got
+
+    with conn:
+        return measure(one, seconds, warmup, started)
+
+
 def _receive(method: str, eps: dict[str, str], seconds: float, warmup: float, hwm: int,
-             started) -> dict[str, Any]:
+             started, shape, dtype) -> dict[str, Any]:
+    if method == "tcp-socket":
+        return receive_socket(eps["pub"], shape, dtype, seconds, warmup, started)
     if method.startswith("framebroker"):
         if method != "framebroker-block":
             sub = Subscriber(broker=eps["control"], timeout=30)
@@ -209,9 +259,10 @@ def _sender_proc(method, eps, shape, dtype, stop, hwm, pin) -> None:
     _sender(method, eps, shape, dtype, stop, hwm)
 
 
-def _receiver_proc(method, eps, seconds, warmup, hwm, pin, started, queue) -> None:
+def _receiver_proc(method, eps, shape, dtype, seconds, warmup, hwm, pin, started,
+                   queue) -> None:
     _pin(1, pin)
-    queue.put(_receive(method, eps, seconds, warmup, hwm, started))
+    queue.put(_receive(method, eps, seconds, warmup, hwm, started, shape, dtype))
 
 
 def run_cell(method: str, shape, dtype, seconds: float, warmup: float, hwm: int = DEFAULT_HWM,
@@ -220,8 +271,8 @@ def run_cell(method: str, shape, dtype, seconds: float, warmup: float, hwm: int 
     spawn = mp.get_context("spawn")
     eps = dict(zip(("pub", "control", "work"), free_tcp_endpoints(3)))
     stop, started, queue = spawn.Event(), spawn.Event(), spawn.Queue()
-    receiver = spawn.Process(target=_receiver_proc, args=(method, eps, seconds, warmup, hwm,
-                                                          pin, started, queue))
+    receiver = spawn.Process(target=_receiver_proc, args=(method, eps, shape, dtype, seconds,
+                                                          warmup, hwm, pin, started, queue))
     sender = spawn.Process(target=_sender_proc, args=(method, eps, shape, dtype, stop, hwm,
                                                       pin))
     # REP/SUB-side binds first for imagezmq REQ/REP (the hub binds); others bind in the sender
@@ -290,12 +341,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {(r["size"], r["method"]): r for r in rows}
     print("\n| frame | " + " | ".join(f"{m} fps" for m in methods)
-          + " | framebroker / imagezmq-reqrep | framebroker CPU ms/frame (sender + receiver) |")
-    print("|---" * (len(methods) + 3) + "|")
+          + " | framebroker / imagezmq-reqrep | framebroker / tcp-socket"
+            " | framebroker CPU ms/frame (sender + receiver) |")
+    print("|---" * (len(methods) + 4) + "|")
     for size in dict.fromkeys(r["size"] for r in rows):
         cells = [by.get((size, m)) for m in methods]
-        fb, ref = by.get((size, "framebroker")), by.get((size, "imagezmq-reqrep"))
-        ratio = f"{fb['fps'] / ref['fps']:.2f}x" if fb and ref else "–"
+        fb = by.get((size, "framebroker"))
+        ratios = []
+        for ref in (by.get((size, "imagezmq-reqrep")), by.get((size, "tcp-socket"))):
+            ratios.append(f"{fb['fps'] / ref['fps']:.2f}x" if fb and ref else "–")
+        ratio = " | ".join(ratios)
         cpu = (f"{fb['sender_cpu_ms_per_frame']:.2f} + {fb['receiver_cpu_ms_per_frame']:.2f}"
                if fb else "–")
         print(f"| {size} | " + " | ".join("–" if c is None else f"{c['fps']:.0f}" for c in cells)
