@@ -45,11 +45,14 @@ def test_bench_e2e_reports_efficiency_and_plot(tmp_path):
 
 def test_bench_transport_tiny_cells(tmp_path):
     r = run_cli("bench", "--only", "transport", "--seconds", "0.2", "--repeat", "1",
-                "--out-dir", str(tmp_path), timeout=240)
+                "--out-dir", str(tmp_path), timeout=400)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "transport.json").read_text())
     assert data["seconds_per_cell"] == 0.2 and data["repeat"] == 1
     assert {r["method"] for r in data["rows"]} == {"pickle", "framebroker", "raw"}
+    # the peers (imagezmq where installed) and the limit: the bytes on a plain TCP socket
+    assert {"tcp-socket", "framebroker"} <= {r["method"] for r in data["peers"]}
+    assert "the same bytes on a plain TCP socket" in r.stdout
     report = (tmp_path / "report.md").read_text()
     assert "## Transport" in report and "| 640x480x3 u8 | tcp |" in report
     assert "transport tcp, fps" in r.stdout  # the summary table
