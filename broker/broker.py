@@ -80,6 +80,10 @@ class BrokerConfig:
     linger_ms: int = 500
     progress: float = 0.0  # seconds between progress lines on stderr; 0 = none
     pool_keep: int = 64
+    #: an unpaced on-demand source with a lone tcp subscriber makes its next frame only
+    #: while fewer than this many are still on their way to it (see Broker._pub_busy);
+    #: 0 = never wait (make frames flat out, the HWM drops what it cannot take)
+    pub_inflight: int = 2
     security: Security = PLAIN  # CURVE keys (optional) and the ZMTP heartbeat
     shm: str = ""  # ring size ("64slots", "1GiB"); "" = no shared-memory transport
 
@@ -198,6 +202,10 @@ class Broker:
         self._first_frame_unix: float | None = None  # wall clock: run's start-up figure
         self._t_last = 0.0
         self._rate_window: deque[tuple[float, int]] = deque(maxlen=64)
+        self._pub_trackers: deque[zmq.MessageTracker] = deque()  # PUB sends not yet released
+        self._unsent: tuple[Slot, bytes] | None = None  # no room for it at the lone subscriber
+        self._nodrop = False  # XPUB_NODROP as last set
+        self.pub_waits = 0
         own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
         self._pacer = (own() if own and not cfg.fps else None) or Pacer(cfg.fps)
         if cfg.shm:
@@ -383,6 +391,8 @@ class Broker:
                         self.shm_stalls += 1
                         self._serve(1)
                         continue
+                if self._pub_busy():
+                    continue
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
                 if delay > 0.0005 or self._stop_requested:
@@ -492,10 +502,69 @@ class Broker:
         return True
 
     def _publish(self, slot: Slot, header: bytes) -> None:
-        """The frame to tcp/ipc subscribers, zero-copy from ``slot`` (tracked)."""
-        tracker = self.pub.send_multipart([self.topic, header, slot.array], copy=False,
-                                          track=True)
+        """The frame to tcp/ipc subscribers, zero-copy from ``slot`` (tracked).
+
+        Paced by a lone subscriber (see ``_paced_by_subscriber``), the XPUB does not
+        drop (XPUB_NODROP) and the send does not block: a full queue leaves the frame
+        in ``_unsent`` (its slot held) to be sent when there is room, instead of the
+        HWM dropping it. Otherwise the XPUB drops per subscriber, as PUB does."""
+        paced = self._paced_by_subscriber()
+        if paced != self._nodrop:
+            self.pub.setsockopt(zmq.XPUB_NODROP, int(paced))
+            self._nodrop = paced
+        try:
+            tracker = self.pub.send_multipart([self.topic, header, slot.array], copy=False,
+                                              track=True, flags=zmq.NOBLOCK if paced else 0)
+        except zmq.Again:
+            if self._unsent is None:
+                self._hold(slot)
+            self._unsent = (slot, header)
+            return
+        if self._unsent is not None:
+            self._unsent = None
+            self._release(slot)
         slot.trackers.append(tracker)
+        if paced:
+            self._pub_trackers.append(tracker)
+
+    def _paced_by_subscriber(self) -> bool:
+        """True when the only consumer is one tcp subscriber and the source makes frames
+        on demand, unpaced: then every frame it cannot take yet would be made only to be
+        dropped at the HWM, and nobody else is there to want it."""
+        return (self.cfg.pub_inflight > 0 and self.subscribers == 1
+                and not self.shm_subscribers and not self._pacer.period and getattr(self.source, "on_demand", False)
+                and not self.dispatcher.members_prefixed(""))
+
+    def _pub_busy(self) -> bool:
+        """True (after waiting a slice) while the lone subscriber cannot take a new frame:
+        one is still unsent for want of room, or ``pub_inflight`` zero-copy frames are
+        still on their way (libzmq has not released them). So frames nobody can take
+        are not made, the broker's thread leaves the CPU to libzmq's I/O thread, and
+        the few buffers in flight stay in the cache. Control and work sockets are
+        served between slices."""
+        trackers = self._pub_trackers
+        while trackers and trackers[0].done:
+            trackers.popleft()
+        if self._unsent is not None:
+            self._publish(*self._unsent)  # dropping XPUB_NODROP too, if pacing ended
+            if self._unsent is None:
+                return False
+            self.pub_waits += 1
+            self._serve(0)
+            time.sleep(0.0002)  # no POLLOUT tells when a PUB queue has room
+            return True
+        if not self._paced_by_subscriber():
+            trackers.clear()
+            return False
+        if len(trackers) < self.cfg.pub_inflight:
+            return False
+        self.pub_waits += 1
+        try:
+            trackers[0].wait(0.002)
+        except zmq.NotDone:
+            pass
+        self._serve(0)
+        return True
 
     def _capture_into_pool(self, fid: int) -> tuple[Slot | None, bytes, bytes]:
         """Capture frame ``fid`` into a recycled buffer and publish it (no ring)."""
@@ -534,6 +603,11 @@ class Broker:
         self.state = "draining"
         end = proto.end_header(self.cfg.stream, self.sent, time.time_ns(), self.session)
         deadline = time.monotonic() + self.cfg.drain_timeout
+        while self._unsent is not None and time.monotonic() < deadline:
+            self._pub_busy()  # the last frame made still waits for room: send it first
+        if self._unsent is not None:
+            self._release(self._unsent[0])
+            self._unsent = None
         while not self.dispatcher.idle() and time.monotonic() < deadline:
             self._serve(20)
         if not self.dispatcher.idle():
@@ -665,7 +739,7 @@ class Broker:
                 "transports": self.transports(), "shm": self.shm_status(),
                 "paused": self.paused, "sndhwm": self.cfg.sndhwm,
                 "buffers_allocated": self.pool.allocated, "buffers_live": len(self.pool),
-                "backpressure_waits": self.backpressure_waits,
+                "backpressure_waits": self.backpressure_waits, "pub_waits": self.pub_waits,
                 "waiting": None if self.waiting_for is None else {
                     **self.waiting_for,
                     "seconds": round(time.monotonic() - self._stalled_since, 3)},

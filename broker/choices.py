@@ -7,6 +7,6 @@ broker/fft.py and broker/recorder.py use these same tuples.
 """
 COLORS = ("gray", "channels")
 OUTPUTS = ("spectrum", "magnitude", "radial", "peak")
-BACKENDS = ("pyfftw", "scipy", "numpy")
+BACKENDS = ("pyfftw", "scipy", "numpy", "auto")
 PLANNERS = {"estimate": "FFTW_ESTIMATE", "measure": "FFTW_MEASURE", "patient": "FFTW_PATIENT"}
 COMPRESSIONS = ("none", "lz4", "bslz4", "zstd", "gzip")

@@ -646,7 +646,9 @@ def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
 
     p.add_argument(output_flag, dest="output", choices=OUTPUTS, default="peak",
                    help="what is sent back per frame (default %(default)s)")
-    p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="FFT library")
+    p.add_argument("--backend", choices=BACKENDS, default="pyfftw",
+                   help="FFT library; auto: the fastest for the frame, measured once and "
+                        "kept with the wisdom")
     p.add_argument("--color", choices=COLORS, default="gray",
                    help="BGR frames: to gray, or each channel (default %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=1,

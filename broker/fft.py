@@ -16,6 +16,7 @@ has beaten FFTW at 1080p, see bench/fft.py). Use ``threads=1`` and one process p
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import tempfile
@@ -32,6 +33,9 @@ import scipy.fft
 from . import _fftkern
 from .choices import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
+#: what ``backend="auto"`` measures (numpy never wins: it has no float32 transform)
+AUTO_CANDIDATES = ("pyfftw", "scipy")
+AUTO_SECONDS = 0.1  # per candidate and round; 3 interleaved rounds, best round kept
 FRAME_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
@@ -95,6 +99,33 @@ class WisdomStore:
                               in zip(("double", "single", "long double"), accepted))
             raise WisdomError(f"wisdom file {path}: FFTW rejected it ({kinds})")
         return True
+
+    def load_choice(self, key: str) -> dict[str, object] | None:
+        """The backend measured fastest for ``key`` (JSON next to the wisdom), or None
+        when there is none or it is unusable (then it is measured again)."""
+        try:
+            choice = json.loads(self.choice_path(key).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(choice, dict) or choice.get("backend") not in AUTO_CANDIDATES:
+            return None
+        return choice
+
+    def save_choice(self, key: str, choice: dict[str, object]) -> None:
+        """Keep a measured choice for the next process (atomically, like the wisdom)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.choice_path(key)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(choice, f)
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def choice_path(self, key: str) -> Path:
+        return self.directory / f"{key}.backend.json"
 
     def save(self, key: str) -> Path:
         """Write FFTW's current wisdom under ``key`` atomically (temp file + os.replace),
@@ -187,6 +218,11 @@ class FFTProcessor:
         self.color, self.output, self.backend = color, output, backend
         self.threads = threads
         self._check_options(planner)
+        auto = None
+        if backend == "auto":
+            auto = pick_backend(self.shape, self.dtype, color=color, output=output,
+                                threads=threads, planner=planner, wisdom=wisdom)
+            self.backend = backend = str(auto["backend"])
         height, width = self.shape[0], self.shape[1]
         planes = self.shape[2] if color == "channels" else 1
         self._width = width
@@ -199,7 +235,8 @@ class FFTProcessor:
         self.plan_info: dict[str, object] = {
             "backend": backend, "planner": planner if backend == "pyfftw" else None,
             "threads": threads, "planning_seconds": 0.0, "wisdom_imported": False,
-            "wisdom_had_plan": False, "wisdom_saved": False, "wisdom_error": None}
+            "wisdom_had_plan": False, "wisdom_saved": False, "wisdom_error": None,
+            "auto": auto}
         self._transform = self._plan(planner, wisdom)
         self._reduce = self._make_reduce()
         self.last_compute_ns = 0
@@ -360,3 +397,39 @@ class FFTProcessor:
         result = self._reduce(self._transform())
         self.last_compute_ns = time.perf_counter_ns() - t0
         return result
+
+
+def pick_backend(shape: tuple[int, ...], dtype: np.dtype, *, color: str, output: str,
+                 threads: int, planner: str, wisdom: WisdomStore | None) -> dict[str, object]:
+    """The fastest of AUTO_CANDIDATES for this frame geometry and output, measured.
+
+    No library wins at every shape here (scipy has beaten FFTW at 1080p), so it is
+    measured rather than assumed: each candidate's whole ``process`` (conversion,
+    transform, reduction) runs for AUTO_SECONDS in each of 3 interleaved rounds and
+    the best round counts. The choice is kept next to the wisdom, under the plan's key
+    plus the output, so later workers on this machine reuse it (``cached``: True)
+    instead of measuring again; without a store it is measured every time.
+    """
+    key = f"{wisdom_key(shape, dtype, color, threads, planner)}-{output}"
+    if wisdom is not None and (choice := wisdom.load_choice(key)) is not None:
+        return {**choice, "cached": True}
+    procs = {name: FFTProcessor(shape, dtype, color=color, output=output, backend=name,
+                                threads=threads, planner=planner, wisdom=wisdom)
+             for name in AUTO_CANDIDATES}
+    frame = np.zeros(shape, dtype)  # transform time does not depend on the pixels
+    fps = {name: 0.0 for name in procs}
+    for _ in range(3):
+        for name, proc in procs.items():
+            n, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < AUTO_SECONDS:
+                proc.process(frame)
+                n += 1
+            fps[name] = max(fps[name], n / elapsed)
+    choice: dict[str, object] = {"backend": max(fps, key=fps.__getitem__),
+                                 "fps": {k: round(v, 1) for k, v in fps.items()}}
+    if wisdom is not None:
+        try:
+            wisdom.save_choice(key, choice)
+        except OSError:
+            pass  # measured again next time; planning goes on regardless
+    return {**choice, "cached": False}

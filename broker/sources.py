@@ -36,6 +36,9 @@ class Source(Protocol):
     description: str
     shape: tuple[int, ...]
     dtype: np.dtype
+    #: frames are made when asked for (a file, a renderer), not when a device delivers
+    #: them: an unpaced broker may wait before reading without the frame going stale
+    on_demand: bool
 
     def read_into(self, out: np.ndarray) -> bool:
         """Fill ``out`` (shape/dtype as declared) with the next frame; False at the end."""
@@ -132,6 +135,8 @@ class SyntheticSource:
     the moving disc and the stamp.
     """
 
+    on_demand = True
+
     def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype = "uint8") -> None:
         self.dtype = np.dtype(dtype)
         check_synthetic_dtype(self.dtype)
@@ -206,6 +211,8 @@ class _CaptureSource:
 class VideoSource(_CaptureSource):
     """A video file read through OpenCV; ``loop`` restarts it at the end."""
 
+    on_demand = True
+
     def __init__(self, path: str | Path, loop: bool = False) -> None:
         path = Path(path)
         if not path.is_file():
@@ -232,6 +239,8 @@ class VideoSource(_CaptureSource):
 
 class CameraSource(_CaptureSource):
     """A camera through ``cv2.VideoCapture(index)``. Absent devices fail at open, clearly."""
+
+    on_demand = False  # the device delivers at its rate; a frame read late is stale
 
     def __init__(self, index: int, width: int = 0, height: int = 0, fps: float = 0) -> None:
         cv2 = _cv2()

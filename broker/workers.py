@@ -126,7 +126,7 @@ class Worker:
                                 wisdom=self.wisdom)
             info = {"shape": list(shape), "dtype": str(dtype), **proc.plan_info}
             self.stats.plans.append(info)
-            self.log(f"planned {shape} {dtype} ({cfg.backend}/{cfg.planner}, {cfg.threads} "
+            self.log(f"planned {shape} {dtype} ({proc.backend}/{cfg.planner}, {cfg.threads} "
                      f"thread(s)) in {info['planning_seconds'] * 1e3:.1f} ms; wisdom imported: "
                      f"{info['wisdom_imported']}, had plan: {info['wisdom_had_plan']}"
                      + (f", wisdom error: {info['wisdom_error']}" if info["wisdom_error"] else ""))

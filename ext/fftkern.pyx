@@ -1,4 +1,5 @@
 # cython: language_level=3
+cimport cython
 """FFT compute kernels: frame -> float32 planes, and spectrum -> power, log-magnitude,
 radial profile and peak.
 
@@ -15,6 +16,12 @@ Frames from the network are read-only numpy arrays, hence ``const`` memoryviews.
 Cython's ``[:, ::1]`` means fully C-contiguous, which received and OpenCV frames are.
 """
 from libc.math cimport logf, sqrt, sqrtf
+from libc.stdint cimport uint8_t
+
+
+cdef extern from "bgr_gray.h" nogil:
+    void fb_bgr_to_gray_row_u8(const uint8_t *s, float *d, Py_ssize_t cols, float wb,
+                               float wg, float wr)
 
 ctypedef fused pixel_t:
     unsigned char
@@ -67,10 +74,13 @@ cdef enum:
 def bgr_to_gray(const pixel_t[:, :, ::1] src, float[:, ::1] dst):
     """BGR HxWx3 frame (OpenCV's channel order) -> one float32 luma plane.
 
-    Integer frames are first widened to float, CHUNK pixels at a time, into a stack
-    buffer: GCC (SSE2 baseline) will not vectorise three interleaved narrow loads
-    plus the int->float conversion in one loop, but vectorises each half, which is
-    2.2x faster at 1080p uint8. float32 frames take the one-pass loop directly.
+    uint8 frames go through ``fb_bgr_to_gray_row_u8`` (ext/bgr_gray.h): SSSE3 byte
+    shuffles de-interleave 16 pixels at a time, which GCC will not do by itself for
+    stride-3 loads, so it keeps up with cv2.cvtColor and still gives float luma with
+    the exact weights. uint16 frames are first widened to float, CHUNK pixels at a
+    time, into a stack buffer (GCC vectorises each half of that, not the whole);
+    float32 frames take the one-pass loop directly. Every path computes
+    (wb * B + wg * G) + wr * R in float, so all give the same bits.
     """
     cdef Py_ssize_t rows = src.shape[0], cols = src.shape[1], y, x, k, x0, n
     cdef const pixel_t *s
@@ -90,6 +100,8 @@ def bgr_to_gray(const pixel_t[:, :, ::1] src, float[:, ::1] dst):
             if pixel_t is float:
                 for x in range(cols):
                     d[x] = wb * s[3 * x] + wg * s[3 * x + 1] + wr * s[3 * x + 2]
+            elif pixel_t is cython.uchar:
+                fb_bgr_to_gray_row_u8(<const uint8_t *>s, d, cols, wb, wg, wr)
             else:
                 for k in range((cols + CHUNK - 1) // CHUNK):
                     x0 = k * CHUNK

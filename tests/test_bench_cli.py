@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from broker.bench.stats import spread
 from broker.bench.transport import peer_methods
@@ -177,3 +180,38 @@ def test_tune_a_replayed_recording(tmp_path):
     assert f"48x64 uint16 from h5:{path}" in table
     _check_decisions(result, table)
     assert _run_args(tmp_path / "t.toml").source.kind == "h5"
+
+
+def test_peers_bench_measures_framebroker_beside_imagezmq_and_raw_in_one_run(tmp_path):
+    """bench/peers.py: every method gets a cell of real frames at the receiver, the
+    JSON holds what the table printed (a smoke run: no speed is asserted)."""
+    pytest.importorskip("imagezmq")  # in the test extra
+    out = tmp_path / "peers.json"
+    methods = ["tcp-socket", "imagezmq-reqrep", "raw", "framebroker", "framebroker-flat-out"]
+    script = Path(__file__).resolve().parent.parent / "bench" / "peers.py"
+    res = subprocess.run([sys.executable, str(script), "--sizes", "640x480x3 u8",
+                          "--methods", *methods, "--seconds", "0.2", "--warmup", "0.05",
+                          "--repeat", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == methods
+    for row in data["rows"]:
+        assert row["frames"] > 0 and row["mb_per_s"] > 0
+        assert row["mb_per_s"] == pytest.approx(row["fps"] * 640 * 480 * 3 / 1e6)
+    assert "| 640x480x3 u8 |" in res.stdout
+    assert data["header"]["pack_us"] > 0 and data["header"]["validate_us"] > 0
+
+
+def test_gray_bench_times_bgr_to_gray_beside_opencv(tmp_path):
+    """bench/gray.py: every method timed at every size, the table and JSON agree."""
+    out = tmp_path / "gray.json"
+    script = Path(__file__).resolve().parent.parent / "bench" / "gray.py"
+    res = subprocess.run([sys.executable, str(script), "--rounds", "1", "--number", "2",
+                          "--repeat", "1", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["size"] for r in rows} == {"640x480x3 u8", "1920x1080x3 u8"}
+    assert {"bgr_to_gray", "opencv 1 thread"} <= {r["method"] for r in rows}
+    assert all(r["us"] > 0 for r in rows) and "| 640x480x3 u8 |" in res.stdout

@@ -186,3 +186,44 @@ def test_non_loopback_bind_is_refused_without_insecure(eps, broker_factory):
     Control(eps.control).stop()
     rc, _, err = b.finish()
     assert rc == 0 and "warning: --insecure" in err
+
+
+def _slow_read(sub: Subscriber, delay: float) -> list[int]:
+    """Frame ids of the whole stream, read ``delay`` seconds apart (a slow consumer),
+    each checked against the synthetic source."""
+    ids = []
+    while (frame := sub.recv()) is not None:
+        assert check_synthetic(frame.array, frame.frame_id) == -1
+        ids.append(frame.frame_id)
+        time.sleep(delay)
+    return ids
+
+
+def test_an_unpaced_source_makes_only_the_frames_a_lone_subscriber_takes(eps, broker_factory):
+    """A flat-out source with one slow tcp subscriber and a 4-frame HWM: before, it made
+    thousands of frames a second and the HWM dropped almost all of them (gaps). Now it
+    makes the next frame only while fewer than 2 are on their way, so nothing is
+    dropped and the waits are counted in status."""
+    b = broker_factory("--frames", "150", "--wait-subscribers", "1", "--sndhwm", "4",
+                       "--shape", "120x160x3", "--json")
+    with Subscriber(broker=eps.control, timeout=30, rcvhwm=2, report_every=0) as sub:
+        ids = _slow_read(sub, 0.004)
+    assert ids == list(range(150)) and sub.gaps == 0 and sub.total == 150
+    rc, out, _ = b.finish()
+    assert rc == 0 and json.loads(out)["pub_waits"] > 0
+
+
+def test_with_two_subscribers_the_slow_one_does_not_pace_the_source(eps, broker_factory):
+    """Pacing is for a lone subscriber only: with two, the source is not held for the
+    slow one (no waits counted), so the drop policy's promise stands: each subscriber
+    has its own queue, and a slow one cannot slow the other."""
+    fast = watch(eps, "--rcvhwm", "1000")
+    b = broker_factory("--frames", "1000", "--wait-subscribers", "2", "--sndhwm", "1000",
+                       "--shape", "120x160x3", "--json", "--end-linger", "30")
+    with Subscriber(broker=eps.control, timeout=30, rcvhwm=1000, report_every=0) as slow:
+        ids = _slow_read(slow, 0.002)
+    res = summary(fast)
+    assert res["received"] == 1000 and res["gaps"] == 0 and res["corrupt"] == 0
+    assert ids == list(range(1000))
+    rc, out, _ = b.finish()
+    assert rc == 0 and json.loads(out)["pub_waits"] == 0

@@ -6,6 +6,7 @@ good to about eps, not to a fraction of its own (possibly tiny) value.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -370,3 +371,43 @@ def test_unwritable_wisdom_store_is_reported(tmp_path: Path) -> None:
     assert "cannot save wisdom" in proc.plan_info["wisdom_error"]
     frame = make_frame(WISDOM_SHAPE, "gray2d", "uint8", 6)
     check_output("peak", proc.process(frame), frame, "gray")
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32"])
+def test_bgr_to_gray_is_the_documented_weights_to_the_last_bit(dtype):
+    """The SIMD path (16 pixels at a time) and the plain tail give exactly the float32
+    numpy reference (0.114 B + 0.587 G) + 0.299 R, for widths with and without a tail."""
+    rng = np.random.default_rng(7)
+    top = {"uint8": 256, "uint16": 65536, "float32": 4096}[dtype]
+    for width in (1, 2, 15, 16, 17, 31, 33, 48, 640, 645):
+        frame = rng.integers(0, top, (5, width, 3)).astype(dtype)
+        got = np.full((5, width), np.nan, np.float32)
+        _fftkern.bgr_to_gray(frame, got)
+        f = frame.astype(np.float32)
+        ref = (np.float32(0.114) * f[..., 0] + np.float32(0.587) * f[..., 1]) \
+            + np.float32(0.299) * f[..., 2]
+        np.testing.assert_array_equal(got, ref, err_msg=f"width {width}")
+
+
+def test_backend_auto_measures_once_and_keeps_the_choice_beside_the_wisdom(tmp_path):
+    """auto picks one of the measured backends, writes its choice into the wisdom
+    directory, and the next processor reuses it (no second measurement); a damaged
+    choice file is measured again. The chosen backend's results are right."""
+    store = WisdomStore(tmp_path)
+    first = FFTProcessor((48, 64, 3), "uint8", output="peak", backend="auto",
+                         planner="estimate", wisdom=store)
+    auto = first.plan_info["auto"]
+    assert first.backend in ("pyfftw", "scipy") and auto["backend"] == first.backend
+    assert auto["cached"] is False and set(auto["fps"]) == {"pyfftw", "scipy"}
+    [choice] = tmp_path.glob("*.backend.json")
+    assert json.loads(choice.read_text())["backend"] == first.backend
+    second = FFTProcessor((48, 64, 3), "uint8", output="peak", backend="auto",
+                          planner="estimate", wisdom=store)
+    assert second.plan_info["auto"]["cached"] is True and second.backend == first.backend
+    frame = make_frame((48, 64), "bgr_gray", "uint8", 2)
+    check_output("peak", second.process(frame), frame, "gray")
+    choice.write_text('{"backend": "pickle"}')
+    third = FFTProcessor((48, 64, 3), "uint8", output="peak", backend="auto",
+                         planner="estimate", wisdom=store)
+    assert third.plan_info["auto"]["cached"] is False
+    assert json.loads(choice.read_text())["backend"] in ("pyfftw", "scipy")
