@@ -43,7 +43,7 @@ from .signals import Stopped, StopSignals
 
 DISK_RATE = 2e9          # bytes/s a new file takes here (measured.md: 0.4-9 GB/s)
 WINDOW_COVER_S = 0.05    # seconds of writing the frames in flight cover
-WINDOW_MEMORY = 256 << 20  # at most this many bytes of frames held
+WINDOW_MEMORY = 24 << 20  # at most this many bytes of frames held (a tcp recorder's RSS)
 MIN_WINDOW = 4
 FALLBACK_WINDOW = 16     # frame size unknown (explicit endpoints, no control answer)
 

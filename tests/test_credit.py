@@ -22,14 +22,12 @@ VGA, HD = 480 * 640 * 3, 1080 * 1920 * 3
 
 
 def test_auto_window_covers_the_disk_for_the_cover_time_within_its_limits():
-    rate = 2e9
-    assert auto_window(HD, rate) == -(-int(rate * WINDOW_COVER_S) // HD) == 17
-    assert auto_window(VGA, rate) == 109  # 50 ms of a 2 GB/s disk
-    assert auto_window(VGA, rate, max_pending=64) == 64  # more credit is never used
-    assert auto_window(VGA, rate, ring_slots=40) == 20  # the source keeps half the ring
-    assert auto_window(VGA, 1e12) == WINDOW_MEMORY // VGA  # memory bound
-    assert auto_window(HD, 1e6) == MIN_WINDOW  # a slow disk still overlaps a few frames
-    assert auto_window(2048 * 2048 * 2, rate, max_pending=64) == 12
+    small = 120 * 160 * 3
+    assert auto_window(VGA, 2e8) == -(-int(2e8 * WINDOW_COVER_S) // VGA) == 11  # the rule
+    assert auto_window(VGA, 2e9) == WINDOW_MEMORY // VGA == 27  # memory bound
+    assert auto_window(small, 2e9, max_pending=64) == 64  # more credit is never used
+    assert auto_window(VGA, 2e9, ring_slots=40) == 20  # the source keeps half the ring
+    assert auto_window(HD, 2e9) == auto_window(HD, 1e6) == MIN_WINDOW  # at least a few
     assert MIN_WINDOW <= FALLBACK_WINDOW
 
 
