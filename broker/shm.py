@@ -104,6 +104,8 @@ def remove_stale(stream: str | None = None) -> list[Path]:
     removed = []
     # ".NAME.new": a ring whose broker died while creating it, before the rename
     for path in [*SHM_DIR.glob(pattern), *SHM_DIR.glob(f".{pattern}.new")]:
+        if not path.is_file():  # e.g. another program's directory of that name
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:  # gone meanwhile, or another user's
