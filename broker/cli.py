@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Sequence
 
 import numpy as np
 import zmq
@@ -25,7 +25,9 @@ from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
                      parse_policy, subscribe)
 from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .humanize import counts, format_reply, format_status, maybe
 from .shm import parse_size
+from .sources import format_shape
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
 
@@ -64,6 +66,13 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
     return value
 
 
@@ -142,13 +151,107 @@ def _mib(text: str) -> int:
     return int(_nonneg_float(text) * 1024 * 1024)
 
 
+# --- the shared vocabulary: one flag per concept, on every subcommand -------------------
+
+class _Deprecated(argparse.Action):
+    """An old spelling kept for scripts: it does what the new flag does, and says so."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kw: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def _deprecated(p: argparse.ArgumentParser, old: str, new: str, dest: str,
+                **kw: Any) -> None:
+    """Keep ``old`` working (hidden from --help) as a spelling of ``new``."""
+    p.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS, **kw)
+
+
+def _add_out(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    """--out PATH and --overwrite: every command that writes a file."""
+    p.add_argument("--out", type=Path, default=None, required=required, metavar="PATH",
+                   help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file if it exists (default: refuse)")
+
+
+def _add_progress(p: argparse.ArgumentParser, default: float) -> None:
+    p.add_argument("--progress", type=_nonneg_float, default=default, metavar="SECONDS",
+                   help="seconds between progress lines on stderr (0 = none, default "
+                        "%(default)s)")
+
+
+def _add_json(p: argparse.ArgumentParser, what: str = "the summary") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON document on stdout, for programs")
+
+
+def _checked_output(path: Path, overwrite: bool,
+                    suffixes: Sequence[str] | None = None) -> Path:
+    """outputs.check_output with the CLI's words (--out, --overwrite)."""
+    from .outputs import BadSuffix, OutputError, OutputExists, check_output
+
+    try:
+        return check_output(path, overwrite, suffixes)
+    except OutputExists:
+        raise CliError(f"{path} exists; pass --overwrite to replace it") from None
+    except OutputError as exc:
+        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, BadSuffix) else EXIT_ERROR
+                       ) from None
+
+
+def _say_size(prog: str, path: Path, nbytes: int, anyway: bool) -> None:
+    """Print the expected size of a recording and refuse to start one its filesystem
+    cannot hold (unless ``anyway``, --no-space-check)."""
+    from .outputs import NotEnoughSpace, check_space, format_bytes
+
+    print(f"{prog}: {path} will take about {format_bytes(nbytes)}", file=sys.stderr)
+    if anyway:
+        return
+    try:
+        check_space(path, nbytes)
+    except NotEnoughSpace as exc:
+        raise CliError(f"{exc}; free some space, record fewer frames, or pass "
+                       f"--no-space-check to start anyway") from None
+
+
+def _broker_error(exc: BrokerUnavailable) -> CliError:
+    return CliError(exc.explain("if it runs with CURVE, give --curve-secret and "
+                                "--curve-server-key"))
+
+
+def _wait_for_broker(args: argparse.Namespace, security: Security) -> dict[str, Any]:
+    """Wait up to --timeout for the broker's first answer, saying so on stderr once a
+    second after the first; every local check has run before this."""
+    prog = f"framebroker {args.command}"
+    ctl = Control(args.broker, security=security)
+    try:
+        return ctl.wait(args.timeout, on_wait=lambda s: print(
+            f"{prog}: waiting for broker at {args.broker} ({s:.0f} s)", file=sys.stderr,
+            flush=True))
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    finally:
+        ctl.close()
+
+
 # --- subcommands ----------------------------------------------------------------------
+
+CLIENT_TIMEOUT_S = 30.0
+
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", type=_endpoint, default=DEFAULT_BROKER,
                    help="the broker's control endpoint (default %(default)s)")
-    p.add_argument("--timeout", type=_nonneg_float, default=5.0,
-                   help="seconds to wait for the broker or for data (default %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=CLIENT_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="how long to wait for the broker to answer (default %(default)s)")
     _add_security_args(p)
 
 
@@ -195,8 +298,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=_nonneg_int, default=0, help="camera: requested height")
     p.add_argument("--camera-fps", type=_nonneg_float, default=0.0,
                    help="camera: requested frame rate")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0,
-                   help="pace the stream at this rate, drift-free (0 = as fast as possible)")
+    p.add_argument("--fps", type=_nonneg_float, default=None,
+                   help="pace the stream at this rate, drift-free (0 = as fast as possible; "
+                        "default: a video file's own rate, else as fast as possible)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until stopped)")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name and PUB topic")
@@ -211,9 +315,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--advertise", default="",
                    help="host to hand out for wildcard binds (default 127.0.0.1)")
-    p.add_argument("--sndhwm", type=_positive_int, default=64,
+    p.add_argument("--hwm", type=_positive_int, default=64,
                    help="frames queued per subscriber before PUB drops for that subscriber "
                         "(default %(default)s)")
+    _deprecated(p, "--sndhwm", "--hwm", "hwm", type=_positive_int)
     p.add_argument("--wait-subscribers", type=_nonneg_int, default=0,
                    help="hold the stream until this many subscribers (any policy) have "
                         "subscribed")
@@ -239,16 +344,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ms to keep sending queued messages at exit (default %(default)s)")
     p.add_argument("--max-frame-mib", type=_mib, default=proto.DEFAULT_MAX_BYTES,
                    help="largest frame accepted from a source, MiB (default 256)")
-    p.add_argument("--progress", type=_nonneg_float, default=5.0,
-                   help="seconds between progress lines on stderr (0 = none)")
+    _add_progress(p, 5.0)
     p.add_argument("--shm", type=_ring_size, default=None,
                    help="also serve same-host consumers from a shared-memory ring in "
                         "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
                         "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without CURVE")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
+    _add_json(p, "the final status")
     _add_security_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -292,7 +396,7 @@ def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool) -> Non
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
-    from .sources import SourceError, open_source
+    from .sources import SourceError, open_source, pace_rate
 
     security = _security(args, binds=True, connects=False)
     check_exposure((args.pub, args.work, args.control), args.insecure, security.curve)
@@ -307,14 +411,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"frames of {nbytes} bytes exceed --max-frame-mib "
                        f"({args.max_frame_mib / 2**20:g} MiB)")
     cfg = BrokerConfig(stream=args.stream, pub=args.pub, work=args.work, control=args.control,
-                       results=args.results, advertise=args.advertise, fps=args.fps,
-                       frames=args.frames, sndhwm=args.sndhwm,
+                       results=args.results, advertise=args.advertise,
+                       fps=pace_rate(source, args.fps), frames=args.frames, sndhwm=args.hwm,
                        wait_subscribers=args.wait_subscribers, wait_workers=args.wait_workers,
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
                        worker_timeout=args.worker_timeout, orphan_timeout=args.orphan_timeout,
                        drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress, security=security,
+                       progress=args.progress, security=security,
                        shm=args.shm or "")
     try:
         broker = Broker(source, cfg)
@@ -333,7 +437,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         source.close()
         # Wait out the linger before the interpreter frees the buffers that queued
         # zero-copy messages still point into (otherwise libzmq may send freed memory).
-        zmq.Context.instance().destroy(linger=args.linger_ms)
+        zmq.Context.instance().destroy(linger=min(args.linger_ms, 200) if broker.hurry
+                                       else args.linger_ms)
     print(json.dumps(status) if args.json else f"framebroker serve: {broker.summary_line()}",
           flush=True)
     return EXIT_ERROR if status["error"] else EXIT_OK
@@ -349,8 +454,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
                    help="stream to subscribe to (default: the broker's)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until end-of-stream)")
-    p.add_argument("--rcvhwm", type=_positive_int, default=64,
+    p.add_argument("--hwm", type=_positive_int, default=64,
                    help="frames queued locally before zmq drops (default %(default)s)")
+    _deprecated(p, "--rcvhwm", "--hwm", "hwm", type=_positive_int)
     p.add_argument("--policy", type=_policy, default="drop",
                    help="slow consumer: drop (ZeroMQ HWM, seen as gaps), latest:N (keep "
                         "only the newest N frames; count the rest as dropped) or block "
@@ -360,9 +466,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="", type=_client_name,
                    help="name under which the broker's status shows this subscriber's "
                         "drop counts (default: sub-HOST-PID-N)")
-    p.add_argument("--interval", type=_nonneg_float, default=1.0,
-                   help="seconds between progress lines (0 = none)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_progress(p, 1.0)
+    _deprecated(p, "--interval", "--progress", "progress", type=_nonneg_float)
+    _add_json(p)
     _add_no_shm(p)
     p.set_defaults(func=cmd_watch)
 
@@ -370,24 +476,27 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 def cmd_watch(args: argparse.Namespace) -> int:
     from .sources import check_synthetic
 
+    if args.policy == "block" and (args.pub or args.stream):
+        raise CliError("--policy block takes frames from the broker's work channel; "
+                       "--pub and --stream do not apply", EXIT_USAGE)
+    security = _security(args, binds=False, connects=True)
+    if args.policy == "block" or not args.pub:
+        _wait_for_broker(args, security)
     try:
         common = {"broker": args.broker, "timeout": args.timeout,
                   "connect_wait": args.timeout, "name": args.name, "shm": not args.no_shm,
-                  "security": _security(args, binds=False, connects=True)}
+                  "security": security}
         if args.policy == "block":
-            if args.pub or args.stream:
-                raise CliError("--policy block takes frames from the broker's work channel; "
-                               "--pub and --stream do not apply", EXIT_USAGE)
             sub = subscribe("block", **common)
         else:
-            sub = subscribe(args.policy, endpoint=args.pub, rcvhwm=args.rcvhwm,
+            sub = subscribe(args.policy, endpoint=args.pub, rcvhwm=args.hwm,
                             topics=(args.stream,) if args.stream else None, **common)
     except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from None
+        raise _broker_error(exc) from None
     latencies: deque[float] = deque(maxlen=100_000)
     corrupt = restarts_seen = 0
     t0 = time.monotonic()
-    next_line = t0 + args.interval if args.interval else None
+    next_line = t0 + args.progress if args.progress else None
     last_n, last_t = 0, t0
     try:
         while not args.frames or sub.received < args.frames:
@@ -412,7 +521,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
                       f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
                       f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
                       flush=True)
-                last_n, last_t, next_line = sub.received, now, now + args.interval
+                last_n, last_t, next_line = sub.received, now, now + args.progress
     except ReceiveTimeout as exc:
         if sub.received == 0:
             sub.close()
@@ -435,10 +544,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     else:
         print(f"watch: {summary['received']} frames over {sub.transport} in {elapsed:.2f} s "
               f"({summary['fps']} fps, {summary['mb_per_s']} MB/s), gaps {sub.gaps}, "
-              f"overwritten {sub.overwritten}, missed {summary['missed']}, "
-              f"dropped by --policy {sub.dropped}, "
-              f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
-              f"ms p99 {summary['latency_ms_p99']} ms"
+              f"overwritten {sub.overwritten}"
+              + (f", missed {summary['missed']}" if summary["missed"] is not None else "")
+              + f", dropped by --policy {sub.dropped}, rejected {sum(sub.rejected.values())}"
+              + (f", latency p50 {summary['latency_ms_p50']} ms p99 "
+                 f"{summary['latency_ms_p99']} ms" if latencies else "")
               + (f", corrupt {corrupt}" if args.verify else ""))
     lost = sub.gaps or (summary["missed"] or 0) or corrupt
     return EXIT_LOST if lost else EXIT_OK
@@ -462,13 +572,6 @@ def _value_range(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"range {text!r} must be LO:HI with LO < HI, "
                                          f"e.g. 0:4095")
     return bounds
-
-
-def _positive_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
-    return value
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -537,9 +640,6 @@ def _pct(values: Iterable[float], q: float) -> float | None:
     return round(float(np.percentile(arr, q)), 3) if arr.size else None
 
 
-def _control(args: argparse.Namespace) -> Control:
-    return Control(args.broker, timeout=args.timeout,
-                   security=_security(args, binds=False, connects=True))
 
 
 def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
@@ -552,36 +652,21 @@ def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
 
 def cmd_status(args: argparse.Namespace) -> int:
     status = _request(args, "status")
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return EXIT_OK
-    for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
-                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
-                "auth_refused"):
-        print(f"{key:>12}: {status[key]}")
-    subs, workers = status["transports"]["subscribers"], status["transports"]["workers"]
-    print(f"{'transports':>12}: subscribers tcp {subs['tcp']} shm {subs['shm']}, "
-          f"workers tcp {workers['tcp']} shm {workers['shm']}")
-    if status["shm"]:
-        ring = status["shm"]
-        print(f"{'ring':>12}: {ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "
-              f"bytes, {ring['slots_held']} held, stalls {ring['stalls']}")
-    for name, g in status["work"]["groups"].items():
-        shm = sum(m["transport"] == "shm" for m in g["members"].values())
-        print(f"{'group ' + name:>12}: {len(g['members'])} members ({shm} shm), pending "
-              f"{g['pending']}, acked {g['acked']}, re-dispatched {g['redispatched']}")
-    for name, c in status["consumers"].items():
-        print(f"{'subscriber':>12}: {name} ({c['policy']}): received {c['received']}, "
-              f"dropped {c['dropped']}, gaps {c['gaps']}, rejected {c['rejected']}, "
-              f"reported {c['age_s']:g} s ago")
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
-def _request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
-    ctl = _control(args)
+def _request(args: argparse.Namespace, cmd: str,
+             security: Security | None = None) -> dict[str, Any]:
+    """One control request, after waiting (and saying so) for the broker."""
+    security = security or _security(args, binds=False, connects=True)
+    _wait_for_broker(args, security)
+    ctl = Control(args.broker, timeout=args.timeout, security=security)
     try:
         return ctl.request(cmd)
-    except (BrokerUnavailable, RuntimeError) as exc:
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    except RuntimeError as exc:
         raise CliError(str(exc)) from None
     finally:
         ctl.close()
@@ -590,18 +675,21 @@ def _request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
 def cmd_simple(args: argparse.Namespace) -> int:
     reply = _request(args, args.command)
     reply.pop("ok", None)
-    print(json.dumps(reply))
+    print(json.dumps(reply) if args.json else f"framebroker {args.command}: "
+                                              f"{format_reply(args.command, reply)}")
     return EXIT_OK
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npy"):
-        raise CliError(f"--out {out}: use a .png or .npy file name", EXIT_USAGE)
-    ctl = _control(args)
+    out = _checked_output(args.out, args.overwrite, (".png", ".npy"))
+    security = _security(args, binds=False, connects=True)
+    _wait_for_broker(args, security)
+    ctl = Control(args.broker, timeout=args.timeout, security=security)
     try:
         frame = ctl.snapshot()
-    except (BrokerUnavailable, RuntimeError, proto.ProtocolError) as exc:
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    except (RuntimeError, proto.ProtocolError) as exc:
         raise CliError(str(exc)) from None
     finally:
         ctl.close()
@@ -612,7 +700,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             _write_png(out, frame.array)
     except OSError as exc:
         raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(f"snapshot: frame {frame.frame_id} {frame.array.shape} {frame.array.dtype} -> {out}")
+    summary = {"frame_id": frame.frame_id, "shape": list(frame.array.shape),
+               "dtype": str(frame.array.dtype), "out": str(out)}
+    print(json.dumps(summary) if args.json else
+          f"snapshot: frame {frame.frame_id} ({format_shape(frame.array.shape)} "
+          f"{frame.array.dtype}) -> {out}")
     return EXIT_OK
 
 
@@ -626,11 +718,11 @@ def _write_png(out: Path, array: np.ndarray) -> None:
         raise CliError(f"cannot write {out} (does the directory exist?)")
 
 
-def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
-    """FFT worker flags, shared by ``worker`` and ``run`` (which calls it --fft-output)."""
+def _add_fft_args(p: argparse.ArgumentParser) -> None:
+    """FFT worker flags, shared by ``worker`` and ``run``."""
     from .fft import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
-    p.add_argument(output_flag, dest="output", choices=OUTPUTS, default="peak",
+    p.add_argument("--fft-output", dest="output", choices=OUTPUTS, default="peak",
                    help="what is sent back per frame (default %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="pyfftw", help="FFT library")
     p.add_argument("--color", choices=COLORS, default="gray",
@@ -650,11 +742,11 @@ def _add_part_args(p: argparse.ArgumentParser, func: Callable[[argparse.Namespac
     """Flags every pipeline part (worker, sink, recorder) shares: it waits longer for
     its broker than a one-shot client, and ends with a summary."""
     _add_client_args(p)
-    p.set_defaults(timeout=30.0, func=func)
+    p.set_defaults(func=func)
     if keep_running:
         p.add_argument("--keep-running", action="store_true",
                        help="stay up after end-of-stream and serve the next session")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_json(p)
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -667,7 +759,9 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
                    help="sink's results endpoint (overrides --broker)")
-    _add_fft_args(p, "--output")
+    _add_fft_args(p)
+    from .fft import OUTPUTS
+    _deprecated(p, "--output", "--fft-output", "output", choices=OUTPUTS)
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     p.add_argument("--id", type=_nonneg_int, default=0, help="worker id (default: the pid)")
@@ -677,35 +771,44 @@ def _add_worker(sub: argparse._SubParsersAction) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .workers import Worker, WorkerConfig
 
+    security = _security(args, binds=False, connects=True)
     cfg = WorkerConfig(broker=args.broker, work=args.work, results=args.results,
                        output=args.output, backend=args.backend, color=args.color,
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       timeout=args.timeout, keep_running=args.keep_running,
-                       shm=not args.no_shm,
-                       security=_security(args, binds=False, connects=True))
-    summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
-                        lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
-                                  f"compute p50 {s['compute_ms_p50']} ms, rejected "
-                                  f"{s['rejected']}")
+                       keep_running=args.keep_running, shm=not args.no_shm, security=security)
+    summary = _run_part(
+        args, security, not (args.work and (args.results or args.no_sink)),
+        lambda: Worker(cfg), (BrokerUnavailable, ValueError),
+        lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps"
+                  + maybe("compute p50", s["compute_ms_p50"], "ms")
+                  + f", rejected {counts(s['rejected'])}")
     return EXIT_OK if summary["ended"] else EXIT_ERROR
 
 
-def _run_part(make: Callable[[], Any], errors: tuple[type[Exception], ...], as_json: bool,
+def _run_part(args: argparse.Namespace, security: Security, needs_broker: bool,
+              make: Callable[[], Any], errors: tuple[type[Exception], ...],
               line: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Build a part (worker, sink, recorder), run it to end-of-stream, always close it,
-    and print its summary; ``errors`` from building or running become one-line errors."""
+    """Wait for the broker (if the part needs it), build a part (worker, sink, recorder),
+    run it to end-of-stream, always close it, and print its summary once, on stdout;
+    ``errors`` from building or running become one-line errors."""
+    if needs_broker:
+        _wait_for_broker(args, security)
     try:
         part = make()
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
     try:
         summary = part.run()
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
     finally:
         part.close()
-    print(json.dumps(summary) if as_json else line(summary), flush=True)
+    print(json.dumps(summary) if args.json else line(summary), flush=True)
     return summary
 
 
@@ -722,7 +825,7 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reorder", type=_positive_int, default=1024,
                    help="results held back to restore order before a gap is declared "
                         "(default %(default)s; keep it >= the broker's --max-pending)")
-    p.add_argument("--out", default=None, help="write results to a .npy or .h5 file")
+    _add_out(p, "write the results to this .npy or .h5 file")
     p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
                    help="also publish every result, in order, on a PUB bound here (for "
                         "framebroker view --results)")
@@ -731,20 +834,18 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
 def cmd_sink(args: argparse.Namespace) -> int:
     from .sink import Sink, SinkConfig, SinkError, summary_line
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".npy", ".h5"):
-        raise CliError(f"--out {out}: use a .npy or .h5 file name", EXIT_USAGE)
-    if out is not None and not out.parent.is_dir():
-        raise CliError(f"--out {out}: directory {out.parent} does not exist")
+    if args.out is not None:
+        _checked_output(args.out, args.overwrite, (".npy", ".h5"))
     security = _security(args, binds=True, connects=True)
     if args.publish and not is_loopback(args.publish) and not security.curve:
         raise CliError(f"refusing to publish results on {args.publish}: anyone who can reach "
                        f"it could read them. Bind 127.0.0.1, or turn on CURVE", EXIT_USAGE)
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
-                     reorder=args.reorder, out=args.out, publish=args.publish,
-                     timeout=args.timeout, keep_running=args.keep_running, security=security)
-    summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
-                        args.json, lambda s: f"framebroker sink: {summary_line(s)}")
+                     reorder=args.reorder, out=str(args.out) if args.out else None,
+                     publish=args.publish, keep_running=args.keep_running, security=security)
+    summary = _run_part(args, security, not args.work, lambda: Sink(cfg),
+                        (BrokerUnavailable, SinkError, OSError),
+                        lambda s: f"framebroker sink: {summary_line(s)}")
     if summary["total"] is None:
         return EXIT_ERROR
     return EXIT_LOST if summary["gaps"] else EXIT_OK
@@ -762,20 +863,25 @@ def _add_record_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=_nonneg_int, default=None, help="codec level")
     p.add_argument("--chunk-frames", type=_positive_int, default=1,
                    help="frames per HDF5 chunk (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="start even if the expected size exceeds the free disk space")
 
 
 def _add_record(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="record the stream into HDF5",
                        description="Record frames into a chunked, preallocated HDF5 file "
                                    "with direct chunk writes; lossless by default.")
-    p.add_argument("path", help="output file, e.g. run.h5")
+    p.add_argument("path", nargs="?", default=None, help=argparse.SUPPRESS)  # deprecated
+    _add_out(p, "the HDF5 file to write, e.g. run.h5 (required)")
     _add_part_args(p, cmd_record, keep_running=False)
     p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
     p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
     _add_record_args(p)
     p.add_argument("--frames", type=_positive_int, default=None,
-                   help="expected frame count: preallocate exactly (default: grow)")
+                   help="stop after this many frames (default: at end-of-stream)")
+    p.add_argument("--expect-frames", type=_positive_int, default=None,
+                   help="expected frame count: preallocate exactly (default: --frames, "
+                        "else grow)")
     p.add_argument("--grow-frames", type=_positive_int, default=1024,
                    help="growth step when the count is unknown (default %(default)s)")
     p.add_argument("--window", type=_positive_int, default=16,
@@ -804,8 +910,21 @@ def cmd_record(args: argparse.Namespace) -> int:
     from .record import RecordConfig, Recording
     from .recorder import RecorderError
 
-    cfg = RecordConfig(path=args.path, broker=args.broker, work=args.work, pub=args.pub,
-                       mode=args.mode, frames=args.frames, window=args.window,
+    out = _record_target(args)
+    _checked_output(out, args.overwrite)
+    security = _security(args, binds=False, connects=True)
+    expected = args.expect_frames or args.frames
+    needs_broker = not (args.work or args.pub)
+    if needs_broker:
+        _wait_for_broker(args, security)
+        if expected:
+            status = _request(args, "status", security)
+            frame_bytes = int(np.prod(status["shape"])) * np.dtype(status["dtype"]).itemsize
+            _say_size(f"framebroker {args.command}", out, expected * frame_bytes,
+                      args.no_space_check)
+    cfg = RecordConfig(path=str(out), broker=args.broker, work=args.work, pub=args.pub,
+                       mode=args.mode, frames=expected, stop_after=args.frames or 0,
+                       window=args.window,
                        queue_frames=max(args.queue_frames, args.window),
                        chunk_frames=args.chunk_frames, grow_frames=args.grow_frames,
                        compression=args.compression, level=args.level, swmr=not args.no_swmr,
@@ -813,16 +932,29 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       timeout=args.timeout, shm=not args.no_shm,
-                       security=_security(args, binds=False, connects=True))
+                       shm=not args.no_shm, security=security)
     summary = _run_part(
-        lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
+        args, security, False, lambda: Recording(cfg),
+        (RecorderError, BrokerUnavailable, ValueError),
         lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
-                  f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
+                  f"{s['mb_per_s']} MB/s) to {', '.join(s['files']) or 'no file'}; missed "
                   f"{s['frames_missed']}, dropped {s['dropped']}")
-    if not summary["ended"] or summary["session_changed"]:
+    if not (summary["ended"] or summary["stopped_after"]) or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
+
+
+def _record_target(args: argparse.Namespace) -> Path:
+    """--out, or the deprecated positional path of older scripts."""
+    if args.path is not None:
+        if args.out is not None:
+            raise CliError("give the output file once, as --out PATH", EXIT_USAGE)
+        print(f"framebroker {args.command}: warning: the positional output path is "
+              f"deprecated; use --out {args.path}", file=sys.stderr)
+        return Path(args.path)
+    if args.out is None:
+        raise CliError("--out PATH is required (the HDF5 file to write)", EXIT_USAGE)
+    return args.out
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -830,12 +962,13 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                        description="Frames, dtype/shape, duration and rate, missing ids, "
                                    "compression ratio and size of an HDF5 recording.")
     p.add_argument("path", help="recording (.h5)")
-    p.add_argument("--png", default=None, help="write a contact sheet + interval plot PNG")
+    _add_out(p, "also write a contact sheet + interval plot PNG here")
+    _deprecated(p, "--png", "--out", "out", type=Path)
     p.add_argument("--follow", action="store_true",
                    help="SWMR: keep showing the frame count while it is recorded")
-    p.add_argument("--interval", type=_nonneg_float, default=0.5,
-                   help="--follow refresh interval in seconds")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_progress(p, 0.5)
+    _deprecated(p, "--interval", "--progress", "progress", type=_nonneg_float)
+    _add_json(p, "the report")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -845,15 +978,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
+    if args.out is not None:
+        _checked_output(args.out, args.overwrite, (".png",))
+    if args.follow and not args.progress:
+        raise CliError("--follow needs --progress SECONDS > 0", EXIT_USAGE)
     try:
         if args.follow:
-            for count in insp.follow(path, args.interval):
+            for count in insp.follow(path, args.progress):
                 print(f"inspect: {path}: {count} frames", flush=True)
         info = insp.inspect_file(path)
-        if args.png:
-            insp.contact_sheet(path, args.png)
     except (OSError, KeyError, ValueError) as exc:
         raise CliError(f"{path}: not a framebroker recording ({exc})") from None
+    if args.out is not None:
+        try:
+            insp.contact_sheet(path, args.out)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(json.dumps(info, default=str) if args.json else insp.format_report(info))
     return EXIT_OK
 
@@ -877,14 +1017,20 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    help="synthetic frame shape (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
     p.add_argument("--loop", action="store_true", help="restart a video file at its end")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0, help="pace the source (0 = max)")
+    p.add_argument("--fps", type=_nonneg_float, default=None,
+                   help="pace the source (0 = as fast as possible; default: a video file's "
+                        "own rate, else as fast as possible)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
-    _add_fft_args(p, "--fft-output")
+    _add_fft_args(p)
     p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
-    p.add_argument("--record", default=None, help="also record into this HDF5 file")
+    p.add_argument("--record", type=Path, default=None, metavar="PATH",
+                   help="also record into this HDF5 file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --record file if it exists (default: refuse)")
     _add_record_args(p)
-    p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
+    p.add_argument("--hwm", type=_positive_int, default=64,
+                   help="frames the broker queues per subscriber (default %(default)s)")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
     p.add_argument("--shm", type=_ring_size, default=None,
                    help="broker --shm: workers and the lossless recorder read frames from a "
@@ -893,8 +1039,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     for name, port in (("pub", 5555), ("work", 5556), ("control", 5557), ("results", 5558)):
         p.add_argument(f"--{name}", type=_endpoint, default=f"tcp://127.0.0.1:{port}",
                        help=f"{name} endpoint (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_progress(p, 1.0)
+    _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
+    _add_json(p)
     g = p.add_argument_group("security")
     g.add_argument("--curve", action="store_true",
                    help="CURVE on every socket, with a fresh server and client key pair made "
@@ -932,35 +1079,40 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
         except SecurityError as exc:
             raise CliError(f"--curve-keys {keys}: {exc}", EXIT_USAGE) from None
     frames = args.frames if args.frames is not None else (0 if args.seconds else 1000)
-    _refuse_running_broker(args.control, client_sec)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
-    if args.record and Path(args.record).exists() and not args.overwrite:
-        raise CliError(f"{args.record} exists; use --overwrite to replace it")
+    if args.record is not None:
+        _checked_output(args.record, args.overwrite)
+        if frames and args.source.kind == "synthetic":
+            _say_size("framebroker run", args.record, frames * int(np.prod(args.shape))
+                      * np.dtype(args.dtype).itemsize, args.no_space_check)
+    _refuse_running_broker(args.control, client_sec)
     eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
            "--results", args.results]
     lossless = bool(args.record) and args.mode == "lossless"
     source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
     serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
-             "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
-             "--stream", args.stream, "--sndhwm", str(args.hwm),
+             "--dtype", args.dtype, "--frames", str(frames),
+             "--stream", args.stream, "--hwm", str(args.hwm),
              "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", "1" if lossless else "0", "--quiet", "--json",
+             "--wait-recorders", "1" if lossless else "0", "--progress", "0", "--json",
              *server.argv()]
+    serve += ["--fps", str(args.fps)] if args.fps is not None else []
     serve += ["--shm", args.shm] if args.shm else []
     if args.loop:
         serve.append("--loop")
     client = ["--broker", args.control, "--json", *client_sec.argv()]
     sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
              str(args.reorder)] if args.workers else None)
-    worker = ["worker", *client, "--output", args.output, "--backend", args.backend,
+    worker = ["worker", *client, "--fft-output", args.output, "--backend", args.backend,
               "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
               "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
     record = None
     if args.record:
-        record = ["record", args.record, *client, "--mode", args.mode, "--compression",
-                  args.compression, "--chunk-frames", str(args.chunk_frames)]
-        record += (["--frames", str(frames)] if frames else []) + (
+        record = ["record", "--out", str(args.record), *client, "--mode", args.mode,
+                  "--compression", args.compression, "--chunk-frames", str(args.chunk_frames),
+                  "--no-space-check"]
+        record += (["--expect-frames", str(frames)] if frames else []) + (
             ["--level", str(args.level)] if args.level is not None else []) + (
             ["--overwrite"] if args.overwrite else [])
     plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
@@ -997,7 +1149,7 @@ def _refuse_running_broker(control: str, security: Security) -> None:
 
 def _progress(args: argparse.Namespace, frames: int):
     """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
-    if args.quiet or args.json:
+    if not args.progress or args.json:
         return (lambda status: None), (lambda rep: None)
 
     def counts(status: dict[str, Any]) -> tuple[int, int, int]:
@@ -1035,7 +1187,7 @@ def _progress(args: argparse.Namespace, frames: int):
 
     def line(status: dict[str, Any]) -> None:
         now = time.monotonic()
-        if now - last[0] >= 1.0:
+        if now - last[0] >= args.progress:
             last[0] = now
             sent, done, rec = counts(status)
             print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
@@ -1128,15 +1280,22 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     for public, secret in made:
         print(f"made {secret} (secret, mode 0600: keep it on its host) and {public} (public)")
     d = args.dir
-    print(f"""use:
-  framebroker serve --curve-secret {d}/private/server.key_secret --curve-allow {d}/public
+    clients = [n for n in names if n != "server"]
+    print("use:")
+    if "server" in names:
+        print(f"""  framebroker serve --curve-secret {d}/private/server.key_secret --curve-allow {d}/public
   framebroker sink --curve-secret {d}/private/server.key_secret \\
-      --curve-server-key {d}/public/server.key --curve-allow {d}/public
-  framebroker watch --curve-secret {d}/private/client.key_secret \\
-      --curve-server-key {d}/public/server.key      (worker, record, status, ... the same)
-  framebroker run --curve-keys {d}
+      --curve-server-key {d}/public/server.key --curve-allow {d}/public""")
+    for name in clients:
+        print(f"""  framebroker watch --curve-secret {d}/private/{name}.key_secret \\
+      --curve-server-key {d}/public/server.key      (worker, record, status, ... the same)""")
+    if names == ["server", "client"]:
+        print(f"""  framebroker run --curve-keys {d}
 A client on another host needs only its own .key_secret and public/server.key; a new
 client: framebroker keys generate {d} --name NAME, then restart the servers.""")
+    elif clients:
+        print(f"restart the servers (serve, sink) so that their --curve-allow {d}/public "
+              f"admits {', '.join(clients)}")
     return EXIT_OK
 
 
@@ -1227,8 +1386,42 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     run_parser.set_defaults(**defaults)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is the subcommand's one-line usage plus the error, not every flag;
+    unknown flags are reported by the subcommand they were given to."""
+
+    def format_usage(self) -> str:
+        names = [a.metavar or a.dest.upper() for a in self._actions
+                 if not a.option_strings and a.help is not argparse.SUPPRESS
+                 and not isinstance(a, argparse._SubParsersAction)]
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            names.append(subs[0].metavar or "COMMAND")
+        return (f"usage: {' '.join([self.prog, *names])} [options]  "
+                f"(all of them: {self.prog} --help)\n")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(ns, "parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
+def _own_parser(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's parser records itself in the namespace (for _Parser.parse_args)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(parser=sub)
+                _own_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="framebroker", description="A high-throughput camera frame broker over ZeroMQ: "
                                         "capture, fan out, FFT, record. Every client command "
                                         "takes --broker CONTROL_ENDPOINT.")
@@ -1246,12 +1439,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys(sub)
     _add_view(sub)
     p = _add_simple(sub, "status", "show the broker's status", cmd_status)
-    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    _add_json(p, "the full status")
     p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
-    p.add_argument("--out", required=True, help="output file, .png (OpenCV) or .npy")
+    _add_out(p, "output file, .png (OpenCV) or .npy (required)", required=True)
+    _add_json(p, "what was saved")
     for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
                         ("pause", "pause capture"), ("resume", "resume capture")):
-        _add_simple(sub, name, help_, cmd_simple)
+        _add_json(_add_simple(sub, name, help_, cmd_simple), "the broker's reply")
+    _own_parser(parser)
     return parser
 
 
@@ -1270,6 +1465,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``status | head -1``): end quietly, with the
+    status of a process ended by SIGPIPE, and let nothing flush into the closed pipe."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

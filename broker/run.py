@@ -101,6 +101,7 @@ class Runner:
             self.parts.append(Part("recorder", plan.record))
         self.failed: list[tuple[str, int, str]] = []
         self.interrupted = False
+        self.hurry = False  # SIGTERM: end within a second rather than drain in full
         self.t_start = 0.0
         self.t_end = 0.0
 
@@ -110,7 +111,9 @@ class Runner:
 
     def run(self) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="framebroker-run-"))
-        previous = signal.signal(signal.SIGINT, self._interrupt)
+        # SIGTERM as Ctrl-C: stop the parts in order rather than orphan them
+        previous = {sig: signal.signal(sig, self._interrupt)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             for part in self.parts:
                 part.start(workdir)
@@ -119,7 +122,8 @@ class Runner:
             self._wait_all()
             self.t_end = time.monotonic()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for part in self.parts:
                 part.stop(grace=2.0)
                 part.collect()
@@ -129,8 +133,9 @@ class Runner:
                 f.unlink()
             workdir.rmdir()
 
-    def _interrupt(self, *_: Any) -> None:
+    def _interrupt(self, signum: int, _frame: Any) -> None:
         self.interrupted = True
+        self.hurry = self.hurry or signum == signal.SIGTERM
 
     def _monitor(self) -> None:
         """Until the broker exits: show progress, watch for failures, honour --seconds."""
@@ -165,6 +170,9 @@ class Runner:
         return bool(names - set(workers)) or bool(workers) and set(workers) <= names
 
     def _stop(self, ctl: Control) -> bool:
+        if self.hurry and self.broker.proc is not None:  # as SIGTERM to serve: END at once
+            self.broker.proc.send_signal(signal.SIGTERM)
+            return True
         try:
             ctl.stop()
             return True

@@ -178,8 +178,8 @@ class Sink:
             return False
         self.total = header.total
         self._drain(until=header.total)
-        self.log(summary_line(self.summary()))
-        if self.cfg.keep_running:
+        if self.cfg.keep_running:  # one line per session; the last summary is the caller's
+            self.log(summary_line(self.summary()))
             self.next, self.total = 0, None
             return False
         return True
@@ -297,7 +297,12 @@ class Sink:
 
 def summary_line(s: dict[str, Any]) -> str:
     """One line of a sink summary, for logs and the CLI."""
-    return (f"{s['frames']} results of {s['total']} in {s['seconds']} s ({s['fps']} fps), "
+    from .humanize import counts, maybe
+
+    total = "" if s["total"] is None else f" of {s['total']}"
+    return (f"{s['frames']} results{total} in {s['seconds']} s ({s['fps']} fps), "
             f"duplicates {s['duplicates']}, late {s['late']}, gaps {s['gaps']}, "
-            f"workers {s['per_worker']}, latency p50 {s['latency_ms_p50']} ms "
-            f"p99 {s['latency_ms_p99']} ms, rejected {sum(s['rejected'].values())}")
+            f"from workers {counts({str(k): v for k, v in s['per_worker'].items()})}"
+            + maybe("latency p50", s["latency_ms_p50"], "ms")
+            + maybe("p99", s["latency_ms_p99"], "ms")
+            + f", rejected {counts(s['rejected'])}")
