@@ -12,21 +12,22 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-from collections import deque
-from typing import Any, Callable, Iterable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 import zmq
 
 from . import __version__
 from . import protocol as proto
-from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
-                     parse_policy, subscribe)
-from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .argtypes import (_client_name, _comma_list, _deprecated, _dtype,
+                        _endpoint, _http_address, _mib, _nonneg_float, _nonneg_int,
+                        _policy, _positive_float, _positive_int, _ring_size, _shape,
+                        _source, _stream, _value_range)
+from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, subscribe
 from .humanize import counts, format_reply, format_status, maybe
-from .shm import parse_size
+from .security import (HEARTBEAT_S, Security, SecurityError, check_exposure,
+                       check_page_exposure, check_results_exposure, from_key_dir, generate_keys)
 from .sources import format_shape
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
@@ -40,138 +41,13 @@ class CliError(Exception):
         self.code = code
 
 
-# --- argument types: bad values fail at parse time with a clear message ----------
-
-def _positive_int(text: str) -> int:
-    value = _nonneg_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
-    return value
-
-
-def _endpoint(text: str) -> str:
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
-        raise argparse.ArgumentTypeError(f"endpoint {text!r} must look like "
-                                         f"tcp://127.0.0.1:5555 or ipc:///tmp/fb.sock")
-    return text
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    from .sources import parse_shape
-
-    try:
-        return parse_shape(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _dtype(text: str) -> str:
-    try:
-        proto.dtype_code(np.dtype(text))
-    except (TypeError, proto.ProtocolError):
-        raise argparse.ArgumentTypeError(f"dtype {text!r} is not one of "
-                                         f"{', '.join(str(d) for d in proto.DTYPES.values())}"
-                                         ) from None
-    return np.dtype(text).name
-
-
-def _source(text: str):
-    from .sources import SourceSpec
-
-    try:
-        return SourceSpec.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _stream(text: str) -> str:
-    if not 1 <= len(text.encode()) <= proto.MAX_NAME:
-        raise argparse.ArgumentTypeError(f"stream name must be 1-{proto.MAX_NAME} bytes")
-    return text
-
-
-def _client_name(text: str) -> str:
-    if not len(text) <= proto.MAX_CLIENT_NAME or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"name must be at most {proto.MAX_CLIENT_NAME} "
-                                         f"printable characters")
-    return text
-
-
-def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
-    """An argparse type that checks the text with ``parse`` (its ValueError becomes the
-    usage error) and keeps the text, for the part that parses it again later."""
-    def check(text: str) -> str:
-        try:
-            parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-    return check
-
-
-_policy = _checked_by(parse_policy)
-_ring_size = _checked_by(parse_size)
-
-
 def _add_no_shm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shm", action="store_true",
                    help="receive full payloads over the socket even if the broker offers a "
                         "shared-memory ring on this host")
 
 
-def _mib(text: str) -> int:
-    return int(_nonneg_float(text) * 1024 * 1024)
-
-
 # --- the shared vocabulary: one flag per concept, on every subcommand -------------------
-
-class _Deprecated(argparse.Action):
-    """An old spelling kept for scripts: it does what the new flag does, and says so."""
-
-    def __init__(self, option_strings: list[str], dest: str, new: str, **kw: Any) -> None:
-        self.new = new
-        super().__init__(option_strings, dest, **kw)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}",
-              file=sys.stderr)
-        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
-
-
-def _deprecated(p: argparse.ArgumentParser, old: str, new: str, dest: str,
-                **kw: Any) -> None:
-    """Keep ``old`` working (hidden from --help) as a spelling of ``new``."""
-    p.add_argument(old, dest=dest, action=_Deprecated, new=new, help=argparse.SUPPRESS, **kw)
-
 
 def _add_out(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
     """--out PATH and --overwrite: every command that writes a file."""
@@ -271,6 +147,11 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
                         "(0 = off, default %(default)s)")
 
 
+def _warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A one-line notice on stderr, prefixed with the subcommand."""
+    return lambda message: print(f"framebroker {args.command}: {message}", file=sys.stderr)
+
+
 def _security(args: argparse.Namespace, *, binds: bool, connects: bool) -> Security:
     """The security settings from the flags, every key file checked now (a bad key is a
     usage error at start, not a failed handshake later)."""
@@ -357,49 +238,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc/inproc and tcp on 127.0.0.0/8, ::1 or localhost."""
-    import ipaddress
-
-    scheme, _, rest = endpoint.partition("://")
-    if scheme != "tcp":
-        return True
-    host = rest.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: reachable from outside
-        return False
-
-
-def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool) -> None:
-    """Refuse to expose frames and control to the network without CURVE unless asked."""
-    exposed = [ep for ep in endpoints if not is_loopback(ep)]
-    if not exposed:
-        return
-    where = ", ".join(exposed)
-    if curve:
-        print(f"framebroker serve: {where} is reachable from the network; allowed because "
-              f"CURVE is on (traffic encrypted, only --curve-allow keys admitted)",
-              file=sys.stderr)
-        return
-    if not insecure:
-        raise CliError(f"refusing to bind {where}: anyone who can reach it could read every "
-                       f"frame and stop the broker, and nothing is encrypted. Turn on CURVE "
-                       f"(--curve-secret, --curve-allow; see framebroker keys generate), bind "
-                       f"127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
-                       EXIT_USAGE)
-    print(f"framebroker serve: warning: --insecure: {where} is reachable from the network "
-          f"without encryption or authentication", file=sys.stderr)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
     from .sources import SourceError, open_source, pace_rate
 
     security = _security(args, binds=True, connects=False)
-    check_exposure((args.pub, args.work, args.control), args.insecure, security.curve)
+    try:
+        check_exposure((args.pub, args.work, args.control), args.insecure, security.curve,
+                       warn=_warn(args))
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
                              width=args.width, height=args.height, camera_fps=args.camera_fps)
@@ -474,7 +322,7 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .sources import check_synthetic
+    from .watch import lost as watch_lost, summary_line as watch_summary_line, watch_stream
 
     if args.policy == "block" and (args.pub or args.stream):
         raise CliError("--policy block takes frames from the broker's work channel; "
@@ -493,85 +341,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
                             topics=(args.stream,) if args.stream else None, **common)
     except BrokerUnavailable as exc:
         raise _broker_error(exc) from None
-    latencies: deque[float] = deque(maxlen=100_000)
-    corrupt = restarts_seen = 0
-    t0 = time.monotonic()
-    next_line = t0 + args.progress if args.progress else None
-    last_n, last_t = 0, t0
     try:
-        while not args.frames or sub.received < args.frames:
-            frame = sub.recv()
-            if frame is None:
-                break
-            latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
-            # a ring slot reused while we checked it is a drop (counted), not corruption
-            if (args.verify and check_synthetic(frame.array, frame.frame_id) >= 0
-                    and sub.confirm(frame)):
-                corrupt += 1
-            if len(sub.restarts) != restarts_seen:
-                restarts_seen = len(sub.restarts)
-                old, last, new, first = sub.restarts[-1]
-                print(f"watch: new broker session {new:#x} (the last id of session {old:#x} was "
-                      f"{last}); joined at id {first}, {first} ids of it missed",
-                      file=sys.stderr, flush=True)
-            now = time.monotonic()
-            if next_line is not None and now >= next_line:
-                rate = (sub.received - last_n) / (now - last_t)
-                print(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
-                      f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
-                      f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
-                      flush=True)
-                last_n, last_t, next_line = sub.received, now, now + args.progress
+        summary = watch_stream(sub, frames=args.frames, progress=args.progress,
+                               verify=args.verify, log=lambda m: print(
+                                   m, file=sys.stderr, flush=True))
     except ReceiveTimeout as exc:
-        if sub.received == 0:
-            sub.close()
-            raise CliError(str(exc)) from None
-        print(f"watch: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sub.close()
-    elapsed = time.monotonic() - t0
-    summary: dict[str, Any] = {**sub.stats(), "seconds": round(elapsed, 3),
-                               "fps": round(sub.received / elapsed, 2) if elapsed else 0.0,
-                               "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
-                               "latency_ms_p50": _pct(latencies, 50),
-                               "latency_ms_p99": _pct(latencies, 99)}
-    if args.verify:
-        summary["corrupt"] = corrupt
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"watch: {summary['received']} frames over {sub.transport} in {elapsed:.2f} s "
-              f"({summary['fps']} fps, {summary['mb_per_s']} MB/s), gaps {sub.gaps}, "
-              f"overwritten {sub.overwritten}"
-              + (f", missed {summary['missed']}" if summary["missed"] is not None else "")
-              + f", dropped by --policy {sub.dropped}, rejected {sum(sub.rejected.values())}"
-              + (f", latency p50 {summary['latency_ms_p50']} ms p99 "
-                 f"{summary['latency_ms_p99']} ms" if latencies else "")
-              + (f", corrupt {corrupt}" if args.verify else ""))
-    lost = sub.gaps or (summary["missed"] or 0) or corrupt
-    return EXIT_LOST if lost else EXIT_OK
-
-
-def _http_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"HTTP address {text!r} must look like "
-                                         f"127.0.0.1:8080")
-    return host, int(port)
-
-
-def _value_range(text: str) -> tuple[float, float]:
-    lo, sep, hi = text.partition(":")
-    try:
-        bounds = float(lo), float(hi)
-    except ValueError:
-        bounds = ()
-    if not sep or len(bounds) != 2 or not bounds[0] < bounds[1] < float("inf"):
-        raise argparse.ArgumentTypeError(f"range {text!r} must be LO:HI with LO < HI, "
-                                         f"e.g. 0:4095")
-    return bounds
+        raise CliError(str(exc)) from None
+    print(json.dumps(summary) if args.json else watch_summary_line(summary))
+    return EXIT_LOST if watch_lost(summary) else EXIT_OK
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -611,13 +388,10 @@ def cmd_view(args: argparse.Namespace) -> int:
     from .view import View, ViewConfig, ViewError, summary_line
 
     host, port = args.http
-    if not is_loopback(f"tcp://{host}:{port}"):
-        if not args.insecure:
-            raise CliError(f"refusing to serve the page on {host}:{port}: anyone who can reach "
-                           f"it could watch every frame. Use 127.0.0.1 (and tunnel), or pass "
-                           f"--insecure to accept that risk", EXIT_USAGE)
-        print(f"framebroker view: warning: --insecure: {host}:{port} is reachable from the "
-              f"network without authentication", file=sys.stderr)
+    try:
+        check_page_exposure(host, port, args.insecure, warn=_warn(args))
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     view = View(ViewConfig(broker=args.broker, host=host, port=port, max_fps=args.max_fps,
                            scale=args.scale, value_range=args.value_range,
                            quality=args.quality, results=args.results,
@@ -635,11 +409,6 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pct(values: Iterable[float], q: float) -> float | None:
-    arr = np.fromiter(values, dtype=np.float64)
-    return round(float(np.percentile(arr, q)), 3) if arr.size else None
-
-
 
 
 def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
@@ -648,6 +417,11 @@ def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
     _add_client_args(p)
     p.set_defaults(func=func)
     return p
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    _add_json(_add_simple(sub, "status", "show the broker's status", cmd_status),
+              "the full status")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -672,12 +446,24 @@ def _request(args: argparse.Namespace, cmd: str,
         ctl.close()
 
 
+def _add_control_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
+                        ("pause", "pause capture"), ("resume", "resume capture")):
+        _add_json(_add_simple(sub, name, help_, cmd_simple), "the broker's reply")
+
+
 def cmd_simple(args: argparse.Namespace) -> int:
     reply = _request(args, args.command)
     reply.pop("ok", None)
     print(json.dumps(reply) if args.json else f"framebroker {args.command}: "
                                               f"{format_reply(args.command, reply)}")
     return EXIT_OK
+
+
+def _add_snapshot(sub: argparse._SubParsersAction) -> None:
+    p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
+    _add_out(p, "output file, .png (OpenCV) or .npy (required)", required=True)
+    _add_json(p, "what was saved")
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
@@ -837,9 +623,10 @@ def cmd_sink(args: argparse.Namespace) -> int:
     if args.out is not None:
         _checked_output(args.out, args.overwrite, (".npy", ".h5"))
     security = _security(args, binds=True, connects=True)
-    if args.publish and not is_loopback(args.publish) and not security.curve:
-        raise CliError(f"refusing to publish results on {args.publish}: anyone who can reach "
-                       f"it could read them. Bind 127.0.0.1, or turn on CURVE", EXIT_USAGE)
+    try:
+        check_results_exposure(args.publish, security.curve)
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
                      reorder=args.reorder, out=str(args.out) if args.out else None,
                      publish=args.publish, keep_running=args.keep_running, security=security)
@@ -1066,7 +853,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     """``run`` with CURVE keys from ``keys`` (a ``keys generate`` layout) or without."""
-    from .run import RunPlan, Runner, exit_code, format_report
+    from .run import (RunError, Runner, exit_code, format_report, plan_from_args,
+                      progress_display, refuse_running_broker)
 
     if keys is None:
         server = client_sec = Security(heartbeat=args.heartbeat)
@@ -1086,41 +874,14 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
         if frames and args.source.kind == "synthetic":
             _say_size("framebroker run", args.record, frames * int(np.prod(args.shape))
                       * np.dtype(args.dtype).itemsize, args.no_space_check)
-    _refuse_running_broker(args.control, client_sec)
-    eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
-           "--results", args.results]
-    lossless = bool(args.record) and args.mode == "lossless"
-    source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
-    serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
-             "--dtype", args.dtype, "--frames", str(frames),
-             "--stream", args.stream, "--hwm", str(args.hwm),
-             "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", "1" if lossless else "0", "--progress", "0", "--json",
-             *server.argv()]
-    serve += ["--fps", str(args.fps)] if args.fps is not None else []
-    serve += ["--shm", args.shm] if args.shm else []
-    if args.loop:
-        serve.append("--loop")
-    client = ["--broker", args.control, "--json", *client_sec.argv()]
-    sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
-             str(args.reorder)] if args.workers else None)
-    worker = ["worker", *client, "--fft-output", args.output, "--backend", args.backend,
-              "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
-              "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
-    record = None
-    if args.record:
-        record = ["record", "--out", str(args.record), *client, "--mode", args.mode,
-                  "--compression", args.compression, "--chunk-frames", str(args.chunk_frames),
-                  "--no-space-check"]
-        record += (["--expect-frames", str(frames)] if frames else []) + (
-            ["--level", str(args.level)] if args.level is not None else []) + (
-            ["--overwrite"] if args.overwrite else [])
-    plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
-                   workers=[worker] * args.workers, record=record, seconds=args.seconds,
-                   frames=frames, lossless_record=lossless, security=client_sec)
-    progress, finish = _progress(args, frames)
+    try:
+        refuse_running_broker(args.control, client_sec)
+    except RunError as exc:
+        raise CliError(str(exc)) from None
+    plan = plan_from_args(args, server, client_sec, frames)
+    progress, finish = progress_display(args, frames)
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
-    if sink is None:
+    if not plan.sink:
         runner.parts = [p for p in runner.parts if p.name != "sink"]
     rep: dict[str, Any] = {}
     try:
@@ -1130,83 +891,6 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
         finish(rep)
     print(json.dumps(rep) if args.json else format_report(rep), flush=True)
     return exit_code(rep)
-
-
-def _refuse_running_broker(control: str, security: Security) -> None:
-    """``run`` starts its own broker: if one already answers at ``control``, our parts
-    would join that one instead, so say so and stop."""
-    ctl = Control(control, timeout=0.3, security=security)
-    try:
-        ctl.endpoints()
-    except BrokerUnavailable:
-        return
-    finally:
-        ctl.close()
-    raise CliError(f"a broker is already running at {control}; stop it (framebroker stop "
-                   f"--broker {control}) or give run other endpoints (--pub, --work, "
-                   f"--control, --results)")
-
-
-def _progress(args: argparse.Namespace, frames: int):
-    """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
-    if not args.progress or args.json:
-        return (lambda status: None), (lambda rep: None)
-
-    def counts(status: dict[str, Any]) -> tuple[int, int, int]:
-        groups = status["work"]["groups"]
-        return (status["frames_sent"], groups.get("fft", {}).get("acked", 0),
-                groups.get("record", {}).get("acked", 0))
-
-    if sys.stdout.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                       TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
-                       TimeElapsedColumn(), transient=False)
-        stages = ["published"] + ["processed"] * bool(args.workers) + ["recorded"] * bool(
-            args.record)
-        tasks = {name: bar.add_task(name, total=frames or None, rate="") for name in stages}
-        bar.start()
-
-        def show(status: dict[str, Any]) -> None:
-            for name, n in zip(("published", "processed", "recorded"), counts(status)):
-                if name in tasks:
-                    bar.update(tasks[name], completed=n,
-                               rate=f"{status['rate_fps']:.0f} fps" if name == "published"
-                               else "")
-
-        def finish(rep: dict[str, Any]) -> None:
-            """The final counts (parts finish after the broker's last status)."""
-            for name, st in rep.get("stages", {}).items():
-                if name in tasks:
-                    bar.update(tasks[name], completed=st["frames"], rate=f"{st['fps']:.0f} fps")
-            bar.stop()
-
-        return show, finish
-    last = [0.0]
-
-    def line(status: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - last[0] >= args.progress:
-            last[0] = now
-            sent, done, rec = counts(status)
-            print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
-                  f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
-                  file=sys.stderr, flush=True)
-
-    return line, (lambda rep: None)
-
-
-def _comma_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """An argument type for ``--only a,b``: names from ``allowed``, at least one."""
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(allowed)}; "
-                                             f"got {text!r}")
-        return names
-    return parse
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -1438,14 +1122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_keys(sub)
     _add_view(sub)
-    p = _add_simple(sub, "status", "show the broker's status", cmd_status)
-    _add_json(p, "the full status")
-    p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
-    _add_out(p, "output file, .png (OpenCV) or .npy (required)", required=True)
-    _add_json(p, "what was saved")
-    for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
-                        ("pause", "pause capture"), ("resume", "resume capture")):
-        _add_json(_add_simple(sub, name, help_, cmd_simple), "the broker's reply")
+    _add_status(sub)
+    _add_snapshot(sub)
+    _add_control_commands(sub)
     _own_parser(parser)
     return parser
 

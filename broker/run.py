@@ -14,6 +14,7 @@ per process, and exits non-zero if a lossless path lost a frame or a part failed
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -89,6 +90,113 @@ class RunPlan:
     frames: int
     lossless_record: bool
     security: Security = PLAIN  # for this process's own control requests
+
+
+class RunError(RuntimeError):
+    """``run`` cannot start (a broker already answers on its endpoints)."""
+
+
+def plan_from_args(args: argparse.Namespace, server: Security, client_sec: Security,
+                   frames: int) -> RunPlan:
+    """Every part's argument list from ``run``'s flags: the same subcommands a user could
+    start by hand, on run's endpoints, with the server or client keys."""
+    eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
+           "--results", args.results]
+    lossless = bool(args.record) and args.mode == "lossless"
+    source = args.source.kind + (f":{args.source.target}" if args.source.target else "")
+    serve = ["serve", *eps, "--source", source, "--shape", "x".join(map(str, args.shape)),
+             "--dtype", args.dtype, "--frames", str(frames),
+             "--stream", args.stream, "--hwm", str(args.hwm),
+             "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
+             "--wait-recorders", "1" if lossless else "0", "--progress", "0", "--json",
+             *server.argv()]
+    serve += ["--fps", str(args.fps)] if args.fps is not None else []
+    serve += ["--shm", args.shm] if args.shm else []
+    if args.loop:
+        serve.append("--loop")
+    client = ["--broker", args.control, "--json", *client_sec.argv()]
+    sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
+             str(args.reorder)] if args.workers else None)
+    worker = ["worker", *client, "--fft-output", args.output, "--backend", args.backend,
+              "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
+              "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
+    record = None
+    if args.record:
+        record = ["record", "--out", str(args.record), *client, "--mode", args.mode,
+                  "--compression", args.compression, "--chunk-frames", str(args.chunk_frames),
+                  "--no-space-check"]
+        record += (["--expect-frames", str(frames)] if frames else []) + (
+            ["--level", str(args.level)] if args.level is not None else []) + (
+            ["--overwrite"] if args.overwrite else [])
+    plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
+                   workers=[worker] * args.workers, record=record, seconds=args.seconds,
+                   frames=frames, lossless_record=lossless, security=client_sec)
+    return plan
+
+
+def refuse_running_broker(control: str, security: Security) -> None:
+    """``run`` starts its own broker: if one already answers at ``control``, our parts
+    would join that one instead, so say so and stop."""
+    ctl = Control(control, timeout=0.3, security=security)
+    try:
+        ctl.endpoints()
+    except BrokerUnavailable:
+        return
+    finally:
+        ctl.close()
+    raise RunError(f"a broker is already running at {control}; stop it (framebroker stop "
+                   f"--broker {control}) or give run other endpoints (--pub, --work, "
+                   f"--control, --results)")
+
+
+def progress_display(args: argparse.Namespace, frames: int):
+    """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
+    if not args.progress or args.json:
+        return (lambda status: None), (lambda rep: None)
+
+    def counts(status: dict[str, Any]) -> tuple[int, int, int]:
+        groups = status["work"]["groups"]
+        return (status["frames_sent"], groups.get("fft", {}).get("acked", 0),
+                groups.get("record", {}).get("acked", 0))
+
+    if sys.stdout.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
+                       TimeElapsedColumn(), transient=False)
+        stages = ["published"] + ["processed"] * bool(args.workers) + ["recorded"] * bool(
+            args.record)
+        tasks = {name: bar.add_task(name, total=frames or None, rate="") for name in stages}
+        bar.start()
+
+        def show(status: dict[str, Any]) -> None:
+            for name, n in zip(("published", "processed", "recorded"), counts(status)):
+                if name in tasks:
+                    bar.update(tasks[name], completed=n,
+                               rate=f"{status['rate_fps']:.0f} fps" if name == "published"
+                               else "")
+
+        def finish(rep: dict[str, Any]) -> None:
+            """The final counts (parts finish after the broker's last status)."""
+            for name, st in rep.get("stages", {}).items():
+                if name in tasks:
+                    bar.update(tasks[name], completed=st["frames"], rate=f"{st['fps']:.0f} fps")
+            bar.stop()
+
+        return show, finish
+    last = [0.0]
+
+    def line(status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] >= args.progress:
+            last[0] = now
+            sent, done, rec = counts(status)
+            print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
+                  f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
+                  file=sys.stderr, flush=True)
+
+    return line, (lambda rep: None)
 
 
 class Runner:
