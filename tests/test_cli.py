@@ -381,3 +381,14 @@ def test_sigterm_ends_run_and_every_part_it_started(eps):
     with pytest.raises(BrokerUnavailable):  # its broker is gone too
         ctl.status()
     ctl.close()
+
+
+def test_keys_generate_name_hints_at_the_key_it_made(tmp_path):
+    """Before: keys generate --name laptop printed hints naming client.key_secret."""
+    keys = tmp_path / "keys"
+    assert run_cli("keys", "generate", str(keys)).returncode == 0
+    r = run_cli("keys", "generate", str(keys), "--name", "laptop")
+    assert r.returncode == 0, r
+    assert f"--curve-secret {keys}/private/laptop.key_secret" in r.stdout
+    assert "client.key_secret" not in r.stdout and "server.key_secret" not in r.stdout
+    assert (keys / "private" / "laptop.key_secret").is_file()
