@@ -558,7 +558,8 @@ class Broker:
                 "state": self.state, "source": self.source.description,
                 "shape": list(self.source.shape), "dtype": str(self.source.dtype),
                 "frames_sent": self.sent, "bytes_sent": self.bytes_sent,
-                "rate_fps": round(self.rate(), 2), "avg_fps": round(avg, 2),
+                "rate_fps": 0.0 if self.paused else round(self.rate(), 2),  # none while paused
+                "avg_fps": round(avg, 2),
                 "mb_per_s": round(avg * self.frame_bytes / 1e6, 2),
                 "uptime_s": round(time.monotonic() - self._t_start, 3),
                 "subscribers": self.subscribers + self.shm_subscribers,

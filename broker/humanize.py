@@ -49,8 +49,9 @@ def format_status(s: Mapping[str, Any]) -> str:
     rows: list[tuple[str, str]] = []
     paused = s.get("paused")
     state = s.get("state", "")
-    rows.append(("stream", f"{s['stream']} ({s['source']}, "
-                           f"{format_shape(tuple(s['shape']))} {s['dtype']})"))
+    geometry = f"{format_shape(tuple(s['shape']))} {s['dtype']}"
+    source = s["source"] if geometry in s["source"] else f"{s['source']}, {geometry}"
+    rows.append(("stream", f"{s['stream']} ({source})"))
     line = state or ("paused" if paused else "streaming")
     waiting = s.get("waiting")
     if waiting:

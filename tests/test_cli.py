@@ -239,7 +239,7 @@ def test_people_get_sentences_programs_get_json(eps, broker_factory):
                      r"\d+ s ago\)", text), text
     assert "None" not in text and "{" not in text
     status = json.loads(run_cli("status", "--broker", eps.control, "--json").stdout)
-    assert status["paused"] is True
+    assert status["paused"] is True and status["rate_fps"] == 0
     r = run_cli("resume", "--broker", eps.control, "--json")
     assert json.loads(r.stdout) == {"paused": False}
     r = run_cli("stop", "--broker", eps.control)
