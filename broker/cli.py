@@ -127,7 +127,8 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
                    help="the broker's control endpoint (default %(default)s)")
     p.add_argument("--timeout", type=_positive_float, default=CLIENT_TIMEOUT_S,
                    metavar="SECONDS",
-                   help="how long to wait for the broker to answer (default %(default)s)")
+                   help="how long to wait for the broker: for its first answer and, once "
+                        "connected, for data (default %(default)s)")
     _add_security_args(p)
 
 
@@ -562,7 +563,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                        output=args.output, backend=args.backend, color=args.color,
                        threads=args.threads, planner=args.planner, wisdom=args.wisdom,
                        window=args.window, sink=not args.no_sink, worker_id=args.id,
-                       keep_running=args.keep_running, shm=not args.no_shm, security=security)
+                       timeout=args.timeout, keep_running=args.keep_running,
+                       shm=not args.no_shm, security=security)
     summary = _run_part(
         args, security, not (args.work and (args.results or args.no_sink)),
         lambda: Worker(cfg), (BrokerUnavailable, ValueError),
@@ -629,7 +631,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
                      reorder=args.reorder, out=str(args.out) if args.out else None,
-                     publish=args.publish, keep_running=args.keep_running, security=security)
+                     publish=args.publish, timeout=args.timeout,
+                     keep_running=args.keep_running, security=security)
     summary = _run_part(args, security, not args.work, lambda: Sink(cfg),
                         (BrokerUnavailable, SinkError, OSError),
                         lambda s: f"framebroker sink: {summary_line(s)}")
@@ -719,7 +722,7 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       shm=not args.no_shm, security=security)
+                       timeout=args.timeout, shm=not args.no_shm, security=security)
     summary = _run_part(
         args, security, False, lambda: Recording(cfg),
         (RecorderError, BrokerUnavailable, ValueError),

@@ -28,6 +28,7 @@ from .security import PLAIN, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, FrameOverwritten, RingReader, shm_queue
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
+RESEND_S = 5.0  # Control.wait: ask again on a fresh socket this often
 _R = TypeVar("_R", bound="_Receiver")
 
 
@@ -187,29 +188,37 @@ class Control:
         """Ask for ``endpoints`` until the broker answers or ``deadline_s`` passes.
 
         This is what makes "client first, broker later" work without sleeps in user code.
-        Each attempt waits at most a second, and ``on_wait(seconds_so_far)`` is called
-        after each failed one, so a caller can say that it is waiting. The timeout's
-        error reports the whole time waited and how many times it asked.
+        The request stays queued on its socket (ZeroMQ delivers it once the broker is up,
+        and a slow broker's late answer still counts); it is sent again on a fresh socket
+        every RESEND_S in case a broker that took it died. ``on_wait(seconds_so_far)`` is
+        called once a second after the first, so a caller can say that it is waiting. The
+        timeout's error reports the whole time waited and how many times it asked.
         """
         t0 = time.monotonic()
-        attempts, per_request = 0, self.timeout
-        try:
-            while True:
-                attempts += 1
-                self.timeout = max(0.01, min(1.0, deadline_s - (time.monotonic() - t0)))
-                self._reset()
-                try:
-                    return self.endpoints()
-                except BrokerUnavailable:
-                    waited = time.monotonic() - t0
-                    if waited >= deadline_s:
-                        raise BrokerUnavailable(self.endpoint, "endpoints", waited, attempts,
-                                                self.security.curve) from None
-                    if on_wait is not None:
-                        on_wait(waited)
-        finally:
-            self.timeout = per_request
+        attempts = 0
+        while True:
+            attempts += 1
             self._reset()
+            sock = self._socket()
+            sock.send(proto.encode_request("endpoints"))
+            resend = min(time.monotonic() + RESEND_S, t0 + deadline_s)
+            while True:
+                now = time.monotonic()
+                if sock.poll(max(1, int(min(1.0, resend - now) * 1000))):
+                    reply = proto.decode_reply(sock.recv())
+                    if not reply["ok"]:
+                        raise RuntimeError(f"broker refused 'endpoints': "
+                                           f"{reply.get('error', 'no reason given')}")
+                    return reply
+                waited = time.monotonic() - t0
+                if waited >= deadline_s:
+                    self._reset()
+                    raise BrokerUnavailable(self.endpoint, "endpoints", waited, attempts,
+                                            self.security.curve)
+                if on_wait is not None and waited >= 1.0:
+                    on_wait(waited)
+                if time.monotonic() >= resend:
+                    break
 
     def close(self) -> None:
         self._reset()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -107,15 +108,16 @@ def test_control_from_the_cli(eps, broker_factory, tmp_path):
 def test_control_against_no_broker_times_out_cleanly():
     eps = make_endpoints()
     ctl = Control(eps.control, timeout=0.3)
-    with pytest.raises(BrokerUnavailable, match=r"after 0\.[3-9] s \(asked 'status' once; "
-                                                r"if it runs with CURVE, pass security="):
+    with pytest.raises(BrokerUnavailable, match=r"after \d+\.\d s \(asked 'status' once; "
+                                                r"if it runs with CURVE, pass security=") as e:
         ctl.status()
+    assert e.value.waited >= 0.3
     with pytest.raises(BrokerUnavailable):  # the REQ socket was recreated, not stuck
         ctl.status()
     r = run_cli("status", "--broker", eps.control, "--timeout", "0.3")
     assert r.returncode == 1
-    assert r.stderr.strip().startswith("framebroker status: error: no answer from the broker "
-                                       f"at {eps.control} after 0.3 s")
+    assert re.match(rf"framebroker status: error: no answer from the broker at "
+                    rf"{eps.control} after \d+\.\d s \(asked 'endpoints' once", r.stderr), r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -49,11 +49,10 @@ def test_waiting_for_an_absent_broker_says_so_and_reports_the_real_wait(argv, tm
     assert waits[0].endswith("(1 s)"), waits
     err = lines[-1]
     m = re.fullmatch(rf"{prog}: error: no answer from the broker at {re.escape(broker)} "
-                     r"after (\d+\.\d) s \(asked 'endpoints' (\d+) times; if it runs with "
-                     r"CURVE, give --curve-secret and --curve-server-key\)", err)
+                     r"after (\d+\.\d) s \(asked 'endpoints' (once|\d+ times); if it runs "
+                     r"with CURVE, give --curve-secret and --curve-server-key\)", err)
     assert m, err
     assert 2.5 <= float(m.group(1)) <= wall  # the real time waited, not one attempt's
-    assert int(m.group(2)) >= 2
     assert "Traceback" not in r.stderr
 
 
@@ -152,8 +151,9 @@ def test_every_subcommand_speaks_the_shared_vocabulary():
         for flag in old:
             assert flag not in r.stdout, (command, flag)
         if "--timeout" in flags:
-            assert ("--timeout SECONDS how long to wait for the broker to answer (default "
-                    "30.0)") in " ".join(r.stdout.split()), command
+            assert ("--timeout SECONDS how long to wait for the broker: for its first answer "
+                    "and, once connected, for data (default 30.0)") in " ".join(
+                r.stdout.split()), command
 
 
 # --- nothing overwritten unasked -------------------------------------------------------------

@@ -118,8 +118,13 @@ class Workspace:
 
     def end_broker(self) -> None:
         """Stop the broker a simple command (status, pause...) left running."""
+        from broker.client import BrokerUnavailable
+
         if self.current is not None and self.current.poll() is None:
-            self.stop_broker()
+            try:
+                self.stop_broker()
+            except BrokerUnavailable:  # already stopping (framebroker stop), not answering
+                pass
             assert self.current.wait(60) == 0
         self.current = None
 
@@ -236,8 +241,10 @@ def _sequence(ws: Workspace, line: str) -> None:
                 ws.stop_broker()
             out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, (words, out, err)
-            ws.end_broker()
+            if sub == "view":  # the broker streams on without it
+                ws.stop_broker()
             assert broker.wait(60) == 0
+            ws.current = None
     ws.end_broker()
 
 
