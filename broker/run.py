@@ -292,13 +292,14 @@ class Runner:
         """Everyone ends at the broker's END; a part that does not is stopped. A broker
         that failed sent no END, so then the others are stopped at once."""
         broker_ok = self.broker.returncode == 0
-        deadline = time.monotonic() + (30.0 if broker_ok else 0.0)
+        # after SIGTERM a part still starting (or still waiting) is stopped, not awaited
+        deadline = time.monotonic() + (0.0 if not broker_ok else 1.0 if self.hurry else 30.0)
         for part in self.parts[1:]:
             while part.returncode is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             rc = part.returncode
             if rc is None:
-                if broker_ok:  # else it is stopped below, because the broker failed
+                if broker_ok and not self.hurry:  # else it is stopped below
                     self.failed.append((part.name, -1, "did not finish after end-of-stream"))
             elif rc != 0 and part.name not in (f[0] for f in self.failed):
                 self.failed.append((part.name, rc, part.tail()))
