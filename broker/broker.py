@@ -43,6 +43,8 @@ from .subscriptions import (MAX_SUBSCRIBED_BYTES, MAX_SUBSCRIPTION_MESSAGE, MAX_
 
 COMMANDS = ("endpoints", "status", "snapshot", "pause", "resume", "stop", "report")
 MAX_REPORTING_CLIENTS = 256  # a peer inventing names cannot grow the table past this
+SIGNAL_DRAIN_S = 0.4  # after SIGINT/SIGTERM: the most we wait for acknowledgements
+SIGNAL_LINGER_S = 0.2  # ... and repeat END (the ``stop`` command waits the full times)
 REPORT_EXPIRY_S = 30.0  # a client silent this long is dropped from status
 XPUB_REBIND_S = 5.0  # how long a reset XPUB may take to get its address back
 
@@ -197,6 +199,7 @@ class Broker:
         self._ring_ready: Slot | None = None
         self.latest: tuple[bytes, Slot] | None = None
         self._stop_requested = False
+        self.hurry = False  # a signal asked us to stop: end within a second
         self._t_start = time.monotonic()
         self._t_first = 0.0
         self._first_frame_unix: float | None = None  # wall clock: run's start-up figure
@@ -362,6 +365,12 @@ class Broker:
         return None
 
     # --- the loop -------------------------------------------------------------------
+    def stop_soon(self, *_: Any) -> None:
+        """SIGINT/SIGTERM: finish the stream as ``request_stop`` does, but give the work
+        groups and END at most SIGNAL_DRAIN_S, so the process ends within a second."""
+        self.hurry = True
+        self.request_stop()
+
     def request_stop(self, *_: Any) -> None:
         """Finish the stream cleanly (signal handler and ``stop`` command)."""
         self._stop_requested = True
@@ -374,6 +383,9 @@ class Broker:
             while not self._stop_requested:
                 waiting = self._waiting()
                 self.state = "paused" if self.paused else "waiting" if waiting else "streaming"
+                if next_progress is not None and time.monotonic() >= next_progress:
+                    self.log(self.progress_line())  # paused or waiting too: say so
+                    next_progress = time.monotonic() + self.cfg.progress
                 if self.paused or waiting:
                     self._stalled(None)
                     self._serve(100)
@@ -402,9 +414,6 @@ class Broker:
                 pacer.tick()
                 if self.cfg.frames and self.sent >= self.cfg.frames:
                     break
-                if next_progress is not None and time.monotonic() >= next_progress:
-                    self.log(self.progress_line())
-                    next_progress += self.cfg.progress
         except SourceError as exc:
             self.error = str(exc)
             self.log(f"error: {exc}")
@@ -602,7 +611,10 @@ class Broker:
         """End of stream: END on PUB, drain the work groups, END to every consumer."""
         self.state = "draining"
         end = proto.end_header(self.cfg.stream, self.sent, time.time_ns(), self.session)
-        deadline = time.monotonic() + self.cfg.drain_timeout
+        drain, linger = self.cfg.drain_timeout, self.cfg.end_linger
+        if self.hurry:
+            drain, linger = min(drain, SIGNAL_DRAIN_S), min(linger, SIGNAL_LINGER_S)
+        deadline = time.monotonic() + drain
         while self._unsent is not None and time.monotonic() < deadline:
             self._pub_busy()  # the last frame made still waits for room: send it first
         if self._unsent is not None:
@@ -616,7 +628,7 @@ class Broker:
         self.dispatcher.end_of_stream(end)
         # PUB drops when a subscriber's queue is full, so END is repeated until every
         # subscriber has gone (they unsubscribe when they close) or end_linger passes.
-        linger_end = time.monotonic() + self.cfg.end_linger
+        linger_end = time.monotonic() + linger
         while True:
             self.pub.send_multipart([self.topic, end, b""])
             if self.shm_pub is not None:
@@ -730,7 +742,8 @@ class Broker:
                 "state": self.state, "source": self.source.description,
                 "shape": list(self.source.shape), "dtype": str(self.source.dtype),
                 "frames_sent": self.sent, "bytes_sent": self.bytes_sent,
-                "rate_fps": round(self.rate(), 2), "avg_fps": round(avg, 2),
+                "rate_fps": 0.0 if self.paused else round(self.rate(), 2),  # none while paused
+                "avg_fps": round(avg, 2),
                 "mb_per_s": round(avg * self.frame_bytes / 1e6, 2),
                 "uptime_s": round(time.monotonic() - self._t_start, 3),
                 "first_frame_unix": self._first_frame_unix,
@@ -774,6 +787,9 @@ class Broker:
         groups = " ".join(f"{n}:{g['acked']}/{g['dispatched']}"
                           for n, g in s["work"]["groups"].items())
         mbps = s["rate_fps"] * self.frame_bytes / 1e6
+        if s["state"] != "streaming":  # paused or waiting: no rate to speak of
+            return (f"{s['state']}: {s['frames_sent']} frames sent, {s['subscribers']} "
+                    f"subscribers {groups}").rstrip()
         return (f"{s['frames_sent']} frames, {s['rate_fps']:.0f} fps, {mbps:.1f} MB/s, "
                 f"{s['subscribers']} subscribers ({s['transports']['subscribers']['shm']} shm) "
                 f"{groups}").rstrip()
@@ -799,4 +815,4 @@ def _peer(frame: zmq.Frame) -> str:
 def install_signal_handlers(broker: Broker) -> None:
     """SIGINT/SIGTERM end the stream cleanly: END is sent, sockets close with a linger."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, broker.request_stop)
+        signal.signal(sig, broker.stop_soon)

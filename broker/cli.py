@@ -12,21 +12,24 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
-from collections import deque
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 import numpy as np
 import zmq
 
 from . import __version__
 from . import protocol as proto
-from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout,
-                     parse_policy, subscribe)
-from .security import HEARTBEAT_S, Security, SecurityError, from_key_dir, generate_keys
+from .argtypes import (_checked_by, _client_name, _deprecated, _dtype,
+                        _endpoint, _http_address, _mib, _nonneg_float, _nonneg_int,
+                        _policy, _positive_float, _positive_int, _ring_size, _shape,
+                        _source, _stream, _value_range)
 from .bench.command import add_bench, add_tune
-from .shm import parse_size
+from .client import DEFAULT_BROKER, BrokerUnavailable, Control, ReceiveTimeout, subscribe
+from .humanize import counts, format_reply, format_status, maybe
+from .security import (HEARTBEAT_S, Security, SecurityError, check_exposure,
+                       check_page_exposure, check_results_exposure, from_key_dir, generate_keys)
+from .sources import format_shape
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_LOST = 0, 1, 2, 3
 
@@ -39,117 +42,94 @@ class CliError(Exception):
         self.code = code
 
 
-# --- argument types: bad values fail at parse time with a clear message ----------
-
-def _positive_int(text: str) -> int:
-    value = _nonneg_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
-
-
-def _endpoint(text: str) -> str:
-    scheme, sep, rest = text.partition("://")
-    if not sep or scheme not in ("tcp", "ipc", "inproc") or not rest:
-        raise argparse.ArgumentTypeError(f"endpoint {text!r} must look like "
-                                         f"tcp://127.0.0.1:5555 or ipc:///tmp/fb.sock")
-    return text
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    from .sources import parse_shape
-
-    try:
-        return parse_shape(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _dtype(text: str) -> str:
-    try:
-        proto.dtype_code(np.dtype(text))
-    except (TypeError, proto.ProtocolError):
-        raise argparse.ArgumentTypeError(f"dtype {text!r} is not one of "
-                                         f"{', '.join(str(d) for d in proto.DTYPES.values())}"
-                                         ) from None
-    return np.dtype(text).name
-
-
-def _source(text: str):
-    from .sources import SourceSpec
-
-    try:
-        return SourceSpec.parse(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _stream(text: str) -> str:
-    if not 1 <= len(text.encode()) <= proto.MAX_NAME:
-        raise argparse.ArgumentTypeError(f"stream name must be 1-{proto.MAX_NAME} bytes")
-    return text
-
-
-def _client_name(text: str) -> str:
-    if not len(text) <= proto.MAX_CLIENT_NAME or not text.isprintable():
-        raise argparse.ArgumentTypeError(f"name must be at most {proto.MAX_CLIENT_NAME} "
-                                         f"printable characters")
-    return text
-
-
-def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
-    """An argparse type that checks the text with ``parse`` (its ValueError becomes the
-    usage error) and keeps the text, for the part that parses it again later."""
-    def check(text: str) -> str:
-        try:
-            parse(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-    return check
-
-
-_policy = _checked_by(parse_policy)
-_ring_size = _checked_by(parse_size)
-
-
 def _add_no_shm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-shm", action="store_true",
                    help="receive full payloads over the socket even if the broker offers a "
                         "shared-memory ring on this host")
 
 
-def _mib(text: str) -> int:
-    return int(_nonneg_float(text) * 1024 * 1024)
+# --- the shared vocabulary: one flag per concept, on every subcommand -------------------
+
+def _add_out(p: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    """--out PATH and --overwrite: every command that writes a file."""
+    p.add_argument("--out", type=Path, default=None, required=required, metavar="PATH",
+                   help=what)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output file if it exists (default: refuse)")
+
+
+def _add_progress(p: argparse.ArgumentParser, default: float) -> None:
+    p.add_argument("--progress", type=_nonneg_float, default=default, metavar="SECONDS",
+                   help="seconds between progress lines on stderr (0 = none, default "
+                        "%(default)s)")
+
+
+def _add_json(p: argparse.ArgumentParser, what: str = "the summary") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON document on stdout, for programs")
+
+
+def _checked_output(path: Path, overwrite: bool,
+                    suffixes: Sequence[str] | None = None) -> Path:
+    """outputs.check_output with the CLI's words (--out, --overwrite)."""
+    from .outputs import BadSuffix, OutputError, OutputExists, check_output
+
+    try:
+        return check_output(path, overwrite, suffixes)
+    except OutputExists:
+        raise CliError(f"{path} exists; pass --overwrite to replace it") from None
+    except OutputError as exc:
+        raise CliError(str(exc), EXIT_USAGE if isinstance(exc, BadSuffix) else EXIT_ERROR
+                       ) from None
+
+
+def _say_size(prog: str, path: Path, nbytes: int, anyway: bool) -> None:
+    """Print the expected size of a recording and refuse to start one its filesystem
+    cannot hold (unless ``anyway``, --no-space-check)."""
+    from .outputs import NotEnoughSpace, check_space, format_bytes
+
+    print(f"{prog}: {path} will take about {format_bytes(nbytes)}", file=sys.stderr)
+    if anyway:
+        return
+    try:
+        check_space(path, nbytes)
+    except NotEnoughSpace as exc:
+        raise CliError(f"{exc}; free some space, record fewer frames, or pass "
+                       f"--no-space-check to start anyway") from None
+
+
+def _broker_error(exc: BrokerUnavailable) -> CliError:
+    return CliError(exc.explain("if it runs with CURVE, give --curve-secret and "
+                                "--curve-server-key"))
+
+
+def _wait_for_broker(args: argparse.Namespace, security: Security) -> dict[str, Any]:
+    """Wait up to --timeout for the broker's first answer, saying so on stderr once a
+    second after the first; every local check has run before this."""
+    prog = f"framebroker {args.command}"
+    ctl = Control(args.broker, security=security)
+    try:
+        return ctl.wait(args.timeout, on_wait=lambda s: print(
+            f"{prog}: waiting for broker at {args.broker} ({s:.0f} s)", file=sys.stderr,
+            flush=True))
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    finally:
+        ctl.close()
 
 
 # --- subcommands ----------------------------------------------------------------------
 
+CLIENT_TIMEOUT_S = 30.0
+
+
 def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker", type=_endpoint, default=DEFAULT_BROKER,
                    help="the broker's control endpoint (default %(default)s)")
-    p.add_argument("--timeout", type=_nonneg_float, default=5.0,
-                   help="seconds to wait for the broker or for data (default %(default)s)")
+    p.add_argument("--timeout", type=_positive_float, default=CLIENT_TIMEOUT_S,
+                   metavar="SECONDS",
+                   help="how long to wait for the broker: for its first answer and, once "
+                        "connected, for data (default %(default)s)")
     _add_security_args(p)
 
 
@@ -167,6 +147,11 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--heartbeat", type=_nonneg_float, default=HEARTBEAT_S, metavar="SECONDS",
                    help="ZMTP heartbeat interval; a peer silent for 3 of them is dropped "
                         "(0 = off, default %(default)s)")
+
+
+def _warn(args: argparse.Namespace) -> Callable[[str], None]:
+    """A one-line notice on stderr, prefixed with the subcommand."""
+    return lambda message: print(f"framebroker {args.command}: {message}", file=sys.stderr)
 
 
 def _security(args: argparse.Namespace, *, binds: bool, connects: bool) -> Security:
@@ -199,9 +184,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=_nonneg_int, default=0, help="camera: requested height")
     p.add_argument("--camera-fps", type=_nonneg_float, default=0.0,
                    help="camera: requested frame rate")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0,
+    p.add_argument("--fps", type=_nonneg_float, default=None,
                    help="pace the stream at this rate, drift-free (0 = as fast as possible; "
-                        "an h5: recording: at its own timestamps)")
+                        "default: a video file's own rate, an h5: recording's own "
+                        "timestamps, else as fast as possible)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until stopped)")
     p.add_argument("--stream", type=_stream, default="cam", help="stream name and PUB topic")
@@ -216,9 +202,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--advertise", default="",
                    help="host to hand out for wildcard binds (default 127.0.0.1)")
-    p.add_argument("--sndhwm", type=_positive_int, default=64,
+    p.add_argument("--hwm", type=_positive_int, default=64,
                    help="frames queued per subscriber before PUB drops for that subscriber "
                         "(default %(default)s)")
+    _deprecated(p, "--sndhwm", "--hwm", "hwm", type=_positive_int)
     p.add_argument("--wait-subscribers", type=_nonneg_int, default=0,
                    help="hold the stream until this many subscribers (any policy) have "
                         "subscribed")
@@ -245,65 +232,29 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="ms to keep sending queued messages at exit (default %(default)s)")
     p.add_argument("--max-frame-mib", type=_mib, default=proto.DEFAULT_MAX_BYTES,
                    help="largest frame accepted from a source, MiB (default 256)")
-    p.add_argument("--progress", type=_nonneg_float, default=5.0,
-                   help="seconds between progress lines on stderr (0 = none)")
+    _add_progress(p, 5.0)
     p.add_argument("--shm", type=_ring_size, default=None,
                    help="also serve same-host consumers from a shared-memory ring in "
                         "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
                         "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding a non-loopback address without CURVE")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
+    _add_json(p, "the final status")
     _add_security_args(p)
     p.set_defaults(func=cmd_serve)
 
 
-def is_loopback(endpoint: str) -> bool:
-    """True for ipc/inproc and tcp on 127.0.0.0/8, ::1 or localhost."""
-    import ipaddress
-
-    scheme, _, rest = endpoint.partition("://")
-    if scheme != "tcp":
-        return True
-    host = rest.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", an interface name or a host name: reachable from outside
-        return False
-
-
-def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool,
-                   role: str = "serve") -> None:
-    """Refuse to expose frames, results and control to the network without CURVE unless
-    asked (``role``: the subcommand, for the messages)."""
-    exposed = [ep for ep in endpoints if not is_loopback(ep)]
-    if not exposed:
-        return
-    where = ", ".join(exposed)
-    if curve:
-        print(f"framebroker {role}: {where} is reachable from the network; allowed because "
-              f"CURVE is on (traffic encrypted, only --curve-allow keys admitted)",
-              file=sys.stderr)
-        return
-    if not insecure:
-        raise CliError(f"refusing to bind {where}: anyone who can reach it could read every "
-                       f"frame and stop the broker, and nothing is encrypted. Turn on CURVE "
-                       f"(--curve-secret, --curve-allow; see framebroker keys generate), bind "
-                       f"127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
-                       EXIT_USAGE)
-    print(f"framebroker {role}: warning: --insecure: {where} is reachable from the network "
-          f"without encryption or authentication", file=sys.stderr)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
-    from .sources import SourceError, open_source
+    from .sources import SourceError, open_source, pace_rate
 
     security = _security(args, binds=True, connects=False)
-    check_exposure((args.pub, args.work, args.control), args.insecure, security.curve)
+    try:
+        check_exposure((args.pub, args.work, args.control), args.insecure, security.curve,
+                       warn=_warn(args))
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
                              width=args.width, height=args.height, camera_fps=args.camera_fps)
@@ -315,14 +266,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"frames of {nbytes} bytes exceed --max-frame-mib "
                        f"({args.max_frame_mib / 2**20:g} MiB)")
     cfg = BrokerConfig(stream=args.stream, pub=args.pub, work=args.work, control=args.control,
-                       results=args.results, advertise=args.advertise, fps=args.fps,
-                       frames=args.frames, sndhwm=args.sndhwm,
+                       results=args.results, advertise=args.advertise,
+                       fps=pace_rate(source, args.fps), frames=args.frames, sndhwm=args.hwm,
                        wait_subscribers=args.wait_subscribers, wait_workers=args.wait_workers,
                        wait_recorders=args.wait_recorders, max_pending=args.max_pending,
                        worker_timeout=args.worker_timeout, orphan_timeout=args.orphan_timeout,
                        drain_timeout=args.drain_timeout,
                        end_linger=args.end_linger, linger_ms=args.linger_ms,
-                       progress=0.0 if args.quiet else args.progress, security=security,
+                       progress=args.progress, security=security,
                        shm=args.shm or "")
     try:
         broker = Broker(source, cfg)
@@ -341,7 +292,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         source.close()
         # Wait out the linger before the interpreter frees the buffers that queued
         # zero-copy messages still point into (otherwise libzmq may send freed memory).
-        zmq.Context.instance().destroy(linger=args.linger_ms)
+        zmq.Context.instance().destroy(linger=min(args.linger_ms, 200) if broker.hurry
+                                       else args.linger_ms)
     print(json.dumps(status) if args.json else f"framebroker serve: {broker.summary_line()}",
           flush=True)
     return EXIT_ERROR if status["error"] else EXIT_OK
@@ -357,8 +309,9 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
                    help="stream to subscribe to (default: the broker's)")
     p.add_argument("--frames", type=_nonneg_int, default=0,
                    help="stop after this many frames (0 = until end-of-stream)")
-    p.add_argument("--rcvhwm", type=_positive_int, default=64,
+    p.add_argument("--hwm", type=_positive_int, default=64,
                    help="frames queued locally before zmq drops (default %(default)s)")
+    _deprecated(p, "--rcvhwm", "--hwm", "hwm", type=_positive_int)
     p.add_argument("--policy", type=_policy, default="drop",
                    help="slow consumer: drop (ZeroMQ HWM, seen as gaps), latest:N (keep "
                         "only the newest N frames; count the rest as dropped) or block "
@@ -368,115 +321,41 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="", type=_client_name,
                    help="name under which the broker's status shows this subscriber's "
                         "drop counts (default: sub-HOST-PID-N)")
-    p.add_argument("--interval", type=_nonneg_float, default=1.0,
-                   help="seconds between progress lines (0 = none)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_progress(p, 1.0)
+    _deprecated(p, "--interval", "--progress", "progress", type=_nonneg_float)
+    _add_json(p)
     _add_no_shm(p)
     p.set_defaults(func=cmd_watch)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .sources import check_synthetic
+    from .watch import lost as watch_lost, summary_line as watch_summary_line, watch_stream
 
+    if args.policy == "block" and (args.pub or args.stream):
+        raise CliError("--policy block takes frames from the broker's work channel; "
+                       "--pub and --stream do not apply", EXIT_USAGE)
+    security = _security(args, binds=False, connects=True)
+    if args.policy == "block" or not args.pub:
+        _wait_for_broker(args, security)
     try:
         common = {"broker": args.broker, "timeout": args.timeout,
                   "connect_wait": args.timeout, "name": args.name, "shm": not args.no_shm,
-                  "security": _security(args, binds=False, connects=True)}
+                  "security": security}
         if args.policy == "block":
-            if args.pub or args.stream:
-                raise CliError("--policy block takes frames from the broker's work channel; "
-                               "--pub and --stream do not apply", EXIT_USAGE)
             sub = subscribe("block", **common)
         else:
-            sub = subscribe(args.policy, endpoint=args.pub, rcvhwm=args.rcvhwm,
+            sub = subscribe(args.policy, endpoint=args.pub, rcvhwm=args.hwm,
                             topics=(args.stream,) if args.stream else None, **common)
     except BrokerUnavailable as exc:
-        raise CliError(str(exc)) from None
-    latencies: deque[float] = deque(maxlen=100_000)
-    corrupt = restarts_seen = 0
-    t0 = time.monotonic()
-    next_line = t0 + args.interval if args.interval else None
-    last_n, last_t = 0, t0
+        raise _broker_error(exc) from None
     try:
-        while not args.frames or sub.received < args.frames:
-            frame = sub.recv()
-            if frame is None:
-                break
-            latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
-            # a ring slot reused while we checked it is a drop (counted), not corruption
-            if (args.verify and check_synthetic(frame.array, frame.frame_id) >= 0
-                    and sub.confirm(frame)):
-                corrupt += 1
-            if len(sub.restarts) != restarts_seen:
-                restarts_seen = len(sub.restarts)
-                old, last, new, first = sub.restarts[-1]
-                print(f"watch: new broker session {new:#x} (the last id of session {old:#x} was "
-                      f"{last}); joined at id {first}, {first} ids of it missed",
-                      file=sys.stderr, flush=True)
-            now = time.monotonic()
-            if next_line is not None and now >= next_line:
-                rate = (sub.received - last_n) / (now - last_t)
-                print(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
-                      f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
-                      f"latency {np.median(list(latencies)[-256:]):.2f} ms", file=sys.stderr,
-                      flush=True)
-                last_n, last_t, next_line = sub.received, now, now + args.interval
+        summary = watch_stream(sub, frames=args.frames, progress=args.progress,
+                               verify=args.verify, log=lambda m: print(
+                                   m, file=sys.stderr, flush=True))
     except ReceiveTimeout as exc:
-        if sub.received == 0:
-            sub.close()
-            raise CliError(str(exc)) from None
-        print(f"watch: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sub.close()
-    elapsed = time.monotonic() - t0
-    summary: dict[str, Any] = {**sub.stats(), "seconds": round(elapsed, 3),
-                               "fps": round(sub.received / elapsed, 2) if elapsed else 0.0,
-                               "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
-                               "latency_ms_p50": _pct(latencies, 50),
-                               "latency_ms_p99": _pct(latencies, 99)}
-    if args.verify:
-        summary["corrupt"] = corrupt
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"watch: {summary['received']} frames over {sub.transport} in {elapsed:.2f} s "
-              f"({summary['fps']} fps, {summary['mb_per_s']} MB/s), gaps {sub.gaps}, "
-              f"overwritten {sub.overwritten}, missed {summary['missed']}, "
-              f"dropped by --policy {sub.dropped}, "
-              f"rejected {sum(sub.rejected.values())}, latency p50 {summary['latency_ms_p50']} "
-              f"ms p99 {summary['latency_ms_p99']} ms"
-              + (f", corrupt {corrupt}" if args.verify else ""))
-    lost = sub.gaps or (summary["missed"] or 0) or corrupt
-    return EXIT_LOST if lost else EXIT_OK
-
-
-def _http_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"HTTP address {text!r} must look like "
-                                         f"127.0.0.1:8080")
-    return host, int(port)
-
-
-def _value_range(text: str) -> tuple[float, float]:
-    lo, sep, hi = text.partition(":")
-    try:
-        bounds = float(lo), float(hi)
-    except ValueError:
-        bounds = ()
-    if not sep or len(bounds) != 2 or not bounds[0] < bounds[1] < float("inf"):
-        raise argparse.ArgumentTypeError(f"range {text!r} must be LO:HI with LO < HI, "
-                                         f"e.g. 0:4095")
-    return bounds
-
-
-def _positive_float(text: str) -> float:
-    value = _nonneg_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
-    return value
+        raise CliError(str(exc)) from None
+    print(json.dumps(summary) if args.json else watch_summary_line(summary))
+    return EXIT_LOST if watch_lost(summary) else EXIT_OK
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -516,13 +395,10 @@ def cmd_view(args: argparse.Namespace) -> int:
     from .view import View, ViewConfig, ViewError, summary_line
 
     host, port = args.http
-    if not is_loopback(f"tcp://{host}:{port}"):
-        if not args.insecure:
-            raise CliError(f"refusing to serve the page on {host}:{port}: anyone who can reach "
-                           f"it could watch every frame. Use 127.0.0.1 (and tunnel), or pass "
-                           f"--insecure to accept that risk", EXIT_USAGE)
-        print(f"framebroker view: warning: --insecure: {host}:{port} is reachable from the "
-              f"network without authentication", file=sys.stderr)
+    try:
+        check_page_exposure(host, port, args.insecure, warn=_warn(args))
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     view = View(ViewConfig(broker=args.broker, host=host, port=port, max_fps=args.max_fps,
                            scale=args.scale, value_range=args.value_range,
                            quality=args.quality, results=args.results,
@@ -540,14 +416,6 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _pct(values: Iterable[float], q: float) -> float | None:
-    arr = np.fromiter(values, dtype=np.float64)
-    return round(float(np.percentile(arr, q)), 3) if arr.size else None
-
-
-def _control(args: argparse.Namespace) -> Control:
-    return Control(args.broker, timeout=args.timeout,
-                   security=_security(args, binds=False, connects=True))
 
 
 def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
@@ -558,64 +426,63 @@ def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
     return p
 
 
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    _add_json(_add_simple(sub, "status", "show the broker's status", cmd_status),
+              "the full status")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     status = _request(args, "status")
-    if args.json:
-        print(json.dumps(status, indent=2))
-        return EXIT_OK
-    for key in ("stream", "state", "source", "shape", "dtype", "frames_sent", "rate_fps",
-                "avg_fps", "mb_per_s", "uptime_s", "subscribers", "paused", "curve",
-                "auth_refused"):
-        print(f"{key:>12}: {status[key]}")
-    if status.get("waiting"):
-        w = status["waiting"]
-        print(f"{'waiting':>12}: for group {w['group']!r} member {w['member']} since "
-              f"{w['seconds']:g} s")
-    print(f"{'rejected':>12}: control {status['control_rejected']}, work "
-          f"{status['work']['rejected']}")
-    subs, workers = status["transports"]["subscribers"], status["transports"]["workers"]
-    print(f"{'transports':>12}: subscribers tcp {subs['tcp']} shm {subs['shm']}, "
-          f"workers tcp {workers['tcp']} shm {workers['shm']}")
-    if status["shm"]:
-        ring = status["shm"]
-        print(f"{'ring':>12}: {ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "
-              f"bytes, {ring['slots_held']} held, stalls {ring['stalls']}")
-    for name, g in status["work"]["groups"].items():
-        shm = sum(m["transport"] == "shm" for m in g["members"].values())
-        print(f"{'group ' + name:>12}: {len(g['members'])} members ({shm} shm), pending "
-              f"{g['pending']}, acked {g['acked']}, re-dispatched {g['redispatched']}")
-    for name, c in status["consumers"].items():
-        print(f"{'subscriber':>12}: {name} ({c['policy']}): received {c['received']}, "
-              f"dropped {c['dropped']}, gaps {c['gaps']}, rejected {c['rejected']}, "
-              f"reported {c['age_s']:g} s ago")
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
     return EXIT_OK
 
 
-def _request(args: argparse.Namespace, cmd: str) -> dict[str, Any]:
-    ctl = _control(args)
+def _request(args: argparse.Namespace, cmd: str,
+             security: Security | None = None) -> dict[str, Any]:
+    """One control request, after waiting (and saying so) for the broker."""
+    security = security or _security(args, binds=False, connects=True)
+    _wait_for_broker(args, security)
+    ctl = Control(args.broker, timeout=args.timeout, security=security)
     try:
         return ctl.request(cmd)
-    except (BrokerUnavailable, RuntimeError) as exc:
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    except RuntimeError as exc:
         raise CliError(str(exc)) from None
     finally:
         ctl.close()
 
 
+def _add_control_commands(sub: argparse._SubParsersAction) -> None:
+    for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
+                        ("pause", "pause capture"), ("resume", "resume capture")):
+        _add_json(_add_simple(sub, name, help_, cmd_simple), "the broker's reply")
+
+
 def cmd_simple(args: argparse.Namespace) -> int:
     reply = _request(args, args.command)
     reply.pop("ok", None)
-    print(json.dumps(reply))
+    print(json.dumps(reply) if args.json else f"framebroker {args.command}: "
+                                              f"{format_reply(args.command, reply)}")
     return EXIT_OK
 
 
+def _add_snapshot(sub: argparse._SubParsersAction) -> None:
+    p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
+    _add_out(p, "output file, .png (OpenCV) or .npy (required)", required=True)
+    _add_json(p, "what was saved")
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".npy"):
-        raise CliError(f"--out {out}: use a .png or .npy file name", EXIT_USAGE)
-    ctl = _control(args)
+    out = _checked_output(args.out, args.overwrite, (".png", ".npy"))
+    security = _security(args, binds=False, connects=True)
+    _wait_for_broker(args, security)
+    ctl = Control(args.broker, timeout=args.timeout, security=security)
     try:
         frame = ctl.snapshot()
-    except (BrokerUnavailable, RuntimeError, proto.ProtocolError) as exc:
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    except (RuntimeError, proto.ProtocolError) as exc:
         raise CliError(str(exc)) from None
     finally:
         ctl.close()
@@ -626,7 +493,11 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
             _write_png(out, frame.array)
     except OSError as exc:
         raise CliError(f"cannot write {out}: {exc.strerror or exc}") from None
-    print(f"snapshot: frame {frame.frame_id} {frame.array.shape} {frame.array.dtype} -> {out}")
+    summary = {"frame_id": frame.frame_id, "shape": list(frame.array.shape),
+               "dtype": str(frame.array.dtype), "out": str(out)}
+    print(json.dumps(summary) if args.json else
+          f"snapshot: frame {frame.frame_id} ({format_shape(frame.array.shape)} "
+          f"{frame.array.dtype}) -> {out}")
     return EXIT_OK
 
 
@@ -640,11 +511,11 @@ def _write_png(out: Path, array: np.ndarray) -> None:
         raise CliError(f"cannot write {out} (does the directory exist?)")
 
 
-def _add_fft_args(p: argparse.ArgumentParser, output_flag: str) -> None:
-    """FFT worker flags, shared by ``worker`` and ``run`` (which calls it --fft-output)."""
+def _add_fft_args(p: argparse.ArgumentParser) -> None:
+    """FFT worker flags, shared by ``worker`` and ``run``."""
     from .choices import BACKENDS, COLORS, OUTPUTS, PLANNERS
 
-    p.add_argument(output_flag, dest="output", choices=OUTPUTS, default="peak",
+    p.add_argument("--fft-output", dest="output", choices=OUTPUTS, default="peak",
                    help="what is sent back per frame (default %(default)s)")
     p.add_argument("--backend", choices=BACKENDS, default="pyfftw",
                    help="FFT library; auto: the fastest for the frame, measured once and "
@@ -666,11 +537,11 @@ def _add_part_args(p: argparse.ArgumentParser, func: Callable[[argparse.Namespac
     """Flags every pipeline part (worker, sink, recorder) shares: it waits longer for
     its broker than a one-shot client, and ends with a summary."""
     _add_client_args(p)
-    p.set_defaults(timeout=30.0, func=func)
+    p.set_defaults(func=func)
     if keep_running:
         p.add_argument("--keep-running", action="store_true",
                        help="stay up after end-of-stream and serve the next session")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_json(p)
 
 
 def _add_worker(sub: argparse._SubParsersAction) -> None:
@@ -690,7 +561,9 @@ def _add_worker_flags(p: argparse.ArgumentParser,
                    help="work endpoint (overrides --broker)")
     p.add_argument("--results", type=_endpoint, default=None,
                    help="sink's results endpoint (overrides --broker)")
-    _add_fft_args(p, "--output")
+    _add_fft_args(p)
+    from .choices import OUTPUTS
+    _deprecated(p, "--output", "--fft-output", "output", choices=OUTPUTS)
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     _add_no_shm(p)
@@ -719,13 +592,17 @@ def _worker_config(args: argparse.Namespace) -> Any:
                         security=_security(args, binds=False, connects=True))
 
 
+def _worker_needs_broker(args: argparse.Namespace) -> bool:
+    return not (args.work and (args.results or args.no_sink))
+
+
 def cmd_workers(args: argparse.Namespace) -> int:
     from .placement import PlacementError, Workers, summary_line
 
     cfg = _worker_config(args)
-    summary = _run_part(lambda: Workers(cfg, args.count, args.ray, args.restarts),
-                        (BrokerUnavailable, ValueError, PlacementError), args.json,
-                        summary_line)
+    summary = _run_part(args, cfg.security, _worker_needs_broker(args),
+                        lambda: Workers(cfg, args.count, args.ray, args.restarts),
+                        (BrokerUnavailable, ValueError, PlacementError), summary_line)
     return EXIT_OK if summary["ended"] else EXIT_ERROR
 
 
@@ -733,28 +610,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from .workers import Worker
 
     cfg = _worker_config(args)
-    summary = _run_part(lambda: Worker(cfg), (BrokerUnavailable, ValueError), args.json,
-                        lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps, "
-                                  f"compute p50 {s['compute_ms_p50']} ms, rejected "
-                                  f"{s['rejected']}")
+    summary = _run_part(
+        args, cfg.security, _worker_needs_broker(args),
+        lambda: Worker(cfg), (BrokerUnavailable, ValueError),
+        lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps"
+                  + maybe("compute p50", s["compute_ms_p50"], "ms")
+                  + f", rejected {counts(s['rejected'])}")
     return EXIT_OK if summary["ended"] else EXIT_ERROR
 
 
-def _run_part(make: Callable[[], Any], errors: tuple[type[Exception], ...], as_json: bool,
+def _run_part(args: argparse.Namespace, security: Security, needs_broker: bool,
+              make: Callable[[], Any], errors: tuple[type[Exception], ...],
               line: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Build a part (worker, sink, recorder), run it to end-of-stream, always close it,
-    and print its summary; ``errors`` from building or running become one-line errors."""
+    """Wait for the broker (if the part needs it), build a part (worker, sink, recorder),
+    run it to end-of-stream, always close it, and print its summary once, on stdout;
+    ``errors`` from building or running become one-line errors."""
+    if needs_broker:
+        _wait_for_broker(args, security)
     try:
         part = make()
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
     try:
         summary = part.run()
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
     finally:
         part.close()
-    print(json.dumps(summary) if as_json else line(summary), flush=True)
+    print(json.dumps(summary) if args.json else line(summary), flush=True)
     return summary
 
 
@@ -771,9 +658,7 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reorder", type=_positive_int, default=1024,
                    help="results held back to restore order before a gap is declared "
                         "(default %(default)s; keep it >= the broker's --max-pending)")
-    p.add_argument("--out", default=None,
-                   help="write results to a .npy or .h5 file, as they are acknowledged")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_out(p, "write the results to this .npy or .h5 file, as they are acknowledged")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding --results on a non-loopback address without CURVE")
     p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
@@ -784,25 +669,22 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
 def cmd_sink(args: argparse.Namespace) -> int:
     from .sink import Sink, SinkConfig, SinkError, summary_line
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".npy", ".h5"):
-        raise CliError(f"--out {out}: use a .npy or .h5 file name", EXIT_USAGE)
-    if out is not None and not out.parent.is_dir():
-        raise CliError(f"--out {out}: directory {out.parent} does not exist")
-    if out is not None and out.exists() and not args.overwrite:
-        raise CliError(f"--out {out}: file exists; pass --overwrite to replace it")
+    if args.out is not None:
+        _checked_output(args.out, args.overwrite, (".npy", ".h5"))
     security = _security(args, binds=True, connects=True)
-    check_exposure([args.results] if args.results else [], args.insecure, security.curve,
-                   "sink")
-    if args.publish and not is_loopback(args.publish) and not security.curve:
-        raise CliError(f"refusing to publish results on {args.publish}: anyone who can reach "
-                       f"it could read them. Bind 127.0.0.1, or turn on CURVE", EXIT_USAGE)
+    try:
+        check_exposure([args.results] if args.results else [], args.insecure, security.curve,
+                       warn=_warn(args))
+        check_results_exposure(args.publish, security.curve)
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
-                     reorder=args.reorder, out=args.out, overwrite=args.overwrite,
-                     publish=args.publish,
-                     timeout=args.timeout, keep_running=args.keep_running, security=security)
-    summary = _run_part(lambda: Sink(cfg), (BrokerUnavailable, SinkError, OSError),
-                        args.json, lambda s: f"framebroker sink: {summary_line(s)}")
+                     reorder=args.reorder, out=str(args.out) if args.out else None,
+                     overwrite=args.overwrite, publish=args.publish, timeout=args.timeout,
+                     keep_running=args.keep_running, security=security)
+    summary = _run_part(args, security, not args.work, lambda: Sink(cfg),
+                        (BrokerUnavailable, SinkError, OSError),
+                        lambda s: f"framebroker sink: {summary_line(s)}")
     if summary["total"] is None:
         return EXIT_ERROR
     return EXIT_LOST if summary["gaps"] else EXIT_OK
@@ -822,21 +704,25 @@ def _add_record_args(p: argparse.ArgumentParser) -> None:
                    help="frames per HDF5 chunk (default %(default)s)")
     p.add_argument("--compress-threads", type=_positive_int, default=2,
                    help="threads compressing chunks (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.add_argument("--no-space-check", action="store_true",
+                   help="start even if the expected size exceeds the free disk space")
 
 
 def _add_record(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("record", help="record the stream into HDF5",
                        description="Record frames into a chunked, preallocated HDF5 file "
                                    "with direct chunk writes; lossless by default.")
-    p.add_argument("path", help="output file, e.g. run.h5")
+    p.add_argument("path", nargs="?", default=None, help=argparse.SUPPRESS)  # deprecated
+    _add_out(p, "the HDF5 file to write, e.g. run.h5 (required)")
     _add_part_args(p, cmd_record, keep_running=False)
     p.add_argument("--work", type=_endpoint, default=None, help="work endpoint (lossless)")
     p.add_argument("--pub", type=_endpoint, default=None, help="PUB endpoint (live)")
     _add_record_args(p)
-    p.add_argument("--frames", "--expect-frames", dest="frames", type=_positive_int,
-                   default=None, help="expected frame count: preallocate exactly (default: "
-                                      "grow)")
+    p.add_argument("--frames", type=_positive_int, default=None,
+                   help="stop after this many frames (default: at end-of-stream)")
+    p.add_argument("--expect-frames", type=_positive_int, default=None,
+                   help="expected frame count: preallocate exactly (default: --frames, "
+                        "else grow)")
     p.add_argument("--grow-frames", type=_positive_int, default=1024,
                    help="growth step when the count is unknown (default %(default)s)")
     p.add_argument("--window", type=_positive_int, default=None,
@@ -886,8 +772,21 @@ def cmd_record(args: argparse.Namespace) -> int:
     from .record import RecordConfig, Recording
     from .recorder import RecorderError
 
-    cfg = RecordConfig(path=args.path, broker=args.broker, work=args.work, pub=args.pub,
-                       mode=args.mode, frames=args.frames, window=args.window,
+    out = _record_target(args)
+    _checked_output(out, args.overwrite)
+    security = _security(args, binds=False, connects=True)
+    expected = args.expect_frames or args.frames
+    needs_broker = not (args.work or args.pub)
+    if needs_broker:
+        _wait_for_broker(args, security)
+        if expected:
+            status = _request(args, "status", security)
+            frame_bytes = int(np.prod(status["shape"])) * np.dtype(status["dtype"]).itemsize
+            _say_size(f"framebroker {args.command}", out, expected * frame_bytes,
+                      args.no_space_check)
+    cfg = RecordConfig(path=str(out), broker=args.broker, work=args.work, pub=args.pub,
+                       mode=args.mode, frames=expected, stop_after=args.frames or 0,
+                       window=args.window,
                        queue_frames=max(args.queue_frames, args.window or 0),
                        chunk_frames=args.chunk_frames, grow_frames=args.grow_frames,
                        compression=args.compression, level=args.level, swmr=not args.no_swmr,
@@ -895,26 +794,40 @@ def cmd_record(args: argparse.Namespace) -> int:
                        max_frames_per_file=args.max_frames_per_file,
                        max_bytes_per_file=args.max_bytes_per_file, overwrite=args.overwrite,
                        compress_threads=args.compress_threads, throttle_s=args.throttle,
-                       timeout=args.timeout, shm=not args.no_shm,
-                       security=_security(args, binds=False, connects=True))
+                       timeout=args.timeout, shm=not args.no_shm, security=security)
     if args.shards or args.shard or args.ray:
         from .placement import PlacementError
         from .shards import ShardedRecording, summary_line
         summary = _run_part(
+            args, security, False,
             lambda: ShardedRecording(cfg, shards=args.shards, shard=args.shard,
                                      block=args.shard_block or args.chunk_frames, ray=args.ray,
                                      restarts=args.restarts),
-            (RecorderError, BrokerUnavailable, ValueError, PlacementError), args.json,
-            lambda s: summary_line(s, args.path))
+            (RecorderError, BrokerUnavailable, ValueError, PlacementError),
+            lambda s: summary_line(s, str(out)))
     else:
         summary = _run_part(
-            lambda: Recording(cfg), (RecorderError, BrokerUnavailable, ValueError), args.json,
+            args, security, False, lambda: Recording(cfg),
+            (RecorderError, BrokerUnavailable, ValueError),
             lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
-                      f"{s['mb_per_s']} MB/s) to {', '.join(s['files'])}; missed "
+                      f"{s['mb_per_s']} MB/s) to {', '.join(s['files']) or 'no file'}; missed "
                       f"{s['frames_missed']}, dropped {s['dropped']}")
-    if not summary["ended"] or summary["session_changed"]:
+    if not (summary["ended"] or summary.get("stopped_after")) or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
+
+
+def _record_target(args: argparse.Namespace) -> Path:
+    """--out, or the deprecated positional path of older scripts."""
+    if args.path is not None:
+        if args.out is not None:
+            raise CliError("give the output file once, as --out PATH", EXIT_USAGE)
+        print(f"framebroker {args.command}: warning: the positional output path is "
+              f"deprecated; use --out {args.path}", file=sys.stderr)
+        return Path(args.path)
+    if args.out is None:
+        raise CliError("--out PATH is required (the HDF5 file to write)", EXIT_USAGE)
+    return args.out
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -922,12 +835,13 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
                        description="Frames, dtype/shape, duration and rate, missing ids, "
                                    "compression ratio and size of an HDF5 recording.")
     p.add_argument("path", help="recording (.h5)")
-    p.add_argument("--png", default=None, help="write a contact sheet + interval plot PNG")
+    _add_out(p, "also write a contact sheet + interval plot PNG here")
+    _deprecated(p, "--png", "--out", "out", type=Path)
     p.add_argument("--follow", action="store_true",
                    help="SWMR: keep showing the frame count while it is recorded")
-    p.add_argument("--interval", type=_nonneg_float, default=0.5,
-                   help="--follow refresh interval in seconds")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_progress(p, 0.5)
+    _deprecated(p, "--interval", "--progress", "progress", type=_nonneg_float)
+    _add_json(p, "the report")
     p.set_defaults(func=cmd_inspect)
 
 
@@ -937,15 +851,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
+    if args.out is not None:
+        _checked_output(args.out, args.overwrite, (".png",))
+    if args.follow and not args.progress:
+        raise CliError("--follow needs --progress SECONDS > 0", EXIT_USAGE)
     try:
         if args.follow:
-            for count in insp.follow(path, args.interval):
+            for count in insp.follow(path, args.progress):
                 print(f"inspect: {path}: {count} frames", flush=True)
         info = insp.inspect_file(path)
-        if args.png:
-            insp.contact_sheet(path, args.png)
     except (OSError, KeyError, ValueError) as exc:
         raise CliError(f"{path}: not a framebroker recording ({exc})") from None
+    if args.out is not None:
+        try:
+            insp.contact_sheet(path, args.out)
+        except OSError as exc:
+            raise CliError(f"cannot write {args.out}: {exc.strerror or exc}") from None
     print(json.dumps(info, default=str) if args.json else insp.format_report(info))
     return EXIT_OK
 
@@ -970,18 +891,23 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", type=_dtype, default="uint8", help="synthetic dtype")
     p.add_argument("--loop", action="store_true",
                    help="restart a video file or recording at its end")
-    p.add_argument("--fps", type=_nonneg_float, default=0.0,
-                   help="pace the source (0 = max; h5: its timestamps)")
+    p.add_argument("--fps", type=_nonneg_float, default=None,
+                   help="pace the source (0 = as fast as possible; default: a video file's "
+                        "own rate, an h5: recording's timestamps, else as fast as possible)")
     p.add_argument("--workers", type=_nonneg_int, default=default_workers(),
                    help="FFT worker processes (default: one per core, %(default)s here)")
-    _add_fft_args(p, "--fft-output")
+    _add_fft_args(p)
     p.add_argument("--reorder", type=_positive_int, default=1024, help="sink reorder window")
-    p.add_argument("--record", default=None, help="also record into this HDF5 file")
+    p.add_argument("--record", type=Path, default=None, metavar="PATH",
+                   help="also record into this HDF5 file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the --record file if it exists (default: refuse)")
     p.add_argument("--shards", type=_nonneg_int, default=0, metavar="N",
                    help="--record with N writer processes, one file each, behind a VDS "
                         "master (see record --shards)")
     _add_record_args(p)
-    p.add_argument("--hwm", type=_positive_int, default=64, help="broker --sndhwm")
+    p.add_argument("--hwm", type=_positive_int, default=64,
+                   help="frames the broker queues per subscriber (default %(default)s)")
     p.add_argument("--max-pending", type=_positive_int, default=64, help="broker --max-pending")
     p.add_argument("--shm", type=_ring_size, default=None,
                    help="broker --shm: workers and the lossless recorder read frames from a "
@@ -990,8 +916,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     for name, port in (("pub", 5555), ("work", 5556), ("control", 5557), ("results", 5558)):
         p.add_argument(f"--{name}", type=_endpoint, default=f"tcp://127.0.0.1:{port}",
                        help=f"{name} endpoint (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no live progress")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_progress(p, 1.0)
+    _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
+    _add_json(p)
     g = p.add_argument_group("security")
     g.add_argument("--curve", action="store_true",
                    help="CURVE on every socket, with a fresh server and client key pair made "
@@ -1016,7 +943,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     """``run`` with CURVE keys from ``keys`` (a ``keys generate`` layout) or without."""
-    from .run import RunPlan, Runner, exit_code, format_report
+    from .run import (RunError, Runner, exit_code, format_report, plan_from_args,
+                      progress_display, refuse_running_broker)
 
     if keys is None:
         server = client_sec = Security(heartbeat=args.heartbeat)
@@ -1029,48 +957,23 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
         except SecurityError as exc:
             raise CliError(f"--curve-keys {keys}: {exc}", EXIT_USAGE) from None
     frames = args.frames if args.frames is not None else (0 if args.seconds else 1000)
-    _refuse_running_broker(args.control, client_sec)
     if args.workers == 0 and args.record is None:
         raise CliError("nothing to run: --workers 0 and no --record", EXIT_USAGE)
     if args.shards and (args.record is None or args.mode != "lossless"):
         raise CliError("--shards N shards a lossless --record", EXIT_USAGE)
-    if args.record and Path(args.record).exists() and not args.overwrite:
-        raise CliError(f"{args.record} exists; use --overwrite to replace it")
-    eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
-           "--results", args.results]
-    lossless = bool(args.record) and args.mode == "lossless"
-    serve = ["serve", *eps, "--source", str(args.source), "--shape", "x".join(map(str, args.shape)),
-             "--dtype", args.dtype, "--fps", str(args.fps), "--frames", str(frames),
-             "--stream", args.stream, "--sndhwm", str(args.hwm),
-             "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
-             "--wait-recorders", str(max(1, args.shards)) if lossless else "0", "--quiet",
-             "--json",
-             *server.argv()]
-    serve += ["--shm", args.shm] if args.shm else []
-    if args.loop:
-        serve.append("--loop")
-    client = ["--broker", args.control, "--json", *client_sec.argv()]
-    sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
-             str(args.reorder)] if args.workers else None)
-    worker = ["worker", *client, "--output", args.output, "--backend", args.backend,
-              "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
-              "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
-    record = None
-    if args.record:
-        record = ["record", args.record, *client, "--mode", args.mode, "--compression",
-                  args.compression, "--chunk-frames", str(args.chunk_frames),
-                  "--compress-threads", str(args.compress_threads)]
-        record += (["--frames", str(frames)] if frames else []) + (
-            ["--level", str(args.level)] if args.level is not None else []) + (
-            ["--overwrite"] if args.overwrite else []) + (
-            ["--shards", str(args.shards)] if args.shards else [])
-    plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
-                   workers=[worker] * args.workers, record=record, seconds=args.seconds,
-                   frames=frames, lossless_record=lossless, security=client_sec,
-                   record_path=args.record)
-    progress, finish = _progress(args, frames)
+    if args.record is not None:
+        _checked_output(args.record, args.overwrite)
+        if frames and args.source.kind == "synthetic":
+            _say_size("framebroker run", args.record, frames * int(np.prod(args.shape))
+                      * np.dtype(args.dtype).itemsize, args.no_space_check)
+    try:
+        refuse_running_broker(args.control, client_sec)
+    except RunError as exc:
+        raise CliError(str(exc)) from None
+    plan = plan_from_args(args, server, client_sec, frames)
+    progress, finish = progress_display(args, frames)
     runner = Runner(plan, progress, log=lambda m: print(m, file=sys.stderr))
-    if sink is None:
+    if not plan.sink:
         runner.parts = [p for p in runner.parts if p.name != "sink"]
     rep: dict[str, Any] = {}
     try:
@@ -1082,81 +985,6 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
     return exit_code(rep)
 
 
-def _refuse_running_broker(control: str, security: Security) -> None:
-    """``run`` starts its own broker: if one already answers at ``control``, our parts
-    would join that one instead, so say so and stop."""
-    ctl = Control(control, timeout=0.3, security=security)
-    try:
-        ctl.endpoints()
-    except BrokerUnavailable:
-        return
-    finally:
-        ctl.close()
-    raise CliError(f"a broker is already running at {control}; stop it (framebroker stop "
-                   f"--broker {control}) or give run other endpoints (--pub, --work, "
-                   f"--control, --results)")
-
-
-def _progress(args: argparse.Namespace, frames: int):
-    """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
-    if args.quiet or args.json:
-        return (lambda status: None), (lambda rep: None)
-
-    def counts(status: dict[str, Any]) -> tuple[int, int, int]:
-        groups = status["work"]["groups"]
-        return (status["frames_sent"], groups.get("fft", {}).get("acked", 0),
-                groups.get("record", {}).get("acked", 0))
-
-    if sys.stdout.isatty():
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("{task.description}"), BarColumn(),
-                       TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
-                       TimeElapsedColumn(), transient=False)
-        stages = ["published"] + ["processed"] * bool(args.workers) + ["recorded"] * bool(
-            args.record)
-        tasks = {name: bar.add_task(name, total=frames or None, rate="") for name in stages}
-        bar.start()
-
-        def show(status: dict[str, Any]) -> None:
-            for name, n in zip(("published", "processed", "recorded"), counts(status)):
-                if name in tasks:
-                    bar.update(tasks[name], completed=n,
-                               rate=f"{status['rate_fps']:.0f} fps" if name == "published"
-                               else "")
-
-        def finish(rep: dict[str, Any]) -> None:
-            """The final counts (parts finish after the broker's last status)."""
-            for name, st in rep.get("stages", {}).items():
-                if name in tasks:
-                    bar.update(tasks[name], completed=st["frames"], rate=f"{st['fps']:.0f} fps")
-            bar.stop()
-
-        return show, finish
-    last = [0.0]
-
-    def line(status: dict[str, Any]) -> None:
-        now = time.monotonic()
-        if now - last[0] >= 1.0:
-            last[0] = now
-            sent, done, rec = counts(status)
-            print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
-                  f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
-                  file=sys.stderr, flush=True)
-
-    return line, (lambda rep: None)
-
-
-def _comma_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
-    """An argument type for ``--only a,b``: names from ``allowed``, at least one."""
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"must be a comma list of {', '.join(allowed)}; "
-                                             f"got {text!r}")
-        return names
-    return parse
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:
@@ -1187,15 +1015,22 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     for public, secret in made:
         print(f"made {secret} (secret, mode 0600: keep it on its host) and {public} (public)")
     d = args.dir
-    print(f"""use:
-  framebroker serve --curve-secret {d}/private/server.key_secret --curve-allow {d}/public
+    clients = [n for n in names if n != "server"]
+    print("use:")
+    if "server" in names:
+        print(f"""  framebroker serve --curve-secret {d}/private/server.key_secret --curve-allow {d}/public
   framebroker sink --curve-secret {d}/private/server.key_secret \\
-      --curve-server-key {d}/public/server.key --curve-allow {d}/public
-  framebroker watch --curve-secret {d}/private/client.key_secret \\
-      --curve-server-key {d}/public/server.key      (worker, record, status, ... the same)
-  framebroker run --curve-keys {d}
+      --curve-server-key {d}/public/server.key --curve-allow {d}/public""")
+    for name in clients:
+        print(f"""  framebroker watch --curve-secret {d}/private/{name}.key_secret \\
+      --curve-server-key {d}/public/server.key      (worker, record, status, ... the same)""")
+    if names == ["server", "client"]:
+        print(f"""  framebroker run --curve-keys {d}
 A client on another host needs only its own .key_secret and public/server.key; a new
 client: framebroker keys generate {d} --name NAME, then restart the servers.""")
+    elif clients:
+        print(f"restart the servers (serve, sink) so that their --curve-allow {d}/public "
+              f"admits {', '.join(clients)}")
     return EXIT_OK
 
 
@@ -1236,8 +1071,42 @@ def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -
     run_parser.set_defaults(**defaults)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is the subcommand's one-line usage plus the error, not every flag;
+    unknown flags are reported by the subcommand they were given to."""
+
+    def format_usage(self) -> str:
+        names = [a.metavar or a.dest.upper() for a in self._actions
+                 if not a.option_strings and a.help is not argparse.SUPPRESS
+                 and not isinstance(a, argparse._SubParsersAction)]
+        subs = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs:
+            names.append(subs[0].metavar or "COMMAND")
+        return (f"usage: {' '.join([self.prog, *names])} [options]  "
+                f"(all of them: {self.prog} --help)\n")
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.format_usage()}{self.prog}: error: {message}\n")
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(ns, "parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
+def _own_parser(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand's parser records itself in the namespace (for _Parser.parse_args)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub.set_defaults(parser=sub)
+                _own_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="framebroker", description="A high-throughput camera frame broker over ZeroMQ: "
                                         "capture, fan out, FFT, record. Every client command "
                                         "takes --broker CONTROL_ENDPOINT.")
@@ -1255,13 +1124,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune(sub)
     _add_keys(sub)
     _add_view(sub)
-    p = _add_simple(sub, "status", "show the broker's status", cmd_status)
-    p.add_argument("--json", action="store_true", help="print the full status as JSON")
-    p = _add_simple(sub, "snapshot", "save the broker's latest frame", cmd_snapshot)
-    p.add_argument("--out", required=True, help="output file, .png (OpenCV) or .npy")
-    for name, help_ in (("stop", "end the stream: the broker sends end-of-stream and exits"),
-                        ("pause", "pause capture"), ("resume", "resume capture")):
-        _add_simple(sub, name, help_, cmd_simple)
+    _add_status(sub)
+    _add_snapshot(sub)
+    _add_control_commands(sub)
+    _own_parser(parser)
     return parser
 
 
@@ -1280,6 +1146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of our stdout went away (``status | head -1``): end quietly, with the
+    status of a process ended by SIGPIPE, and let nothing flush into the closed pipe."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

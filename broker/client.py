@@ -28,6 +28,7 @@ from .security import PLAIN, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, FrameOverwritten, RingReader, shm_queue
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5557"
+RESEND_S = 5.0  # Control.wait: ask again on a fresh socket this often
 _R = TypeVar("_R", bound="_Receiver")
 
 
@@ -37,8 +38,32 @@ def cpu_seconds() -> float:
     return round(usage.ru_utime + usage.ru_stime, 3)
 
 
+API_CURVE_HINT = ("if it runs with CURVE, pass security=Security(secret=..., "
+                  "server_key=...)")
+KEY_REFUSED_HINT = "if it is up, it may have refused our key: see its log"
+
+
 class BrokerUnavailable(TimeoutError):
-    """The broker did not answer in time."""
+    """The broker did not answer in time.
+
+    It carries what was tried (``endpoint``, ``cmd``, ``attempts``) and the real time
+    waited (``waited``), so each caller can word it for its audience: ``str()`` names
+    the Python API's parameters; the CLI calls ``explain`` with its flags.
+    """
+
+    def __init__(self, endpoint: str, cmd: str, waited: float, attempts: int = 1,
+                 curve: bool = False) -> None:
+        self.endpoint, self.cmd, self.waited = endpoint, cmd, waited
+        self.attempts, self.curve = attempts, curve
+        super().__init__(self.explain(API_CURVE_HINT))
+
+    def explain(self, plain_hint: str) -> str:
+        """The message with ``plain_hint`` (what to do if the broker uses CURVE and we
+        do not) or, if we do use CURVE, the key-refused hint."""
+        asked = f"asked {self.cmd!r} " + ("once" if self.attempts == 1
+                                          else f"{self.attempts} times")
+        return (f"no answer from the broker at {self.endpoint} after {self.waited:.1f} s "
+                f"({asked}; {KEY_REFUSED_HINT if self.curve else plain_hint})")
 
 
 class ReceiveTimeout(TimeoutError):
@@ -119,23 +144,18 @@ class Control:
     def request_parts(self, cmd: str, **args: Any) -> tuple[dict[str, Any], list[zmq.Frame]]:
         """Send ``cmd``; returns the decoded reply and any further parts (zero-copy)."""
         sock = self._socket()
+        t0 = time.monotonic()
         try:
             sock.send(proto.encode_request(cmd, **args))
             parts = sock.recv_multipart(copy=False)
         except zmq.Again:
             self._reset()
-            raise BrokerUnavailable(f"broker at {self.endpoint} did not answer {cmd!r} within "
-                                    f"{self.timeout:g} s{self._curve_hint()}") from None
+            raise BrokerUnavailable(self.endpoint, cmd, time.monotonic() - t0,
+                                    curve=self.security.curve) from None
         reply = proto.decode_reply(parts[0].bytes)
         if not reply["ok"]:
             raise RuntimeError(f"broker refused {cmd!r}: {reply.get('error', 'no reason given')}")
         return reply, parts[1:]
-
-    def _curve_hint(self) -> str:
-        """A CURVE mismatch looks like silence to a client, so say what else it could be."""
-        if self.security.curve:
-            return " (if it is up, it may have refused our key: see its log)"
-        return " (if it runs with CURVE, give --curve-secret and --curve-server-key)"
 
     def request(self, cmd: str, **args: Any) -> dict[str, Any]:
         return self.request_parts(cmd, **args)[0]
@@ -163,18 +183,42 @@ class Control:
             raise proto.UnknownKind("snapshot reply carried an end-of-stream message")
         return Frame(header, array)
 
-    def wait(self, deadline_s: float) -> dict[str, Any]:
+    def wait(self, deadline_s: float,
+             on_wait: Callable[[float], None] | None = None) -> dict[str, Any]:
         """Ask for ``endpoints`` until the broker answers or ``deadline_s`` passes.
 
         This is what makes "client first, broker later" work without sleeps in user code.
+        The request stays queued on its socket (ZeroMQ delivers it once the broker is up,
+        and a slow broker's late answer still counts); it is sent again on a fresh socket
+        every RESEND_S in case a broker that took it died. ``on_wait(seconds_so_far)`` is
+        called once a second after the first, so a caller can say that it is waiting. The
+        timeout's error reports the whole time waited and how many times it asked.
         """
-        end = time.monotonic() + deadline_s
+        t0 = time.monotonic()
+        attempts = 0
         while True:
-            try:
-                return self.endpoints()
-            except BrokerUnavailable:
-                if time.monotonic() >= end:
-                    raise
+            attempts += 1
+            self._reset()
+            sock = self._socket()
+            sock.send(proto.encode_request("endpoints"))
+            resend = min(time.monotonic() + RESEND_S, t0 + deadline_s)
+            while True:
+                now = time.monotonic()
+                if sock.poll(max(1, int(min(1.0, resend - now) * 1000))):
+                    reply = proto.decode_reply(sock.recv())
+                    if not reply["ok"]:
+                        raise RuntimeError(f"broker refused 'endpoints': "
+                                           f"{reply.get('error', 'no reason given')}")
+                    return reply
+                waited = time.monotonic() - t0
+                if waited >= deadline_s:
+                    self._reset()
+                    raise BrokerUnavailable(self.endpoint, "endpoints", waited, attempts,
+                                            self.security.curve)
+                if on_wait is not None and waited >= 1.0:
+                    on_wait(waited)
+                if time.monotonic() >= resend:
+                    break
 
     def close(self) -> None:
         self._reset()

@@ -99,6 +99,7 @@ class RecordConfig:
     pub: str | None = None
     mode: str = "lossless"
     frames: int | None = None  # expected count: preallocate; None = grow
+    stop_after: int = 0  # stop after this many frames (0 = at end-of-stream)
     window: int | None = None  # None: auto_window() from the frame size and disk_rate
     disk_rate: float = DISK_RATE
     queue_frames: int = 64  # raised to the window when the window is automatic
@@ -147,6 +148,7 @@ class Recording:
         self.mismatched = 0
         self.session_changed = False
         self.signals = StopSignals()  # installed once the file exists
+        self.taken = 0  # frames handed to the writer (or dropped by it, in live mode)
         self._session: int | None = None
         self._t0 = 0.0
         self._t1 = 0.0
@@ -241,6 +243,8 @@ class Recording:
                     break
                 self._take(frame, lossless)
                 self._ack_written()
+                if self.cfg.stop_after and self.taken >= self.cfg.stop_after:
+                    break
         finally:
             self._finish()
         return self.summary()
@@ -268,6 +272,7 @@ class Recording:
         self._t1 = time.monotonic()
         self._last_id = h.frame_id  # received, whether queued or dropped (the recorder
         # declares its own drops; _finish declares only ids never received)
+        self.taken += 1
         if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless):
             if lossless:
                 self._queued_ids.append(h.frame_id)
@@ -312,6 +317,7 @@ class Recording:
                 "frames_missed": w.frames_missed if w else 0,
                 "dropped": self.rec.dropped if self.rec else 0, "duplicates": self.duplicates,
                 "total": self.source.total, "ended": self.source.ended,
+                "stopped_after": bool(self.cfg.stop_after) and self.taken >= self.cfg.stop_after,
                 "files": [str(p) for p in w.files] if w else [],
                 "bytes_written": w.bytes_written if w else 0,
                 "bytes_stored": w.bytes_stored if w else 0,

@@ -24,6 +24,7 @@ slowest stage.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -102,6 +103,115 @@ class RunPlan:
     record_path: str | None = None  # the recording, read back for the summary
 
 
+class RunError(RuntimeError):
+    """``run`` cannot start (a broker already answers on its endpoints)."""
+
+
+def plan_from_args(args: argparse.Namespace, server: Security, client_sec: Security,
+                   frames: int) -> RunPlan:
+    """Every part's argument list from ``run``'s flags: the same subcommands a user could
+    start by hand, on run's endpoints, with the server or client keys."""
+    eps = ["--pub", args.pub, "--work", args.work, "--control", args.control,
+           "--results", args.results]
+    lossless = bool(args.record) and args.mode == "lossless"
+    serve = ["serve", *eps, "--source", str(args.source), "--shape", "x".join(map(str, args.shape)),
+             "--dtype", args.dtype, "--frames", str(frames),
+             "--stream", args.stream, "--hwm", str(args.hwm),
+             "--max-pending", str(args.max_pending), "--wait-workers", str(args.workers),
+             "--wait-recorders", str(max(1, args.shards)) if lossless else "0", "--progress",
+             "0", "--json",
+             *server.argv()]
+    serve += ["--fps", str(args.fps)] if args.fps is not None else []
+    serve += ["--shm", args.shm] if args.shm else []
+    if args.loop:
+        serve.append("--loop")
+    client = ["--broker", args.control, "--json", *client_sec.argv()]
+    sink = (["sink", "--broker", args.control, "--json", *server.argv(), "--reorder",
+             str(args.reorder)] if args.workers else None)
+    worker = ["worker", *client, "--fft-output", args.output, "--backend", args.backend,
+              "--color", args.color, "--threads", str(args.threads), "--planner", args.planner,
+              "--window", str(args.window)] + (["--wisdom", args.wisdom] if args.wisdom else [])
+    record = None
+    if args.record:
+        record = ["record", "--out", str(args.record), *client, "--mode", args.mode,
+                  "--compression", args.compression, "--chunk-frames", str(args.chunk_frames),
+                  "--compress-threads", str(args.compress_threads), "--no-space-check"]
+        record += (["--expect-frames", str(frames)] if frames else []) + (
+            ["--level", str(args.level)] if args.level is not None else []) + (
+            ["--overwrite"] if args.overwrite else []) + (
+            ["--shards", str(args.shards)] if args.shards else [])
+    plan = RunPlan(control=args.control, serve=serve, sink=sink or [],
+                   workers=[worker] * args.workers, record=record, seconds=args.seconds,
+                   frames=frames, lossless_record=lossless, security=client_sec,
+                   record_path=str(args.record) if args.record else None)
+    return plan
+
+
+def refuse_running_broker(control: str, security: Security) -> None:
+    """``run`` starts its own broker: if one already answers at ``control``, our parts
+    would join that one instead, so say so and stop."""
+    ctl = Control(control, timeout=0.3, security=security)
+    try:
+        ctl.endpoints()
+    except BrokerUnavailable:
+        return
+    finally:
+        ctl.close()
+    raise RunError(f"a broker is already running at {control}; stop it (framebroker stop "
+                   f"--broker {control}) or give run other endpoints (--pub, --work, "
+                   f"--control, --results)")
+
+
+def progress_display(args: argparse.Namespace, frames: int):
+    """Live progress: a rich bar on a terminal, plain lines otherwise, nothing if quiet."""
+    if not args.progress or args.json:
+        return (lambda status: None), (lambda rep: None)
+
+    def counts(status: dict[str, Any]) -> tuple[int, int, int]:
+        groups = status["work"]["groups"]
+        return (status["frames_sent"], groups.get("fft", {}).get("acked", 0),
+                groups.get("record", {}).get("acked", 0))
+
+    if sys.stdout.isatty():
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
+                       TimeElapsedColumn(), transient=False)
+        stages = ["published"] + ["processed"] * bool(args.workers) + ["recorded"] * bool(
+            args.record)
+        tasks = {name: bar.add_task(name, total=frames or None, rate="") for name in stages}
+        bar.start()
+
+        def show(status: dict[str, Any]) -> None:
+            for name, n in zip(("published", "processed", "recorded"), counts(status)):
+                if name in tasks:
+                    bar.update(tasks[name], completed=n,
+                               rate=f"{status['rate_fps']:.0f} fps" if name == "published"
+                               else "")
+
+        def finish(rep: dict[str, Any]) -> None:
+            """The final counts (parts finish after the broker's last status)."""
+            for name, st in rep.get("stages", {}).items():
+                if name in tasks:
+                    bar.update(tasks[name], completed=st["frames"], rate=f"{st['fps']:.0f} fps")
+            bar.stop()
+
+        return show, finish
+    last = [0.0]
+
+    def line(status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - last[0] >= args.progress:
+            last[0] = now
+            sent, done, rec = counts(status)
+            print(f"run: published {sent}{'/' + str(frames) if frames else ''} "
+                  f"({status['rate_fps']:.0f} fps), processed {done}, recorded {rec}",
+                  file=sys.stderr, flush=True)
+
+    return line, (lambda rep: None)
+
+
 class Runner:
     def __init__(self, plan: RunPlan, progress: Callable[[dict[str, Any]], None],
                  log: Callable[[str], None]) -> None:
@@ -113,6 +223,7 @@ class Runner:
         self.failed: list[tuple[str, int, str]] = []  # in the order they were seen
         self.last_status: dict[str, Any] = {}  # the broker's, if it leaves no summary
         self.interrupted = False
+        self.hurry = False  # SIGTERM: end within a second rather than drain in full
         self.t_start = 0.0
         self.t_end = 0.0
         self.t_spawn_unix = 0.0
@@ -123,7 +234,9 @@ class Runner:
 
     def run(self) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="framebroker-run-"))
-        previous = signal.signal(signal.SIGINT, self._interrupt)
+        # SIGTERM as Ctrl-C: stop the parts in order rather than orphan them
+        previous = {sig: signal.signal(sig, self._interrupt)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.t_spawn_unix = time.time()
             for part in self.parts:
@@ -133,7 +246,8 @@ class Runner:
             self._wait_all()
             self.t_end = time.monotonic()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             for part in self.parts:
                 part.stop(grace=2.0)
                 part.collect()
@@ -143,8 +257,9 @@ class Runner:
                 f.unlink()
             workdir.rmdir()
 
-    def _interrupt(self, *_: Any) -> None:
+    def _interrupt(self, signum: int, _frame: Any) -> None:
         self.interrupted = True
+        self.hurry = self.hurry or signum == signal.SIGTERM
 
     def _monitor(self) -> None:
         """Until the broker exits: show progress, watch for failures, honour --seconds."""
@@ -180,6 +295,9 @@ class Runner:
         return bool(names - set(workers)) or bool(workers) and set(workers) <= names
 
     def _stop(self, ctl: Control) -> bool:
+        if self.hurry and self.broker.proc is not None:  # as SIGTERM to serve: END at once
+            self.broker.proc.send_signal(signal.SIGTERM)
+            return True
         try:
             ctl.stop()
             return True
@@ -191,13 +309,14 @@ class Runner:
         """Everyone ends at the broker's END; a part that does not is stopped. A broker
         that failed sent no END, so then the others are stopped at once."""
         broker_ok = self.broker.returncode == 0
-        deadline = time.monotonic() + (30.0 if broker_ok else 0.0)
+        # after SIGTERM a part still starting (or still waiting) is stopped, not awaited
+        deadline = time.monotonic() + (0.0 if not broker_ok else 1.0 if self.hurry else 30.0)
         for part in self.parts[1:]:
             while part.returncode is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             rc = part.returncode
             if rc is None:
-                if broker_ok:  # else it is stopped below, because the broker failed
+                if broker_ok and not self.hurry:  # else it is stopped below
                     self.failed.append((part.name, -1, "did not finish after end-of-stream"))
             elif rc != 0 and part.name not in (f[0] for f in self.failed):
                 self.failed.append((part.name, rc, part.tail()))

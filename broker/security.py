@@ -25,7 +25,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import zmq
 import zmq.auth
@@ -359,3 +359,63 @@ def generate_keys(directory: Path, names: list[str]) -> list[tuple[Path, Path]]:
         os.chmod(secret, 0o600)
         made.append((public, Path(secret)))
     return made
+
+
+# --- exposure: what may be bound where ---------------------------------------------------
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc/inproc and tcp on 127.0.0.0/8, ::1 or localhost."""
+    import ipaddress
+
+    scheme, _, rest = endpoint.partition("://")
+    if scheme != "tcp":
+        return True
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name: reachable from outside
+        return False
+
+
+def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool,
+                   warn: Callable[[str], None]) -> None:
+    """Refuse (SecurityError) to expose frames and control to the network without CURVE
+    unless asked (``insecure``); ``warn`` says what is exposed when it is allowed."""
+    exposed = [ep for ep in endpoints if not is_loopback(ep)]
+    if not exposed:
+        return
+    where = ", ".join(exposed)
+    if curve:
+        warn(f"{where} is reachable from the network; allowed because CURVE is on (traffic "
+             f"encrypted, only --curve-allow keys admitted)")
+        return
+    if not insecure:
+        raise SecurityError(f"refusing to bind {where}: anyone who can reach it could read "
+                            f"every frame and stop the broker, and nothing is encrypted. Turn "
+                            f"on CURVE (--curve-secret, --curve-allow; see framebroker keys "
+                            f"generate), bind 127.0.0.1 (and tunnel), or pass --insecure to "
+                            f"accept that risk")
+    warn(f"warning: --insecure: {where} is reachable from the network without encryption "
+         f"or authentication")
+
+
+def check_page_exposure(host: str, port: int, insecure: bool,
+                        warn: Callable[[str], None]) -> None:
+    """The viewer's HTTP page has no authentication: loopback only unless ``insecure``."""
+    if is_loopback(f"tcp://{host}:{port}"):
+        return
+    if not insecure:
+        raise SecurityError(f"refusing to serve the page on {host}:{port}: anyone who can "
+                            f"reach it could watch every frame. Use 127.0.0.1 (and tunnel), "
+                            f"or pass --insecure to accept that risk")
+    warn(f"warning: --insecure: {host}:{port} is reachable from the network without "
+         f"authentication")
+
+
+def check_results_exposure(endpoint: str | None, curve: bool) -> None:
+    """The sink's results PUB: loopback, or CURVE."""
+    if endpoint and not is_loopback(endpoint) and not curve:
+        raise SecurityError(f"refusing to publish results on {endpoint}: anyone who can "
+                            f"reach it could read them. Bind 127.0.0.1, or turn on CURVE")

@@ -246,8 +246,8 @@ class Sink:
         self.total = header.total
         self._drain(until=header.total)
         self._save_and_ack(time.monotonic(), force=True)
-        self.log(summary_line(self.summary()))
-        if self.cfg.keep_running:
+        if self.cfg.keep_running:  # one line per session; the last summary is the caller's
+            self.log(summary_line(self.summary()))
             self.next, self.total = 0, None
             if self._ctl is None:
                 self.session = None  # the next session's first result names it
@@ -600,7 +600,12 @@ def open_results(path: Path, overwrite: bool = False) -> _NpyResults | _H5Result
 
 def summary_line(s: dict[str, Any]) -> str:
     """One line of a sink summary, for logs and the CLI."""
-    return (f"{s['frames']} results of {s['total']} in {s['seconds']} s ({s['fps']} fps), "
+    from .humanize import counts, maybe
+
+    total = "" if s["total"] is None else f" of {s['total']}"
+    return (f"{s['frames']} results{total} in {s['seconds']} s ({s['fps']} fps), "
             f"duplicates {s['duplicates']}, late {s['late']}, gaps {s['gaps']}, "
-            f"workers {s['per_worker']}, latency p50 {s['latency_ms_p50']} ms "
-            f"p99 {s['latency_ms_p99']} ms, rejected {sum(s['rejected'].values())}")
+            f"from workers {counts({str(k): v for k, v in s['per_worker'].items()})}"
+            + maybe("latency p50", s["latency_ms_p50"], "ms")
+            + maybe("p99", s["latency_ms_p99"], "ms")
+            + f", rejected {counts(s['rejected'])}")

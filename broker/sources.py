@@ -39,6 +39,8 @@ class Source(Protocol):
     #: frames are made when asked for (a file, a renderer), not when a device delivers
     #: them: an unpaced broker may wait before reading without the frame going stale
     on_demand: bool
+    fps: float  # its own rate, which the broker paces to by default (0 = none: as fast
+    # as it delivers; a camera's read waits for its next frame by itself)
 
     def read_into(self, out: np.ndarray) -> bool:
         """Fill ``out`` (shape/dtype as declared) with the next frame; False at the end."""
@@ -144,6 +146,7 @@ class SyntheticSource:
         if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
             raise BadShape(f"synthetic frames have 1-4 positive dimensions, got {shape}")
         self.shape = tuple(shape)
+        self.fps = 0.0
         self.description = f"synthetic {format_shape(self.shape)} {self.dtype}"
         self._next = 0
         self._held: dict[int, tuple[weakref.ref, int]] = {}
@@ -187,6 +190,7 @@ class _CaptureSource:
             raise SourceError(f"{label}: opened but delivered no frame")
         self.shape = tuple(first.shape)
         self.dtype = first.dtype
+        self.fps = 0.0
         self._pending: np.ndarray | None = first
 
     def _grab(self, out: np.ndarray) -> bool:
@@ -224,7 +228,10 @@ class VideoSource(_CaptureSource):
                               f"or codec)")
         super().__init__(cap, f"video file {path}")
         self._loop = loop
-        self.description = f"video {path}{' (loop)' if loop else ''}"
+        rate = cap.get(cv2.CAP_PROP_FPS)  # 0 or nonsense when the container has none
+        self.fps = rate if math.isfinite(rate) and 0 < rate <= 1000 else 0.0
+        self.description = (f"video {path}{' (loop)' if loop else ''}"
+                            + (f" at {self.fps:g} fps" if self.fps else ""))
 
     def read_into(self, out: np.ndarray) -> bool:
         if self._grab(out):
@@ -334,13 +341,22 @@ def format_shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
 
+SHAPE_FORMS = "HxW or HxWxC with C 1-4, e.g. 480x640 or 480x640x3"
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """'480x640x3' -> (480, 640, 3); raises ValueError with the rule that broke."""
-    if not re.fullmatch(r"\d+(x\d+){0,3}", text.strip()):
-        raise ValueError(f"shape {text!r} must look like 480x640 or 480x640x3 (1-4 dims)")
+    """'480x640x3' -> (480, 640, 3); raises ValueError naming the accepted forms.
+
+    A frame is an image: rows x columns, optionally x channels (gray+alpha, BGR,
+    BGRA); anything else (a 1-D line, a 4-D stack) is refused rather than streamed.
+    """
+    if not re.fullmatch(r"\d+x\d+(x\d+)?", text.strip()):
+        raise ValueError(f"shape {text!r} must be {SHAPE_FORMS}")
     shape = tuple(int(p) for p in text.strip().split("x"))
     if any(d < 1 for d in shape):
-        raise ValueError(f"shape {text!r} has a zero dimension")
+        raise ValueError(f"shape {text!r} has a zero dimension; it must be {SHAPE_FORMS}")
+    if len(shape) == 3 and not 1 <= shape[2] <= 4:
+        raise ValueError(f"shape {text!r} has {shape[2]} channels; it must be {SHAPE_FORMS}")
     return shape
 
 
@@ -387,6 +403,12 @@ def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
     if spec.kind == "h5":
         return H5Source(spec.target, spec.dataset, loop=loop, timed=timed)
     return CameraSource(int(spec.target), width, height, camera_fps)
+
+
+def pace_rate(source: Source, requested: float | None) -> float:
+    """The rate to pace at: ``requested`` if given (0 = as fast as possible), else the
+    source's own (a video file plays at its frame rate, like the camera it recorded)."""
+    return source.fps if requested is None else requested
 
 
 class Pacer:

@@ -219,8 +219,8 @@ class View:
     def run(self) -> dict[str, Any]:
         """Serve until ``stop`` is set; returns the summary."""
         assert self.server is not None, "bind() first"
-        threads = [threading.Thread(target=self.server.serve_forever, name="view-http",
-                                    daemon=True),
+        threads = [threading.Thread(target=self.server.serve_forever, args=(0.1,),
+                                    name="view-http", daemon=True),  # polls for shutdown
                    threading.Thread(target=self._monitor, name="view-monitor", daemon=True)]
         if self.cfg.results:
             threads.append(threading.Thread(target=self._results_loop, name="view-results",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 
@@ -99,7 +100,7 @@ def test_control_from_the_cli(eps, broker_factory, tmp_path):
     assert ctl.status()["paused"] is True
     assert run_cli("resume", "--broker", eps.control).returncode == 0
     assert ctl.status()["paused"] is False
-    r = run_cli("stop", "--broker", eps.control)
+    r = run_cli("stop", "--broker", eps.control, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["stopping"] is True
     assert b.finish()[0] == 0
 
@@ -107,13 +108,16 @@ def test_control_from_the_cli(eps, broker_factory, tmp_path):
 def test_control_against_no_broker_times_out_cleanly():
     eps = make_endpoints()
     ctl = Control(eps.control, timeout=0.3)
-    with pytest.raises(BrokerUnavailable, match="did not answer 'status' within 0.3 s"):
+    with pytest.raises(BrokerUnavailable, match=r"after \d+\.\d s \(asked 'status' once; "
+                                                r"if it runs with CURVE, pass security=") as e:
         ctl.status()
+    assert e.value.waited >= 0.3
     with pytest.raises(BrokerUnavailable):  # the REQ socket was recreated, not stuck
         ctl.status()
     r = run_cli("status", "--broker", eps.control, "--timeout", "0.3")
     assert r.returncode == 1
-    assert r.stderr.strip().startswith("framebroker status: error: broker at")
+    assert re.match(rf"framebroker status: error: no answer from the broker at "
+                    rf"{eps.control} after \d+\.\d s \(asked 'endpoints' once", r.stderr), r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -36,7 +36,7 @@ def check_file(path, n: int, shape=(120, 160, 3)) -> None:
 @pytest.mark.parametrize("compression", ["none", "lz4", "bslz4", "zstd", "gzip"])
 def test_record_1000_frames_lossless_every_codec(eps, broker_factory, tmp_path, compression):
     out = tmp_path / f"{compression}.h5"
-    rec = record(eps, out, "--compression", compression, "--frames", "1000")
+    rec = record(eps, out, "--compression", compression, "--expect-frames", "1000")
     b = broker_factory("--frames", "1000", "--wait-recorders", "1", "--shape", "120x160x3")
     res = summary(rec)
     assert (res["frames_written"], res["frames_missed"], res["total"]) == (1000, 0, 1000)

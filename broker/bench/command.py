@@ -11,16 +11,16 @@ from pathlib import Path
 
 
 def _frame_args(p: argparse.ArgumentParser, default_shape: tuple[int, ...] | None) -> None:
-    from .. import cli
+    from .. import argtypes
 
-    p.add_argument("--source", type=cli._source, default="synthetic",
+    p.add_argument("--source", type=argtypes._source, default="synthetic",
                    help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET], as serve "
                         "takes it (recordings and videos loop, as fast as they go)")
     shape_help = ("synthetic frame shape, e.g. 1080x1920x3 (default: "
                   + ("x".join(map(str, default_shape)) if default_shape else
                      "the benchmarks' fixed sizes") + ")")
-    p.add_argument("--shape", type=cli._shape, default=default_shape, help=shape_help)
-    p.add_argument("--dtype", type=cli._dtype, default="uint8",
+    p.add_argument("--shape", type=argtypes._shape, default=default_shape, help=shape_help)
+    p.add_argument("--dtype", type=argtypes._dtype, default="uint8",
                    help="synthetic frame dtype (default uint8)")
     p.add_argument("--record-dir", "--dir", dest="record_dir", type=Path, default=None,
                    help="the disk to measure: temporary recordings go there (default: "
@@ -54,7 +54,7 @@ def _record_dir(args: argparse.Namespace) -> Path:
 # --- bench --------------------------------------------------------------------------
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    from .. import cli
+    from .. import argtypes
     from ..benchmark import PARTS
 
     p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
@@ -69,18 +69,18 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                         "bench-TIMESTAMP directory under the current directory)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing report in --out (default: refuse)")
-    p.add_argument("--parts", "--only", dest="parts", type=cli._comma_list(PARTS),
+    p.add_argument("--parts", "--only", dest="parts", type=argtypes._comma_list(PARTS),
                    default=PARTS,
                    help=f"parts to run, comma-separated (default {','.join(PARTS)})")
     p.add_argument("--peers", action="store_true",
                    help="add imagezmq (raw and JPEG, where installed) to the transport table, "
                         "in the same rounds")
     _frame_args(p, None)
-    p.add_argument("--seconds", type=cli._nonneg_float, default=None,
+    p.add_argument("--seconds", type=argtypes._nonneg_float, default=None,
                    help="measured seconds per transport and FFT cell (default: the modules')")
-    p.add_argument("--repeat", type=cli._positive_int, default=None,
+    p.add_argument("--repeat", type=argtypes._positive_int, default=None,
                    help="interleaved rounds of every part (default 3; HDF5 5, quick 3)")
-    p.add_argument("--frames", type=cli._positive_int, default=None,
+    p.add_argument("--frames", type=argtypes._positive_int, default=None,
                    help="frames per end-to-end run (default 400 with --quick, else 5000)")
     p.set_defaults(func=cmd_bench)
 
@@ -114,7 +114,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --- tune ---------------------------------------------------------------------------
 
 def add_tune(sub: argparse._SubParsersAction) -> None:
-    from .. import cli
+    from .. import argtypes
     from ..tune import DIMENSIONS
 
     p = sub.add_parser("tune", help="measure settings for your frames; recommend run flags",
@@ -125,10 +125,10 @@ def add_tune(sub: argparse._SubParsersAction) -> None:
                                    "recommend a flag only where its gain beats the spread "
                                    "between rounds.")
     _frame_args(p, (480, 640, 3))
-    p.add_argument("--budget", type=cli._nonneg_float, default=60.0,
+    p.add_argument("--budget", type=argtypes._nonneg_float, default=60.0,
                    help="seconds for the whole sweep (kept to within 10%%); what does not "
                         "fit is skipped and named (default %(default)s)")
-    p.add_argument("--only", type=cli._comma_list(DIMENSIONS), default=DIMENSIONS,
+    p.add_argument("--only", type=argtypes._comma_list(DIMENSIONS), default=DIMENSIONS,
                    help=f"dimensions to sweep, comma-separated (default {','.join(DIMENSIONS)})")
     p.add_argument("--save", type=Path, default=None,
                    help="write the recommended run flags as TOML here (framebroker run "
