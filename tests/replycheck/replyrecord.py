@@ -38,8 +38,18 @@ def install(client: Any, record: Callable[[str | None, Any], None]) -> None:
         finally:
             _current.cmd = None
 
+    wait = control.wait
+
+    def traced_wait(self, *args: Any, **kw: Any):
+        _current.cmd = "endpoints"  # Control.wait asks 'endpoints' on a socket of its own
+        try:
+            return wait(self, *args, **kw)
+        finally:
+            _current.cmd = None
+
     proto.decode_reply = decode_reply
     control.request_parts = traced_request_parts
+    control.wait = traced_wait
 
 
 def append_to_log(cmd: str | None, reply: Any) -> None:
