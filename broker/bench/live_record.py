@@ -81,8 +81,8 @@ def record(shm: str | None, extra: list[str], tree: Path | None = None) -> Metho
         serve = ["serve", "--pub", pub, "--work", work, "--control", control,
                  "--results", results, "--source", "synthetic",
                  "--shape", "x".join(map(str, shape)), "--frames", str(n),
-                 "--wait-recorders", "1", "--quiet", "--json"] + (["--shm", shm] if shm else [])
-        rec = ["record", str(path), "--broker", control, "--frames", str(n), "--json", *extra]
+                 "--wait-recorders", "1", "--progress", "0", "--json"] + (["--shm", shm] if shm else [])
+        rec = ["record", "--out", str(path), "--broker", control, "--frames", str(n), "--json", *extra]
         procs = [_cli(serve, tree), _cli(rec, tree)]
         outs = [p.communicate(timeout=600) for p in procs]
         for p, (out, err) in zip(procs, outs):

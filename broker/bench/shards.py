@@ -63,11 +63,11 @@ def run_once(shards: int, shape: str, dtype: str, frames: int, compression: str,
     """One recording of ``frames`` frames with ``shards`` writers; its figures."""
     pub, work, control, results = free_tcp_endpoints(4)
     out = directory / f"bench{shards}.h5"
-    rec = _cli("record", str(out), "--shards", str(shards), "--broker", control, "--json",
+    rec = _cli("record", "--out", str(out), "--shards", str(shards), "--broker", control, "--json",
                "--compression", compression, "--expect-frames", str(frames), "--timeout", "60")
     srv = _cli("serve", "--pub", pub, "--work", work, "--control", control, "--results",
                results, "--frames", str(frames), "--wait-recorders", str(shards), "--shape",
-               shape, "--dtype", dtype, "--quiet", "--json")
+               shape, "--dtype", dtype, "--progress", "0", "--json")
     try:
         status = _last_json(srv, "serve", timeout)
         summary = _last_json(rec, "record", timeout)

@@ -79,9 +79,9 @@ def soak(seconds: float, fps: float, interval: float, warmup: float,
                 except (TimeoutError, RuntimeError):
                     time.sleep(0.2)
             extra = {
-                "record": _cli("record", f"{tmp}/soak.h5", "--broker", endpoints[2], "--json",
+                "record": _cli("record", "--out", f"{tmp}/soak.h5", "--broker", endpoints[2], "--json",
                                "--max-frames-per-file", str(int(fps * 60) or 10000)),
-                "watch": _cli("watch", "--broker", endpoints[2], "--json", "--interval", "0",
+                "watch": _cli("watch", "--broker", endpoints[2], "--json", "--progress", "0",
                               "--timeout", "60"),
                 "view": _cli("view", "--broker", endpoints[2], "--http",
                              endpoints[4].replace("tcp://", "")),
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=200.0, help="source rate (default 200)")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     ap.add_argument("--warmup", type=float, default=20.0, help="seconds before the baseline")
+    ap.add_argument("--shape", default="480x640x3",
+                    help="synthetic frame (default %(default)s; a lossless recording of 10 "
+                         "minutes at 200 fps of it is 110 GB: pick one the disk can hold)")
     add_out_args(ap, "soak")
     ap.add_argument("--hostile", action="store_true",
                     help="also a rotating lossless recorder, a watch, a viewer, and the "
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --hostile, also spoofed RESULTs at the sink's results socket")
     args = ap.parse_args(argv)
     out = out_path(args.out, "soak", args.overwrite)
-    res = soak(args.seconds, args.fps, args.interval, args.warmup, hostile=args.hostile,
+    res = soak(args.seconds, args.fps, args.interval, args.warmup, shape=args.shape,
+               hostile=args.hostile,
                spoof_results=args.spoof_results)
     print("| process | RSS MB after warm-up | RSS MB at end | max growth MB | of it, broker "
           "pool MB | fd growth |")

@@ -36,7 +36,7 @@ SETUPS = ("alone", "watch", "view")
 def serve(eps: list[str], frames: int, shape: str, wait: bool, fps: float) -> subprocess.Popen:
     names = ("--pub", "--work", "--control", "--results")
     flags = [x for pair in zip(names, eps) for x in pair]
-    return cli("serve", *flags, "--frames", str(frames), "--shape", shape, "--quiet", "--json",
+    return cli("serve", *flags, "--frames", str(frames), "--shape", shape, "--progress", "0", "--json",
                "--wait-subscribers", "1" if wait else "0", "--fps", str(fps))
 
 
@@ -99,7 +99,7 @@ def one(setup: str, frames: int, shape: str, fps: float) -> dict[str, Any]:
         return {"setup": setup,
                 "broker_fps": broker_fps(serve(eps[:4], frames, shape, False, fps))}
     if setup == "watch":
-        watch = cli("watch", "--broker", control, "--policy", "latest:1", "--interval", "0",
+        watch = cli("watch", "--broker", control, "--policy", "latest:1", "--progress", "0",
                     "--json", "--timeout", "30")
         rate = broker_fps(serve(eps[:4], frames, shape, True, fps))
         out, _ = watch.communicate(timeout=60)
