@@ -13,8 +13,9 @@
   :func:`auto_window`: enough frames to keep the disk busy for ``WINDOW_COVER_S``
   at ``disk_rate`` bytes/s (the time credit takes to come back as a new frame, with
   room for scheduling hiccups on a loaded machine), at least ``MIN_WINDOW``, and at
-  most what ``WINDOW_MEMORY`` bytes hold, the broker's ``max_pending`` (more credit
-  would never be used) and half the shm ring (so the recorder never holds every slot
+  most what ``WINDOW_MEMORY`` bytes hold, half the broker's ``max_pending`` (a
+  window as large as ``max_pending`` stalled the stream: with four sharded recorders
+  the frames they held kept the source at the ``max_pending`` bound) and half the shm ring (so the recorder never holds every slot
   the source needs). ``window=N`` (``--window N``) overrides it.
 * **live**: a PUB subscriber. A full queue drops the frame (counted); frames PUB
   dropped show up as id jumps. Either way the file's ``/gaps`` lists every missing id.
@@ -54,7 +55,7 @@ def auto_window(frame_bytes: int, disk_rate: float = DISK_RATE, max_pending: int
     Too few and the disk waits for every credit round trip; too many only costs memory."""
     want = math.ceil(disk_rate * WINDOW_COVER_S / max(frame_bytes, 1))
     limits = [WINDOW_MEMORY // max(frame_bytes, 1)]
-    limits += [max_pending] if max_pending else []
+    limits += [max(1, max_pending // 2)] if max_pending else []
     limits += [ring_slots // 2] if ring_slots else []
     return max(MIN_WINDOW, min(want, *limits))
 

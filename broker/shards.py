@@ -52,7 +52,7 @@ def open_master(cfg: RecordConfig, count: int, block: int) -> None:
         ctl.close()
     start_master(cfg.path, count=count, block=block, shape=tuple(status["shape"]),
                  dtype=np.dtype(status["dtype"]), stream=status["stream"],
-                 session=int(status["session"]), compression=cfg.compression,
+                 session=proto.decode_id(status["session"]), compression=cfg.compression,
                  overwrite=cfg.overwrite)
 
 
@@ -131,24 +131,30 @@ def summary_line(s: dict[str, Any], master_path: str) -> str:
             f"{len(m['shards'])} shards ({shards}); missing {m['frames_missing']}")
 
 
+def check_flags(mode: str, shards: int, shard: str | None, block: int,
+                ray: str | None) -> proto.Shard | None:
+    """The sharding flags' rules (ValueError naming the flag), checked before anything
+    connects; returns the one shard ``--shard K/N`` names, if any."""
+    if bool(shards) == bool(shard):
+        raise ValueError("give --shards N (all writers here) or --shard K/N (one), not both")
+    if mode != "lossless":
+        raise ValueError("sharded recording is lossless: --mode live takes every frame")
+    if ray is not None and not shards:
+        raise ValueError("--ray starts the writers of --shards N as Ray actors")
+    return proto.parse_shard(shard, block) if shard else None
+
+
 class ShardedRecording:
     """What ``framebroker record`` runs with ``--shards N`` or ``--shard K/N``
     (``run()`` returns the summary, ``close()`` is for the CLI's part protocol)."""
 
     def __init__(self, cfg: RecordConfig, *, shards: int = 0, shard: str | None = None,
                  block: int = 1, ray: str | None = None, restarts: int = 3) -> None:
-        if bool(shards) == bool(shard):
-            raise ValueError("give --shards N (all writers here) or --shard K/N (one), "
-                             "not both")
-        if cfg.mode != "lossless":
-            raise ValueError("sharded recording is lossless: --mode live takes every frame")
-        if ray is not None and not shards:
-            raise ValueError("--ray starts the writers of --shards N as Ray actors")
+        self.shard = check_flags(cfg.mode, shards, shard, block, ray)
         if ray is not None:
             from .placement import require_ray
             require_ray()  # fail now, in one line, before anything starts
         self.cfg, self.count, self.ray, self.restarts = cfg, shards, ray, restarts
-        self.shard = proto.parse_shard(shard, block) if shard else None
         self.block = block
 
     def run(self) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def test_sink_refuses_to_overwrite_its_out_file(tmp_path, suffix):
     out.write_bytes(b"precious")
     r = run_cli("sink", "--broker", f"tcp://127.0.0.1:{free_port()}", "--out", str(out),
                 "--timeout", "1")
-    assert r.returncode == 1 and "file exists; pass --overwrite" in r.stderr
+    assert r.returncode == 1 and "exists; pass --overwrite to replace it" in r.stderr
     assert out.read_bytes() == b"precious"
 
 

@@ -25,7 +25,7 @@ def test_auto_window_covers_the_disk_for_the_cover_time_within_its_limits():
     small = 120 * 160 * 3
     assert auto_window(VGA, 2e8) == -(-int(2e8 * WINDOW_COVER_S) // VGA) == 11  # the rule
     assert auto_window(VGA, 2e9) == WINDOW_MEMORY // VGA == 27  # memory bound
-    assert auto_window(small, 2e9, max_pending=64) == 64  # more credit is never used
+    assert auto_window(small, 2e9, max_pending=64) == 32  # half the bound the source keeps
     assert auto_window(VGA, 2e9, ring_slots=40) == 20  # the source keeps half the ring
     assert auto_window(HD, 2e9) == auto_window(HD, 1e6) == MIN_WINDOW  # at least a few
     assert MIN_WINDOW <= FALLBACK_WINDOW

@@ -198,8 +198,8 @@ def test_stalled_source_says_what_it_waits_for(eps, broker_factory):
     assert later["rate_fps"] < first["rate_fps"] or first["rate_fps"] == 0
     plain = run_cli("status", "--broker", eps.control)
     assert plain.returncode == 0, plain.stderr
-    assert "waiting: for group 'rec' member stuck-recorder" in plain.stdout
-    assert "rejected: control {}, work {'bad_control': 1}" in plain.stdout
+    assert "state: waiting for work group rec (member stuck-recorder) for" in plain.stdout
+    assert "work: rejected 1 (bad_control 1)" in plain.stdout
     dealer.send_multipart([b"BYE"])  # the consumer leaves: its group goes, the source runs
     wait_status(eps.control, lambda s: s["waiting"] is None
                 and s["frames_sent"] > later["frames_sent"] + 20)

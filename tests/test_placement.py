@@ -111,7 +111,7 @@ def test_without_ray_the_flag_says_how_to_install_it(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(shim), *filter(None, [os.environ.get("PYTHONPATH")])])}
     for args in (["workers", "--ray", "--count", "2"],
-                 ["record", str(tmp_path / "x.h5"), "--shards", "2", "--ray"]):
+                 ["record", "--out", str(tmp_path / "x.h5"), "--shards", "2", "--ray"]):
         p = cli(*args, "--broker", "tcp://127.0.0.1:1", "--timeout", "0.2", env=env)
         out, err = p.communicate(timeout=60)
         lines = err.strip().splitlines()

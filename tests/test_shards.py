@@ -24,7 +24,7 @@ N_FRAMES = 3000
 
 
 def record(eps, path, *args: str):
-    return cli("record", str(path), "--broker", eps.control, "--json", *args)
+    return cli("record", "--out", str(path), "--broker", eps.control, "--json", *args)
 
 
 def check_master(path, n: int = N_FRAMES) -> None:
@@ -219,7 +219,7 @@ def test_shard_flags_are_checked(tmp_path):
                           (["--shard", "x"], "K/N"),
                           (["--shards", "2", "--shard", "0/2"], "not both"),
                           (["--shards", "2", "--mode", "live"], "lossless")):
-        p = cli("record", str(tmp_path / "x.h5"), "--broker", "tcp://127.0.0.1:1",
+        p = cli("record", "--out", str(tmp_path / "x.h5"), "--broker", "tcp://127.0.0.1:1",
                 "--timeout", "0.2", *args)
         _, err = p.communicate(timeout=60)
         assert p.returncode != 0 and message in err.strip().splitlines()[-1], (args, err)
