@@ -283,6 +283,8 @@ class H5Source:
     cut short by a crash replays what it holds.
     """
 
+    on_demand = True  # read from a file when asked for
+
     def __init__(self, path: str | Path, dataset: str = "frames", loop: bool = False,
                  timed: bool = True) -> None:
         import h5py
@@ -317,6 +319,7 @@ class H5Source:
                             if timed and ts is not None and len(ts) >= self.count else None)
         self.description = (f"recording {path}:{dataset} {format_shape(self.shape)} "
                             f"{self.dtype}, {self.count} frames{' (loop)' if loop else ''}")
+        self.fps = 0.0  # no fixed rate: it keeps its recorded times (pacer) instead
 
     def pacer(self) -> "RecordedPacer | None":
         """The recording's own schedule, for a broker with no ``--fps`` of its own."""

@@ -219,9 +219,10 @@ def test_cli_processes_of_the_suite_log_their_replies_for_validation(eps, broker
     assert p.returncode == 0, err
     with open(log) as f:
         mine = [json.loads(line) for line in f if json.loads(line)["pid"] == p.pid]
-    assert [m["cmd"] for m in mine] == ["status"]
-    assert mine[0]["reply"]["session"] == json.loads(out)["session"]
-    replyschema.check_reply("status", mine[0]["reply"])
+    # the CLI first waits for the broker ('endpoints'), then asks what it was told to
+    assert [m["cmd"] for m in mine] == ["endpoints", "status"]
+    assert mine[-1]["reply"]["session"] == json.loads(out)["session"]
+    replyschema.check_reply("status", mine[-1]["reply"])
     stopped(b, eps.control)
 
 
