@@ -596,20 +596,21 @@ def _worker_needs_broker(args: argparse.Namespace) -> bool:
     return not (args.work and (args.results or args.no_sink))
 
 
-def _check_ray(args: argparse.Namespace, require_ray: Callable[[], Any],
-               error: type[Exception]) -> None:
+def _check_ray(args: argparse.Namespace) -> None:
     """``--ray`` without Ray installed is a flag error: say so before waiting for a broker."""
     if args.ray:
+        from .placement import PlacementError, require_ray
+
         try:
             require_ray()
-        except error as exc:
+        except PlacementError as exc:
             raise CliError(str(exc)) from None
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
-    from .placement import PlacementError, Workers, require_ray, summary_line
+    from .placement import PlacementError, Workers, summary_line
 
-    _check_ray(args, require_ray, PlacementError)
+    _check_ray(args)
     cfg = _worker_config(args)
     summary = _run_part(args, cfg.security, _worker_needs_broker(args),
                         lambda: Workers(cfg, args.count, args.ray, args.restarts),
@@ -786,14 +787,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     out = _record_target(args)
     _checked_output(out, args.overwrite)
     if args.shards or args.shard or args.ray:
-        from .placement import PlacementError, require_ray
         from .shards import check_flags
         try:
             check_flags(args.mode, args.shards, args.shard, args.shard_block or args.chunk_frames,
                         args.ray)
         except ValueError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
-        _check_ray(args, require_ray, PlacementError)
+        _check_ray(args)
     security = _security(args, binds=False, connects=True)
     expected = args.expect_frames or args.frames
     needs_broker = not (args.work or args.pub)
