@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from .izmq import encode_jpeg, jpeg_encodable
+from .izmq import encode_jpeg, imagezmq_installed, jpeg_encodable
 from .signals import StopSignals, Stopped
 from .sources import format_shape
 
@@ -30,10 +30,10 @@ INSTALL_HINT = "bridge imagezmq needs the imagezmq package: pip install 'framebr
 
 def require_imagezmq() -> Any:
     """The imagezmq module, or ImportError with the one line that says how to get it."""
-    try:
-        import imagezmq
-    except ImportError:
-        raise ImportError(INSTALL_HINT) from None
+    if not imagezmq_installed():
+        raise ImportError(INSTALL_HINT)
+    import imagezmq
+
     return imagezmq
 
 

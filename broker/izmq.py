@@ -108,6 +108,16 @@ def parse_message(parts: list[Any], max_bytes: int = proto.DEFAULT_MAX_BYTES) ->
     return Message(sender, False, payload, dt, tuple(shape))
 
 
+def imagezmq_installed() -> bool:
+    """Whether the imagezmq package can be imported (bridge imagezmq and the benchmarks
+    that measure imagezmq itself need it; the source does not)."""
+    try:
+        import imagezmq  # noqa: F401  (only whether it is there)
+    except ImportError:
+        return False
+    return True
+
+
 # --- JPEG ----------------------------------------------------------------------------
 
 def _simplejpeg():

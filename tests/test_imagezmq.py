@@ -140,7 +140,7 @@ def test_hostile_peer_is_answered_counted_and_survived(broker_factory, eps):
     req.setsockopt(zmq.LINGER, 0)
     req.connect(f"tcp://127.0.0.1:{port}")
     b = broker_factory("--source", f"imagezmq:tcp://127.0.0.1:{port}", "--wait-subscribers",
-                       "1")
+                       "1", "--shm", "8slots")
     try:
         for parts, reason in HOSTILE:  # the source is waiting for its first frame
             req.send_multipart(parts)
@@ -160,10 +160,12 @@ def test_hostile_peer_is_answered_counted_and_survived(broker_factory, eps):
             req.send_multipart([_meta(nxt), nxt])
             assert req.recv() == b"OK"
             frames.append(sub.recv())
+            assert sub.transport == "shm"  # the ring's slots have the first frame's size
+            assert [read_stamp(f.array) for f in frames] == [0, 1]
+            assert all(check_synthetic(f.array, i) == -1 and f.intact()
+                       for i, f in enumerate(frames))
         finally:
             sub.close()
-        assert [read_stamp(f.array) for f in frames] == [0, 1]
-        assert all(check_synthetic(f.array, i) == -1 for i, f in enumerate(frames))
         status = Control(eps.control, timeout=10).status()
         expected = {}
         for _, reason in HOSTILE * 2:
@@ -173,6 +175,7 @@ def test_hostile_peer_is_answered_counted_and_survived(broker_factory, eps):
         assert status["source_senders"] == {"p": 2} and status["frames_sent"] == 2
         shown = run_cli("status", "--broker", eps.control).stdout
         assert f"source messages {2 * len(HOSTILE) + 1} (" in shown and "shape_changed 1" in shown
+        assert "senders: 2 (p 2)" in shown
     finally:
         req.close()
 
@@ -200,10 +203,13 @@ def test_bridge_delivers_broker_frames_to_a_real_image_hub(broker_factory, eps):
     b = broker_factory("--shape", "48x64x3", "--fps", "50")
     b.wait_ready()
     bridge = cli("bridge", "imagezmq", "--connect", f"tcp://127.0.0.1:{port}", "--broker",
-                 eps.control, "--name", "lab", "--progress", "0", "--json")
+                 eps.control, "--name", "lab", "--progress", "0.05", "--json")
     lines = [json.loads(line) for line in finished(hub).splitlines()]
     bridge.send_signal(signal.SIGTERM)
-    result = summary(bridge)
+    out, err = bridge.communicate(timeout=60)
+    assert bridge.returncode == 0, err
+    result = json.loads(out)
+    assert "bridge imagezmq: " in err and " frames sent, " in err  # progress lines
     assert len(lines) == 8
     assert all(r["name"] == "lab" and r["shape"] == [48, 64, 3] and r["bad"] == -1
                for r in lines)
@@ -260,6 +266,26 @@ def test_bridge_jpeg_end_to_end_and_a_silent_hub(broker_factory, eps):
         hub.close()
 
 
+def test_bridge_pub_mode_to_a_subscribing_hub(broker_factory, eps):
+    """bridge imagezmq --bind: a PUB for ImageHub(REQ_REP=False); frames arrive exact."""
+    port = free_port()
+    b = broker_factory("--shape", "32x40", "--dtype", "uint16", "--fps", "100")
+    b.wait_ready()
+    bridge = cli("bridge", "imagezmq", "--bind", f"tcp://127.0.0.1:{port}", "--broker",
+                 eps.control, "--progress", "0", "--json")
+    hub = imagezmq.ImageHub(open_port=f"tcp://127.0.0.1:{port}", REQ_REP=False)
+    hub.zmq_socket.setsockopt(zmq.RCVTIMEO, 60000)
+    try:
+        got = [hub.recv_image() for _ in range(5)]
+    finally:
+        hub.close()
+    bridge.send_signal(signal.SIGTERM)
+    result = summary(bridge)
+    assert all(name == "cam" and check_synthetic(img, read_stamp(img)) == -1
+               for name, img in got)
+    assert result["mode"] == "pub-sub" and result["sent"] >= 5
+
+
 def test_refusals_before_anything_binds(tmp_path):
     """imagezmq has no CURVE: a wildcard bind needs --insecure; its port may not be one
     the broker binds; a bridge without the imagezmq package says how to install it."""
@@ -281,7 +307,29 @@ def test_refusals_before_anything_binds(tmp_path):
         "pip install 'framebroker[imagezmq]'"]
 
 
-def test_source_without_a_sender_times_out_clearly():
+def test_source_waits_for_its_first_frame_and_says_so():
     port = free_port()
+    said: list[str] = []
     with pytest.raises(Exception, match="no valid frame in 0.3 s"):
-        ImagezmqSource(f"tcp://127.0.0.1:{port}", first_timeout=0.3)
+        ImagezmqSource(f"tcp://127.0.0.1:{port}", first_timeout=0.3, log=said.append)
+    assert said == [f"imagezmq: waiting for the first frame on tcp://127.0.0.1:{port}"]
+
+
+def test_readme_imagezmq_commands_parse():
+    """The README's imagezmq and bridge lines (text blocks: they need Pis and hubs) are
+    valid command lines; what they do is tested above."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from broker.cli import build_parser
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## From imagezmq"):text.index("## Security")]
+    lines = [re.sub(r"\s+#.*$", "", line) for block in re.findall(r"```text\n(.*?)```",
+                                                                    section, re.S)
+             for line in block.splitlines() if line.startswith("framebroker ")]
+    assert len(lines) == 7
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[1:])
+        assert args.func is not None
