@@ -62,48 +62,44 @@ class Message:
     shape: tuple[int, ...] = ()
 
 
-def _reject(reason: str, message: str) -> ImagezmqReject:
-    return ImagezmqReject(reason, message)
-
-
 def parse_message(parts: list[Any], max_bytes: int = proto.DEFAULT_MAX_BYTES) -> Message:
     """Validate an imagezmq message ``[metadata, buffer]`` (zmq Frames or bytes); raises
     ImagezmqReject with the reason. Nothing is allocated from unchecked sizes."""
     if len(parts) != 2:
-        raise _reject("part_count", f"imagezmq messages have 2 parts, got {len(parts)}")
+        raise ImagezmqReject("part_count", f"imagezmq messages have 2 parts, got {len(parts)}")
     meta, payload = (memoryview(p.buffer if isinstance(p, zmq.Frame) else p) for p in parts)
     try:
         md = proto.loads_bounded(meta.tobytes(), "imagezmq metadata", MAX_METADATA_BYTES)
     except proto.ProtocolError as exc:
-        raise _reject("bad_metadata", str(exc)) from None
+        raise ImagezmqReject("bad_metadata", str(exc)) from None
     if not isinstance(md, dict):
-        raise _reject("bad_metadata", f"imagezmq metadata must be a JSON object, got "
+        raise ImagezmqReject("bad_metadata", f"imagezmq metadata must be a JSON object, got "
                                       f"{type(md).__name__}")
     sender = md.get("msg")
     if not isinstance(sender, str) or not 1 <= len(sender.encode()) <= proto.MAX_NAME:
-        raise _reject("bad_sender", f'imagezmq metadata needs a "msg" text of 1-'
+        raise ImagezmqReject("bad_sender", f'imagezmq metadata needs a "msg" text of 1-'
                                     f"{proto.MAX_NAME} bytes, got {str(sender)[:40]!r}")
     if "dtype" not in md and "shape" not in md:
         if not len(payload):
-            raise _reject("bad_jpeg", "empty JPEG buffer")
+            raise ImagezmqReject("bad_jpeg", "empty JPEG buffer")
         return Message(sender, True, payload)
     dtype, shape = md.get("dtype"), md.get("shape")
     if dtype not in DTYPES:
-        raise _reject("unknown_dtype", f"imagezmq dtype {str(dtype)[:40]!r} is not one of "
+        raise ImagezmqReject("unknown_dtype", f"imagezmq dtype {str(dtype)[:40]!r} is not one of "
                                        f"{', '.join(sorted(DTYPES))}")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= proto.MAX_DIMS
             or not all(type(d) is int and d >= 1 for d in shape)):
-        raise _reject("bad_shape", f"imagezmq shape must be 1-{proto.MAX_DIMS} positive "
+        raise ImagezmqReject("bad_shape", f"imagezmq shape must be 1-{proto.MAX_DIMS} positive "
                                    f"integers, got {str(shape)[:60]}")
     dt = np.dtype(dtype)
     nbytes = dt.itemsize
     for d in shape:
         nbytes *= d
         if nbytes > max_bytes:
-            raise _reject("too_large", f"imagezmq frame {str(shape)[:60]} {dtype} is over "
+            raise ImagezmqReject("too_large", f"imagezmq frame {str(shape)[:60]} {dtype} is over "
                                        f"the {max_bytes} byte limit")
     if len(payload) != nbytes:
-        raise _reject("payload_size", f"imagezmq frame {format_shape(tuple(shape))} {dtype} "
+        raise ImagezmqReject("payload_size", f"imagezmq frame {format_shape(tuple(shape))} {dtype} "
                                       f"needs {nbytes} bytes, got {len(payload)}")
     return Message(sender, False, payload, dt, tuple(shape))
 
@@ -137,10 +133,10 @@ def jpeg_shape(data: memoryview, max_bytes: int) -> tuple[int, ...] | None:
     try:
         height, width, colorspace, _ = sj.decode_jpeg_header(data)
     except ValueError as exc:
-        raise _reject("bad_jpeg", f"not a JPEG: {exc}") from None
+        raise ImagezmqReject("bad_jpeg", f"not a JPEG: {exc}") from None
     shape = (height, width) if colorspace == "Gray" else (height, width, 3)
     if int(np.prod(shape)) > max_bytes:
-        raise _reject("too_large", f"JPEG of {format_shape(shape)} is over the {max_bytes} "
+        raise ImagezmqReject("too_large", f"JPEG of {format_shape(shape)} is over the {max_bytes} "
                                    f"byte limit")
     return shape
 
@@ -161,9 +157,9 @@ def decode_jpeg(data: memoryview, shape: tuple[int, ...] | None,
         cv2 = _cv2()
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except (ValueError, TypeError) as exc:
-        raise _reject("bad_jpeg", f"JPEG does not decode: {exc}") from None
+        raise ImagezmqReject("bad_jpeg", f"JPEG does not decode: {exc}") from None
     if img is None:
-        raise _reject("bad_jpeg", "JPEG does not decode (OpenCV)")
+        raise ImagezmqReject("bad_jpeg", "JPEG does not decode (OpenCV)")
     return img
 
 
@@ -282,7 +278,7 @@ class ImagezmqSource:
         """The pixels of a valid message (a view of the message, or the decoded JPEG)."""
         msg = parse_message(parts, self.max_bytes)
         if self.sender and msg.sender != self.sender:
-            raise _reject("other_sender", f"sender {msg.sender[:40]!r} is not --sender "
+            raise ImagezmqReject("other_sender", f"sender {msg.sender[:40]!r} is not --sender "
                                           f"{self.sender!r}")
         if msg.jpeg:
             shape = jpeg_shape(msg.payload, self.max_bytes)
@@ -301,7 +297,7 @@ class ImagezmqSource:
         return pixels
 
     def _changed(self, shape: tuple[int, ...], dtype: np.dtype) -> ImagezmqReject:
-        return _reject("shape_changed", f"frame {format_shape(shape)} {dtype} differs from "
+        return ImagezmqReject("shape_changed", f"frame {format_shape(shape)} {dtype} differs from "
                                         f"the stream's {format_shape(self.shape)} {self.dtype}")
 
     def read_into(self, out: np.ndarray) -> bool:

@@ -51,7 +51,7 @@ def send(endpoint: str, name: str, count: int, kind: str) -> None:
         if kind == "raw":
             sender.send_image(name, synthetic_frame(SHAPE, "uint8", i))
         else:
-            ok, jpg = cv2.imencode(".jpg", smooth_frame(i), [cv2.IMWRITE_JPEG_QUALITY,
+            _, jpg = cv2.imencode(".jpg", smooth_frame(i), [cv2.IMWRITE_JPEG_QUALITY,
                                                              JPEG_QUALITY])
             sender.send_jpg(name, jpg)
     print(f"done {count}", flush=True)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 
 import imagezmq
@@ -17,10 +16,8 @@ import zmq
 from broker.client import Control, subscribe
 from broker.izmq import ImagezmqSource, decode_jpeg, jpeg_shape
 from broker.sources import check_synthetic, read_stamp, synthetic_frame
+import imagezmq_peer as peer
 from conftest import PY, cli, free_port, run_cli, summary, wait_status
-
-sys.path.insert(0, os.path.dirname(__file__))
-import imagezmq_peer as peer  # noqa: E402
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagezmq_peer.py")
 
