@@ -287,6 +287,9 @@ class ImagezmqSource:
             if self._scratch is None and self.shape == shape and shape is not None:
                 self._scratch = np.empty(shape, np.uint8)
             pixels = decode_jpeg(msg.payload, shape, self._scratch if shape else None)
+            if pixels.nbytes > self.max_bytes:  # OpenCV decoded it without a header check
+                raise ImagezmqReject("too_large", f"JPEG of {format_shape(pixels.shape)} is "
+                                                  f"over the {self.max_bytes} byte limit")
         else:
             pixels = np.frombuffer(msg.payload, msg.dtype).reshape(msg.shape)
         if self.shape and (pixels.shape != self.shape or pixels.dtype != self.dtype):

@@ -192,6 +192,53 @@ def test_jpeg_decoders_agree_and_gray_stays_two_dimensional():
         jpeg_shape(memoryview(cv2.imencode(".jpg", peer.smooth_frame(0))[1].tobytes()), 100)
 
 
+def test_jpeg_source_without_simplejpeg_decodes_with_opencv(monkeypatch):
+    """Without simplejpeg the source decodes with OpenCV and checks the decoded size: a
+    JPEG of another size is shape_changed, one beyond the byte limit too_large."""
+    import cv2
+
+    from broker import izmq
+
+    monkeypatch.setattr(izmq, "_simplejpeg", lambda: None)
+    port = free_port()
+    sender = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{port}")
+    replies: list[bytes] = []
+
+    def send() -> None:
+        for frame in (peer.smooth_frame(7), peer.smooth_frame(8)[:48], peer.smooth_frame(9)):
+            replies.append(sender.send_jpg("pi", cv2.imencode(".jpg", frame)[1]))
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        source = ImagezmqSource(f"tcp://127.0.0.1:{port}", max_bytes=peer.SHAPE[0] * peer.SHAPE[1] * 3)
+        out = np.empty(source.shape, source.dtype)
+        levels = []
+        for _ in range(2):
+            source.read_into(out)
+            levels.append(peer.smooth_id(out))
+        t.join()
+        source.close()
+    finally:
+        sender.close()
+    assert source.shape == peer.SHAPE and [lv for lv, _ in levels] == [7, 9]
+    assert all(err < 3.0 for _, err in levels)
+    assert replies[0] == replies[2] == b"OK" and replies[1].startswith(b"rejected: shape_changed")
+    assert source.rejected == {"shape_changed": 1}
+    port = free_port()
+    tiny = imagezmq.ImageSender(connect_to=f"tcp://127.0.0.1:{port}")
+    t = threading.Thread(target=lambda: replies.append(
+        tiny.send_jpg("pi", cv2.imencode(".jpg", peer.smooth_frame(0))[1])))
+    t.start()
+    try:
+        with pytest.raises(Exception, match="rejected: {'too_large': 1}"):
+            ImagezmqSource(f"tcp://127.0.0.1:{port}", max_bytes=100, first_timeout=2)
+        t.join()
+    finally:
+        tiny.close()
+    assert replies[-1].startswith(b"rejected: too_large: JPEG of 96x128x3 is over the 100")
+
+
 def test_bridge_delivers_broker_frames_to_a_real_image_hub(broker_factory, eps):
     """bridge imagezmq --connect: synthetic broker frames reach an ImageHub process
     exact (each stamp checked); SIGTERM then ends the bridge with its summary."""
