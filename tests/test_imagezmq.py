@@ -328,6 +328,10 @@ def test_bridge_pub_mode_to_a_subscribing_hub(broker_factory, eps):
     assert all(name == "cam" and check_synthetic(img, read_stamp(img)) == -1
                for name, img in got)
     assert result["mode"] == "pub-sub" and result["sent"] >= 5
+    r = run_cli("bridge", "imagezmq", "--bind", f"tcp://127.0.0.1:{port}", "--jpeg", "90",
+                "--broker", eps.control)
+    assert r.returncode == 2
+    assert "--jpeg takes 8-bit gray or BGR frames; the stream is 32x40 uint16" in r.stderr
 
 
 def test_refusals_before_anything_binds(tmp_path):
@@ -369,11 +373,11 @@ def test_readme_imagezmq_commands_parse():
     from broker.cli import build_parser
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("## From imagezmq"):text.index("## Security")]
     lines = [re.sub(r"\s+#.*$", "", line) for block in re.findall(r"```text\n(.*?)```",
-                                                                    section, re.S)
-             for line in block.splitlines() if line.startswith("framebroker ")]
-    assert len(lines) == 7
+                                                                    text, re.DOTALL)
+             for line in block.splitlines() if "imagezmq" in line
+             and line.startswith("framebroker ")]
+    assert len(lines) == 8
     for line in lines:
         args = build_parser().parse_args(shlex.split(line)[1:])
         assert args.func is not None
