@@ -15,7 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -31,7 +31,12 @@ class SourceError(RuntimeError):
 
 
 class Source(Protocol):
-    """What the broker needs from a frame source."""
+    """What the broker needs from a frame source.
+
+    A source fed from the network (broker/izmq.py) also has ``socket``, which the broker
+    polls with its own, and ``ready()``, True once a frame is waiting: the broker calls
+    ``read_into`` only then, so waiting for a sender never blocks control requests.
+    """
 
     description: str
     shape: tuple[int, ...]
@@ -402,7 +407,8 @@ class SourceSpec:
 def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
                 dtype: str = "uint8", loop: bool = False, width: int = 0, height: int = 0,
                 camera_fps: float = 0, timed: bool = True, sender: str = "",
-                max_bytes: int = DEFAULT_MAX_BYTES, log=None) -> Source:
+                max_bytes: int = DEFAULT_MAX_BYTES,
+                log: Callable[[str], None] | None = None) -> Source:
     """Open the source ``spec`` names; raises SourceError or ProtocolError with a clear message.
     An imagezmq source waits here for its first frame (``log`` says so)."""
     if spec.kind == "synthetic":
