@@ -262,6 +262,8 @@ class Broker:
         self.poller = zmq.Poller()
         for sock, _ in socks:
             self.poller.register(sock, zmq.POLLIN)
+        if getattr(self.source, "socket", None) is not None:  # a network source (imagezmq)
+            self.poller.register(self.source.socket, zmq.POLLIN)  # wakes _serve on arrival
 
     def _server_socket(self, kind: int, max_bytes: int | None) -> zmq.Socket:
         return configure_socket(self.ctx.socket(kind), "server", self.cfg.security, max_bytes)
@@ -405,6 +407,8 @@ class Broker:
                         continue
                 if self._pub_busy():
                     continue
+                if not self._source_ready():
+                    continue
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
                 if delay > 0.0005 or self._stop_requested:
@@ -419,6 +423,16 @@ class Broker:
             self.log(f"error: {exc}")
         self._finish()
         return self.status()
+
+    def _source_ready(self) -> bool:
+        """A network source (one with ``ready``) has a frame; if not, serve the sockets
+        until something arrives (its socket is polled too) instead of blocking in
+        ``read_into`` where control requests and signals would wait."""
+        ready = getattr(self.source, "ready", None)
+        if ready is None or ready():
+            return True
+        self._serve(50)
+        return False
 
     def _stalled(self, blocker: tuple[str, str | None] | None) -> None:
         """Note (for status) which group and member the source is waiting for, since when."""
@@ -761,6 +775,9 @@ class Broker:
                                   if sock is not None},
                 "xpub_resets": self.xpub_resets,
                 "control_rejected": dict(self.control_rejected),
+                "source_rejected": dict(getattr(self.source, "rejected", {})),
+                "source_senders": (dict(self.source.senders)
+                                   if hasattr(self.source, "senders") else None),
                 "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,

@@ -172,8 +172,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "(fan-out), work (load-balanced) and control sockets.")
     p.add_argument("--source", type=_source, default="synthetic",
                    help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET] (a "
-                        "recording, replayed at its timestamps unless --fps) (default "
+                        "recording, replayed at its timestamps unless --fps) | "
+                        "imagezmq:tcp://HOST:PORT (bind; REQ ImageSenders connect) | "
+                        "imagezmq-sub:tcp://HOST:PORT (a PUB ImageSender) (default "
                         "synthetic)")
+    p.add_argument("--sender", default=None, type=_stream,
+                   help="imagezmq: take only frames whose sender text is this (default: "
+                        "every sender, into the one stream)")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape, e.g. 480x640x3 (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8",
@@ -255,9 +260,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        warn=_warn(args))
     except SecurityError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    if args.source.kind == "imagezmq":
+        _check_imagezmq_bind(args)
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
-                             width=args.width, height=args.height, camera_fps=args.camera_fps)
+                             width=args.width, height=args.height, camera_fps=args.camera_fps,
+                             sender=args.sender or "", max_bytes=args.max_frame_mib,
+                             log=lambda m: print(f"framebroker serve: {m}", file=sys.stderr,
+                                                 flush=True))
     except (SourceError, proto.ProtocolError) as exc:
         raise CliError(str(exc)) from None
     nbytes = int(np.prod(source.shape)) * source.dtype.itemsize
@@ -297,6 +307,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(json.dumps(status) if args.json else f"framebroker serve: {broker.summary_line()}",
           flush=True)
     return EXIT_ERROR if status["error"] else EXIT_OK
+
+
+def _check_imagezmq_bind(args: argparse.Namespace) -> None:
+    """The imagezmq REP's address, before anything binds: reachable from the network
+    only with --insecure (imagezmq has no CURVE), and not a port the broker binds too
+    (imagezmq's default, 5555, is also the default --pub)."""
+    from .izmq import check_exposure as check_imagezmq_exposure
+
+    ep = args.source.target
+    try:
+        check_imagezmq_exposure(ep, args.insecure, _warn(args))
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    port = ep.rpartition(":")[2]
+    for flag, other in (("--pub", args.pub), ("--work", args.work), ("--control", args.control)):
+        if other.startswith("tcp://") and other.rpartition(":")[2] == port:
+            raise CliError(f"--source {args.source} and {flag} {other} use the same port "
+                           f"{port}; move the broker's (e.g. {flag} tcp://127.0.0.1:5565) so "
+                           f"the ImageSenders keep theirs", EXIT_USAGE)
 
 
 def _add_watch(sub: argparse._SubParsersAction) -> None:
@@ -356,6 +385,89 @@ def cmd_watch(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(json.dumps(summary) if args.json else watch_summary_line(summary))
     return EXIT_LOST if watch_lost(summary) else EXIT_OK
+
+
+def _jpeg_quality(text: str) -> int:
+    value = _positive_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality is 1-100, got {text!r}")
+    return value
+
+
+def _add_bridge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bridge", help="forward the stream to another system's receivers",
+                       description="Subscribe to a broker and send its frames on in another "
+                                   "system's wire format.")
+    kinds = p.add_subparsers(dest="bridge", required=True, metavar="KIND")
+    q = kinds.add_parser("imagezmq", help="send frames to an imagezmq ImageHub",
+                         description="Subscribe to a broker and send each frame to an "
+                                     "existing imagezmq ImageHub with imagezmq's own "
+                                     "ImageSender (needs framebroker[imagezmq]).")
+    _add_client_args(q)
+    to = q.add_mutually_exclusive_group(required=True)
+    to.add_argument("--connect", type=_endpoint, metavar="tcp://HUB:PORT",
+                    help="REQ/REP: the hub's address (ImageHub() binds it); every frame "
+                         "waits for the hub's reply")
+    to.add_argument("--bind", type=_endpoint, metavar="tcp://HOST:PORT",
+                    help="PUB/SUB: bind a PUB here for a hub made with "
+                         "ImageHub(open_port=..., REQ_REP=False)")
+    q.add_argument("--jpeg", type=_jpeg_quality, default=0, metavar="QUALITY",
+                   help="send_jpg at this quality (1-100) instead of raw send_image "
+                        "(8-bit gray or BGR frames)")
+    q.add_argument("--name", type=_stream, default=None,
+                   help="the sender text the hub receives with each frame (default: the "
+                        "stream name)")
+    q.add_argument("--policy", type=_policy, default="latest:1",
+                   help="slow hub: latest:N (default latest:1: the hub gets the newest "
+                        "frame), drop, or block (lossless: the source waits for the hub)")
+    q.add_argument("--frames", type=_nonneg_int, default=0,
+                   help="stop after this many frames (0 = until end-of-stream)")
+    q.add_argument("--reply-timeout", type=_positive_float, default=5.0, metavar="SECONDS",
+                   help="REQ/REP: how long to wait for the hub's reply before the frame is "
+                        "counted lost and the socket is made again (default %(default)s)")
+    q.add_argument("--insecure", action="store_true",
+                   help="allow --bind on a non-loopback address (imagezmq has no encryption)")
+    _add_progress(q, 5.0)
+    _add_json(q)
+    q.set_defaults(func=cmd_bridge_imagezmq)
+
+
+def cmd_bridge_imagezmq(args: argparse.Namespace) -> int:
+    from .bridge import ImagezmqOut, require_imagezmq, run_bridge, summary_line
+    from .izmq import check_exposure as check_imagezmq_exposure
+
+    try:
+        require_imagezmq()
+        if args.bind:
+            check_imagezmq_exposure(args.bind, args.insecure, _warn(args))
+    except ImportError as exc:
+        raise CliError(str(exc)) from None
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    security = _security(args, binds=False, connects=True)
+    eps = _wait_for_broker(args, security)
+    try:
+        sub = subscribe(args.policy, broker=args.broker, timeout=args.timeout,
+                        connect_wait=args.timeout, shm=False, security=security,
+                        **({} if args.policy == "block" else {"rcvhwm": 4}))
+    except BrokerUnavailable as exc:
+        raise _broker_error(exc) from None
+    try:
+        out = ImagezmqOut(args.connect or args.bind, reqrep=bool(args.connect),
+                          name=args.name or eps.get("stream", "cam"), jpeg=args.jpeg,
+                          reply_timeout=args.reply_timeout)
+    except zmq.ZMQError as exc:
+        sub.close()
+        raise CliError(f"imagezmq {args.connect or args.bind}: {exc.strerror}") from None
+    try:
+        summary = run_bridge(sub, out, frames=args.frames, progress=args.progress,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ReceiveTimeout as exc:
+        raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    print(json.dumps(summary) if args.json else summary_line(summary), flush=True)
+    return EXIT_OK
 
 
 def _add_view(sub: argparse._SubParsersAction) -> None:
@@ -1144,6 +1256,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tune(sub)
     _add_keys(sub)
     _add_view(sub)
+    _add_bridge(sub)
     _add_status(sub)
     _add_snapshot(sub)
     _add_control_commands(sub)

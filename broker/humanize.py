@@ -71,6 +71,10 @@ def format_status(s: Mapping[str, Any]) -> str:
                  + f", refused {s.get('auth_refused', 0)}"))
     if s.get("control_rejected"):
         rows.append(("rejected", f"control requests {counts(s['control_rejected'])}"))
+    if s.get("source_senders"):
+        rows.append(("senders", counts(s["source_senders"])))
+    if s.get("source_rejected"):
+        rows.append(("rejected", f"source messages {counts(s['source_rejected'])}"))
     ring = s.get("shm")
     if ring:
         rows.append(("ring", f"{ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "
