@@ -34,6 +34,7 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
+from .hops import Hop
 from .rejects import RejectLog
 from .security import PLAIN, REFUSAL_EVENTS, Guard, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
@@ -209,6 +210,8 @@ class Broker:
         self._unsent: tuple[Slot, bytes] | None = None  # no room for it at the lone subscriber
         self._nodrop = False  # XPUB_NODROP as last set
         self.pub_waits = 0
+        self.hop = Hop("capture_to_publish")  # per frame, see _capture_and_send
+        self._captured_ns = 0  # the last frame's capture time (its header's timestamp)
         own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
         self._pacer = (own() if own and not cfg.fps else None) or Pacer(cfg.fps)
         if cfg.shm:
@@ -496,6 +499,7 @@ class Broker:
         if slot is None:
             return False
         self.dispatcher.submit(fid, header, slot, self._hold, shm_header)
+        self.hop.since_capture(self._captured_ns)  # published and dispatched
         if self.latest is not None:
             self._release(self.latest[1])
         self._hold(slot)
@@ -580,7 +584,8 @@ class Broker:
         slot = self.pool.acquire()
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        header = proto.frame_header(self.cfg.stream, fid, time.time_ns(), slot.array,
+        self._captured_ns = time.time_ns()
+        header = proto.frame_header(self.cfg.stream, fid, self._captured_ns, slot.array,
                                     self.session)
         self._publish(slot, header)
         return slot, header, b""
@@ -593,7 +598,7 @@ class Broker:
         ring.begin(slot.index, stamp, fid)
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        ts = time.time_ns()
+        ts = self._captured_ns = time.time_ns()
         ring.end(slot.index, stamp, ts)
         stream = self.cfg.stream
         header = proto.frame_header(stream, fid, ts, slot.array, self.session)
@@ -765,6 +770,7 @@ class Broker:
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
                 "consumers": self.consumers(),
+                "hops": {self.hop.name: self.hop.summary()},
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
     def transports(self) -> dict[str, dict[str, int]]:

@@ -1,0 +1,180 @@
+"""--metrics: every part's /metrics scraped during a real pipeline and checked against
+the broker's status and the frames each part handled; the exposure rule; the install
+hint without prometheus-client; the hop histograms' arithmetic."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import h5py
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker.client import Control
+from broker.hops import BOUNDS_S, Hop, by_hop, merge, quantile_ms
+from conftest import PY, cli, free_port, run_cli, summary, wait_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics of the part on ``port``, parsed: (sample name, sorted labels) -> value."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            text = opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            break
+        except OSError:  # the part is still starting
+            assert time.monotonic() < deadline, f"no /metrics on port {port}"
+            time.sleep(0.1)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def hop_count(samples: dict, hop: str) -> float:
+    """A hop histogram's _count, whatever its labels (one series per process)."""
+    counts = [v for (n, _), v in samples.items() if n == f"framebroker_{hop}_seconds_count"]
+    assert len(counts) == 1, counts
+    return counts[0]
+
+
+def test_scraped_counters_match_status_and_hops_count_every_frame(eps, broker_factory,
+                                                                   tmp_path):
+    ports = {part: free_port() for part in ("serve", "worker", "sink", "record", "watch")}
+    m = {part: ("--metrics", f"127.0.0.1:{port}") for part, port in ports.items()}
+    b = broker_factory("--shape", "24x32", "--fps", "300", "--wait-workers", "1",
+                       "--wait-recorders", "1", "--json", *m["serve"])
+    b.wait_ready()
+    client = ("--broker", eps.control, "--json", "--timeout", "60")
+    sink = cli("sink", *client, *m["sink"])
+    worker = cli("worker", *client, "--backend", "numpy", *m["worker"])
+    out = tmp_path / "rec.h5"
+    record = cli("record", "--out", str(out), *client, *m["record"])
+    watch = cli("watch", *client, "--progress", "0", *m["watch"])
+    wait_status(eps.control, lambda s: s["frames_sent"] >= 150 and s["subscribers"] == 1)
+    ctl = Control(eps.control, timeout=10)
+    try:
+        ctl.request("pause")  # no frame is captured after the reply: the counts stand still
+        status = wait_status(eps.control, lambda s: all(
+            g["pending"] == 0 for g in s["work"]["groups"].values()))
+        n = status["frames_sent"]
+        broker_m = scrape(ports["serve"])
+        assert value(broker_m, "framebroker_frames_total") == n
+        assert value(broker_m, "framebroker_bytes_total") == status["bytes_sent"] == n * 24 * 32
+        assert hop_count(broker_m, "capture_to_publish") == n
+        assert value(broker_m, "framebroker_subscribers", transport="tcp") == 1
+        assert value(broker_m, "framebroker_work_members", transport="tcp") == 2
+        for group in ("fft", "record"):
+            g = status["work"]["groups"][group]
+            assert value(broker_m, "framebroker_dispatched_total", group=group) == g["dispatched"]
+            assert value(broker_m, "framebroker_acked_total", group=group) == g["acked"] == n
+            assert value(broker_m, "framebroker_redispatched_total", group=group) == 0
+            assert value(broker_m, "framebroker_pending_frames", group=group) == 0
+        # the status counts are the status' own, read after the scrape: still the same
+        again = Control(eps.control, timeout=10).status()
+        assert again["frames_sent"] == n and again["control_rejected"] == {}
+
+        worker_m = scrape(ports["worker"])
+        assert value(worker_m, "framebroker_frames_total") == n
+        assert hop_count(worker_m, "receive_to_result") == n
+        sink_m = scrape(ports["sink"])
+        assert value(sink_m, "framebroker_frames_total") == n
+        assert hop_count(sink_m, "capture_to_sink") == n
+        assert value(sink_m, "framebroker_gaps_total") == 0
+        rec_m = scrape(ports["record"])
+        assert value(rec_m, "framebroker_frames_written_total") == n
+        assert hop_count(rec_m, "receive_to_disk") == n
+        assert hop_count(rec_m, "capture_to_receive") == n
+        watch_m = scrape(ports["watch"])
+        received = value(watch_m, "framebroker_frames_total")
+        assert 0 < received <= n
+        assert hop_count(watch_m, "capture_to_receive") == received
+        # a histogram's buckets are cumulative and end at its count
+        inf = [v for (name, labels), v in watch_m.items()
+               if name == "framebroker_capture_to_receive_seconds_bucket"
+               and ("le", "+Inf") in labels]
+        assert inf == [received]
+        ctl.request("stop")
+    finally:
+        ctl.close()
+    code, stdout, err = b.finish()
+    assert code == 0, err
+    final = summary(worker)
+    assert final["hops"]["receive_to_result"]["count"] == final["frames"] == n
+    assert summary(sink)["hops"]["capture_to_sink"]["count"] == n
+    rec = summary(record)
+    assert rec["hops"]["receive_to_disk"]["count"] == rec["frames_written"] == n
+    with h5py.File(out) as h5:  # what the recorder counted is what the file holds
+        assert list(h5["frame_id"][:]) == list(range(n))
+    seen = summary(watch, ok=(0, 3))
+    assert seen["hops"]["capture_to_receive"]["count"] == seen["received"]
+    assert json.loads(stdout.strip().splitlines()[-1])["hops"]["capture_to_publish"]["count"] == n
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "sink", "record", "watch", "view"])
+def test_non_loopback_metrics_refused_without_insecure(command, eps, tmp_path):
+    extra = {"serve": [*eps.serve_args()], "record": ["--out", str(tmp_path / "r.h5")],
+             "view": ["--http", "127.0.0.1:0"]}.get(command, [])
+    args = [command, *extra, "--metrics", "0.0.0.0:9100"]
+    if command != "serve":
+        args += ["--broker", eps.control]
+    if command not in ("serve", "view"):
+        args += ["--timeout", "1"]
+    r = run_cli(*args)
+    assert r.returncode == 2, r
+    assert "refusing to serve --metrics on 0.0.0.0:9100" in r.stderr
+    assert "--insecure" in r.stderr and "waiting for broker" not in r.stderr
+
+
+def test_without_prometheus_client_the_flag_says_how_to_install(eps, tmp_path):
+    hidden = tmp_path / "hide" / "prometheus_client"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": f"{hidden.parent}{os.pathsep}{REPO}"}
+    r = subprocess.run([PY, "-m", "broker.cli", "watch", "--broker", eps.control,
+                        "--metrics", "127.0.0.1:0", "--timeout", "5"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 2, r
+    assert r.stderr.strip().splitlines() == [
+        "framebroker watch: error: --metrics needs prometheus-client, which is not "
+        "installed: pip install 'framebroker[metrics]'"]
+    # building the parser and running without --metrics never imports it
+    probe = ("import sys; from broker.cli import build_parser; build_parser(); "
+             "print('prometheus_client' in sys.modules)")
+    r = subprocess.run([PY, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.strip() == "False", r
+
+
+def test_hop_buckets_quantiles_and_merge():
+    h = Hop("receive_to_result")
+    for _ in range(98):
+        h.observe(0.001)  # exactly a bound: counted in that bucket (Prometheus' le)
+    h.observe(5.0)
+    h.observe(100.0)  # above the top bound: +Inf
+    i = BOUNDS_S.index(0.001)
+    assert h.counts[i] == 98 and h.counts[-1] == 1 and sum(h.counts) == 100
+    s = h.summary()
+    assert s["count"] == 100 and s["sum_s"] == pytest.approx(105.098)
+    # interpolated within the bucket: rank 50 of the 98 in (0.631 ms, 1 ms]
+    assert s["p50_ms"] == pytest.approx(0.631 + 0.369 * 50 / 98, abs=0.001)
+    assert s["p99_ms"] == 6310.0  # rank 99: the top of the 5 s observation's bucket
+    assert quantile_ms([0] * len(h.counts), 0.5) is None
+    both = merge([h.summary(), h.summary()])
+    assert both["count"] == 200 and both["buckets"][i] == 196
+    assert both["p50_ms"] == s["p50_ms"]
+    # run's table: per hop, over every part that measures it, without the buckets
+    table = by_hop([{"hops": {"receive_to_result": h.summary()}},
+                    {"hops": {"receive_to_result": h.summary()}}, {}])
+    assert list(table) == ["receive_to_result"] and table["receive_to_result"]["count"] == 200
+    assert "buckets" not in table["receive_to_result"]
+    with pytest.raises(ValueError, match="unknown hop"):
+        Hop("publish_to_receive")  # not measurable with the v1 header: no such hop
