@@ -720,13 +720,18 @@ class Broker:
                 now - kv[1].seen <= REPORT_EXPIRY_S, kv[1].reports, kv[1].seen))[0]
             del self.clients[victim]
 
-    def consumers(self) -> dict[str, dict[str, Any]]:
-        """Clients that reported within REPORT_EXPIRY_S, with the age of their report."""
+    def consumers(self, expire: bool = True) -> dict[str, dict[str, Any]]:
+        """Clients that reported within REPORT_EXPIRY_S, with the age of their report;
+        the others are forgotten, unless ``expire`` is False (a --metrics scrape, in
+        another thread, only reads: the loop's own thread alone changes the table)."""
         now = time.monotonic()
-        for name in [n for n, c in self.clients.items() if now - c.seen > REPORT_EXPIRY_S]:
-            del self.clients[name]
+        clients = list(self.clients.items())
+        if expire:
+            for name in [n for n, c in clients if now - c.seen > REPORT_EXPIRY_S]:
+                del self.clients[name]
         return {name: {**{k: v for k, v in c.report.items() if k != "client"},
-                       "age_s": round(now - c.seen, 2)} for name, c in self.clients.items()}
+                       "age_s": round(now - c.seen, 2)} for name, c in clients
+                if now - c.seen <= REPORT_EXPIRY_S}
 
     # --- reporting -------------------------------------------------------------------
     def rate(self) -> float:
@@ -739,7 +744,8 @@ class Broker:
         now = time.monotonic()
         return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self, expire: bool = True) -> dict[str, Any]:
+        """The ``status`` reply; ``expire=False`` changes nothing (see ``consumers``)."""
         elapsed = self._t_last - self._t_first
         avg = (self.sent - 1) / elapsed if elapsed > 0 else 0.0
         return {"version": __version__, "stream": self.cfg.stream,
@@ -769,7 +775,7 @@ class Broker:
                 "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
-                "consumers": self.consumers(),
+                "consumers": self.consumers(expire),
                 "hops": {self.hop.name: self.hop.summary()},
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 

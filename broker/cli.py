@@ -282,7 +282,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
                         "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without CURVE")
+                   help="allow binding a non-loopback address without CURVE (and "
+                        "--metrics on one)")
     _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
     _add_json(p, "the final status")
     _add_security_args(p)
@@ -753,7 +754,8 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s; keep it >= the broker's --max-pending)")
     _add_out(p, "write the results to this .npy or .h5 file, as they are acknowledged")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding --results on a non-loopback address without CURVE")
+                   help="allow binding --results on a non-loopback address without CURVE "
+                        "(and --metrics on one)")
     p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
                    help="also publish every result, in order, on a PUB bound here (for "
                         "framebroker view --results)")

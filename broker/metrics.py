@@ -110,7 +110,7 @@ def _subscriber_families(sub: Any, dropped: Family | None = None) -> list[Family
 
 
 def broker_families(broker: Any) -> Reading:
-    s = broker.status()
+    s = broker.status(expire=False)  # from the HTTP thread: read, never change
     rejects: dict[tuple[str, ...], int] = {}
     rejects.update(_by(s["control_rejected"], "control"))
     rejects.update(_by(s["work"]["rejected"], "work"))

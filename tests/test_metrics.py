@@ -135,6 +135,14 @@ def test_non_loopback_metrics_refused_without_insecure(command, eps, tmp_path):
     assert "--insecure" in r.stderr and "waiting for broker" not in r.stderr
 
 
+def test_record_metrics_refused_with_shards(eps, tmp_path):
+    r = run_cli("record", "--out", str(tmp_path / "s.h5"), "--shards", "2", "--metrics",
+                "127.0.0.1:0", "--broker", eps.control, "--timeout", "1")
+    assert r.returncode == 2, r
+    assert "--metrics serves a single recorder" in r.stderr
+    assert not (tmp_path / "s.h5").exists()
+
+
 def test_without_prometheus_client_the_flag_says_how_to_install(eps, tmp_path):
     hidden = tmp_path / "hide" / "prometheus_client"
     hidden.mkdir(parents=True)
@@ -178,3 +186,61 @@ def test_hop_buckets_quantiles_and_merge():
     assert "buckets" not in table["receive_to_result"]
     with pytest.raises(ValueError, match="unknown hop"):
         Hop("publish_to_receive")  # not measurable with the v1 header: no such hop
+
+
+def _two_free_ports() -> int:
+    """A port P with P+1 free too (workers --count 2 --metrics 127.0.0.1:P uses both)."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_workers_serve_metrics_on_consecutive_ports(eps, broker_factory):
+    port = _two_free_ports()
+    b = broker_factory("--shape", "16x16", "--fps", "100", "--wait-workers", "2")
+    b.wait_ready()
+    workers = cli("workers", "--count", "2", "--broker", eps.control, "--no-sink",
+                  "--backend", "numpy", "--json", "--timeout", "60",
+                  "--metrics", f"127.0.0.1:{port}")
+    try:
+        wait_status(eps.control, lambda s: s["work"]["groups"].get("fft", {}).get("acked", 0)
+                    >= 20)
+        per_port = [scrape(p) for p in (port, port + 1)]
+        for samples in per_port:
+            assert value(samples, "framebroker_info", role="worker", version="0.1.0") == 1
+            assert value(samples, "framebroker_frames_total") == hop_count(
+                samples, "receive_to_result")
+        Control(eps.control, timeout=10).request("stop")
+        out = summary(workers)
+    finally:
+        if workers.poll() is None:
+            workers.kill()
+    assert b.finish()[0] == 0
+    frames = sorted(w["frames"] for w in out["workers"])
+    assert sum(frames) == out["frames"] and all(
+        w["hops"]["receive_to_result"]["count"] == w["frames"] for w in out["workers"])
+
+
+def test_run_reports_every_hop(tmp_path, eps):
+    r = run_cli("run", "--frames", "60", "--shape", "24x32", "--workers", "1", "--backend",
+                "numpy", "--record", str(tmp_path / "r.h5"), "--json", "--progress", "0",
+                *eps.serve_args(), timeout=240)
+    assert r.returncode == 0, r
+    rep = json.loads(r.stdout)
+    assert list(rep["hops"]) == ["capture_to_publish", "capture_to_receive",
+                                 "receive_to_result", "capture_to_sink", "receive_to_disk"]
+    assert {h["count"] for h in rep["hops"].values()} == {60}
+    for h in rep["hops"].values():
+        assert 0 < h["p50_ms"] <= h["p99_ms"]
+    from broker.run import format_report
+
+    line = [ln for ln in format_report(rep).splitlines() if "latency by hop" in ln]
+    assert line and "capture->publish" in line[0] and "receive->disk" in line[0]
