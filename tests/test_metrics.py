@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Control
@@ -61,13 +62,36 @@ def test_scraped_counters_match_status_and_hops_count_every_frame(eps, broker_fa
     record = cli("record", "--out", str(out), *client, *m["record"])
     watch = cli("watch", *client, "--progress", "0", *m["watch"])
     wait_status(eps.control, lambda s: s["frames_sent"] >= 150 and s["subscribers"] == 1)
+    bad = zmq.Context.instance().socket(zmq.REQ)
+    bad.connect(eps.control)
+    bad.send(b'{"cmd": 7}')  # a malformed request: refused, counted by reason
+    assert bad.recv_json()["ok"] is False
+    bad.close(linger=0)
     ctl = Control(eps.control, timeout=10)
     try:
         ctl.request("pause")  # no frame is captured after the reply: the counts stand still
         status = wait_status(eps.control, lambda s: all(
             g["pending"] == 0 for g in s["work"]["groups"].values()))
         n = status["frames_sent"]
+        # the watch reports its counts every second: wait until the broker has its last
+        deadline = time.monotonic() + 60
+        while True:
+            watch_m = scrape(ports["watch"])
+            received = value(watch_m, "framebroker_frames_total")
+            (name,) = [dict(labels)["subscriber"] for (sample, labels) in watch_m
+                       if sample == "framebroker_capture_to_receive_seconds_count"]
+            status = ctl.status()
+            if status["consumers"].get(name, {}).get("received") == received:
+                break
+            assert time.monotonic() < deadline, (received, status["consumers"])
+            time.sleep(0.2)
         broker_m = scrape(ports["serve"])
+        assert value(broker_m, "framebroker_subscriber_received_total", client=name) == received
+        assert value(broker_m, "framebroker_subscriber_gaps_total", client=name) == \
+            status["consumers"][name]["gaps"]
+        (reason, count), = status["control_rejected"].items()
+        assert value(broker_m, "framebroker_rejects_total", channel="control",
+                     reason=reason) == count == 1
         assert value(broker_m, "framebroker_frames_total") == n
         assert value(broker_m, "framebroker_bytes_total") == status["bytes_sent"] == n * 24 * 32
         assert hop_count(broker_m, "capture_to_publish") == n
@@ -79,9 +103,8 @@ def test_scraped_counters_match_status_and_hops_count_every_frame(eps, broker_fa
             assert value(broker_m, "framebroker_acked_total", group=group) == g["acked"] == n
             assert value(broker_m, "framebroker_redispatched_total", group=group) == 0
             assert value(broker_m, "framebroker_pending_frames", group=group) == 0
-        # the status counts are the status' own, read after the scrape: still the same
-        again = Control(eps.control, timeout=10).status()
-        assert again["frames_sent"] == n and again["control_rejected"] == {}
+        # read after the scrape, the status still says the same
+        assert Control(eps.control, timeout=10).status()["frames_sent"] == n
 
         worker_m = scrape(ports["worker"])
         assert value(worker_m, "framebroker_frames_total") == n
@@ -94,8 +117,6 @@ def test_scraped_counters_match_status_and_hops_count_every_frame(eps, broker_fa
         assert value(rec_m, "framebroker_frames_written_total") == n
         assert hop_count(rec_m, "receive_to_disk") == n
         assert hop_count(rec_m, "capture_to_receive") == n
-        watch_m = scrape(ports["watch"])
-        received = value(watch_m, "framebroker_frames_total")
         assert 0 < received <= n
         assert hop_count(watch_m, "capture_to_receive") == received
         # a histogram's buckets are cumulative and end at its count
@@ -244,3 +265,41 @@ def test_run_reports_every_hop(tmp_path, eps):
 
     line = [ln for ln in format_report(rep).splitlines() if "latency by hop" in ln]
     assert line and "capture->publish" in line[0] and "receive->disk" in line[0]
+
+
+def test_view_serves_the_hop_of_the_frames_it_shows(eps, broker_factory):
+    port = free_port()
+    b = broker_factory("--shape", "24x32", "--fps", "60")
+    b.wait_ready()
+    view = cli("view", "--broker", eps.control, "--http", "127.0.0.1:0", "--max-fps", "20",
+               "--metrics", f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            samples = scrape(port)
+            shown = value(samples, "framebroker_frames_shown_total")
+            if shown >= 3:
+                break
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.2)
+        count = hop_count(samples, "capture_to_receive")
+        assert shown <= count <= shown + 1  # observed as a frame is shown, counted after
+        assert value(samples, "framebroker_frames_total") >= count
+        assert value(samples, "framebroker_info", role="view", version="0.1.0") == 1
+    finally:
+        view.terminate()
+        view.communicate(timeout=60)
+    assert view.returncode == 0
+
+
+def test_bench_metrics_writes_its_figures(tmp_path):
+    out = tmp_path / "m.json"
+    r = subprocess.run([PY, str(REPO / "bench" / "metrics.py"), "--calls", "2000",
+                        "--rounds", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r
+    data = json.loads(out.read_text())
+    assert data["calls"] == 2000 and data["rounds"] == 2
+    for key in ("hop_observe_ns", "hop_since_capture_ns", "prometheus_observe_ns", "scrape_ms"):
+        assert data[key] > 0, data
+    assert "prometheus-client / Hop observe" in r.stdout

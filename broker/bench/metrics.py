@@ -90,5 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     if rows["prometheus_observe_ns"]:
         ratio = rows["prometheus_observe_ns"] / rows["hop_observe_ns"]
         print(f"prometheus-client / Hop observe: {ratio:.1f}x")
-    write_json(out, {"calls": args.calls, "rounds": args.rounds, **rows})
+    write_json(out, {"calls": args.calls, "rounds": args.rounds,
+                     **{k: None if v is None else round(v, 3) for k, v in rows.items()}})
     return 0
