@@ -279,13 +279,12 @@ class Recording:
         # declares its own drops; _finish declares only ids never received)
         self.taken += 1
         received = time.perf_counter()
+        self.receive_hop.since_capture(h.timestamp_ns)  # every frame taken, even if dropped
         if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless,
                         received=received):
             if lossless:
                 self._queued_ids.append(h.frame_id)
-            lat_ns = time.time_ns() - h.timestamp_ns
-            self.latency_ms.append(lat_ns / 1e6)
-            self.receive_hop.observe(lat_ns * 1e-9)
+            self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
 
     def _written(self) -> None:
         """The writer thread woke us: credit back now, and its error, if any, surfaces."""
