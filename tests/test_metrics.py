@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import Control
 from broker.hops import BOUNDS_S, Hop, by_hop, merge, quantile_ms
+from broker.humanize import format_status
 from conftest import PY, cli, free_port, run_cli, summary, wait_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +104,10 @@ def test_scraped_counters_match_status_and_hops_count_every_frame(eps, broker_fa
             assert value(broker_m, "framebroker_acked_total", group=group) == g["acked"] == n
             assert value(broker_m, "framebroker_redispatched_total", group=group) == 0
             assert value(broker_m, "framebroker_pending_frames", group=group) == 0
-        # read after the scrape, the status still says the same
-        assert Control(eps.control, timeout=10).status()["frames_sent"] == n
+        # read after the scrape, the status still says the same, and shows the hop
+        again = Control(eps.control, timeout=10).status()
+        assert again["frames_sent"] == n and again["hops"]["capture_to_publish"]["count"] == n
+        assert "latency: p50/p99 capture->publish " in format_status(again)
 
         worker_m = scrape(ports["worker"])
         assert value(worker_m, "framebroker_frames_total") == n
