@@ -306,3 +306,35 @@ def test_bench_metrics_writes_its_figures(tmp_path):
     for key in ("hop_observe_ns", "hop_since_capture_ns", "prometheus_observe_ns", "scrape_ms"):
         assert data[key] > 0, data
     assert "prometheus-client / Hop observe" in r.stdout
+
+
+def test_scrapes_while_streaming_flat_out_leave_the_broker_serving(eps, broker_factory):
+    """The collector reads the broker's tables from the HTTP thread while the loop
+    changes them (subscriber reports, work groups): every scrape parses, the counts
+    only grow, and the broker ends cleanly."""
+    port = free_port()
+    b = broker_factory("--shape", "16x16", "--fps", "0", "--json", "--metrics",
+                       f"127.0.0.1:{port}")
+    b.wait_ready()
+    watch = cli("watch", "--broker", eps.control, "--progress", "0", "--json",
+                "--policy", "latest:1", "--timeout", "60")
+    worker = cli("worker", "--broker", eps.control, "--no-sink", "--backend", "numpy",
+                 "--json", "--timeout", "60")
+    try:
+        wait_status(eps.control, lambda s: s["consumers"] and s["work"]["groups"].get(
+            "fft", {}).get("acked", 0) > 0)
+        last = -1.0
+        for _ in range(40):
+            samples = scrape(port)
+            frames = value(samples, "framebroker_frames_total")
+            assert frames >= last and hop_count(samples, "capture_to_publish") >= frames - 1
+            last = frames
+        Control(eps.control, timeout=10).request("stop")
+    finally:
+        for p in (watch, worker):
+            if p.poll() is None:
+                p.communicate(timeout=60)
+    code, out, err = b.finish()
+    assert code == 0, err
+    final = json.loads(out.strip().splitlines()[-1])
+    assert final["hops"]["capture_to_publish"]["count"] == final["frames_sent"] >= last
