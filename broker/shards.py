@@ -77,6 +77,11 @@ def record_shard(cfg: RecordConfig, shard: proto.Shard,
     summary["shard"] = shard.to_json()
     if master:
         summary["master"] = finalise(cfg.path, summary["total"])
+        for sh in summary["master"]["shards"]:
+            if sh["open_on"] is not None:
+                (log or log_line)(
+                    f"{sh['file']} is still open by its writer on {sh['open_on']}: read "
+                    f"{cfg.path} with swmr=True until that writer ends and finalises it")
     return summary
 
 
@@ -107,7 +112,9 @@ def combine(cfg: RecordConfig, shards: list[proto.Shard], results: list[dict[str
         per.append({"index": s.index, "error": error, **({} if error else r)})
     totals = [p["total"] for p in per if p.get("total") is not None]
     total = max(totals) if totals else None
-    master = finalise(cfg.path, total)
+    # every writer has ended (joined, or failed for good on Ray, maybe on another host):
+    # a file one left marked open is recovered wherever it was written
+    master = finalise(cfg.path, total, writers_gone=True)
     ok = [p for p in per if not p["error"]]
     seconds = max((p.get("seconds", 0) for p in ok), default=0)
     written = sum(p.get("bytes_written", 0) for p in ok)

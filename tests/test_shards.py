@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the codecs for reading compressed shards)
@@ -16,7 +17,7 @@ import pytest
 
 from broker import protocol as proto
 from broker.sources import check_synthetic
-from broker.vds import MISSING_ID, shard_path
+from broker.vds import MISSING_ID, finalise, shard_path, start_master
 from conftest import cli, run_cli, summary, wait_status
 
 SHAPE = "24x32"
@@ -182,6 +183,58 @@ def test_a_shard_killed_mid_run_leaves_its_flushed_frames_and_a_reported_gap(
     report, _ = text.communicate(timeout=60)
     assert f"missing      {len(missing)} frame(s)" in report
     assert "kill_shard1.h5" in report and "not closed" in report
+
+
+def test_a_shard_left_open_on_another_host_is_recovered_once_its_writers_are_gone(
+        eps, broker_factory, tmp_path):
+    """`record --shard 0/2` never touches shard 1's file, which a writer on another host
+    marks open (that writer may still run, and no pid there can be checked): it says so,
+    and the master reads with swmr=True. finalise(writers_gone=True) (what `record
+    --shards N` does once every writer ended, Ray actors elsewhere included) recovers
+    it: plain h5py then reads every frame flushed before the kill through the master."""
+    out = tmp_path / "far.h5"
+    child = subprocess.Popen([sys.executable, str(Path(__file__).parent / "recorder_child.py"),
+                              "shard", str(shard_path(out, 1)), "other-host"],
+                             stdout=subprocess.PIPE, text=True)
+    while int(child.stdout.readline()) < 50:  # shard 1: the odd ids, flushed every 10
+        pass
+    child.kill()
+    child.communicate()
+    b = broker_factory("--frames", "400", "--wait-recorders", "1", "--shape", SHAPE)
+    other = tmp_path / "other.h5"  # another recording's master (another session)
+    start_master(other, count=2, block=1, shape=(24, 32), dtype=np.dtype("u1"), stream="x",
+                 session=7, compression="none", overwrite=False)
+    refused = record(eps, other, "--shard", "0/2")
+    _, err = refused.communicate(timeout=120)
+    assert refused.returncode != 0 and "pass --overwrite" in err, err
+    assert not shard_path(other, 0).exists()
+    rec = record(eps, out, "--shard", "0/2")
+    _, err = rec.communicate(timeout=180)
+    assert rec.returncode == 0, err
+    assert b.finish()[0] == 0
+    assert "far_shard1.h5 is still open by its writer on other-host" in err
+    with pytest.raises(OSError, match="already open for write"):
+        h5py.File(shard_path(out, 1)).close()  # untouched
+    with h5py.File(out) as f:
+        kept = int(f.attrs["shard_frames"][1])
+        assert list(f.attrs["shard_recovered"]) == [0, 0] and f.attrs["complete"] == 0
+    expected = set(range(0, 400, 2)) | {2 * o + 1 for o in range(kept)}
+    with h5py.File(out, "r", swmr=True) as f:
+        ids = f["frame_id"][:]
+    assert kept >= 50 and set(np.flatnonzero(ids != MISSING_ID).tolist()) == expected
+    far = finalise(out, 400, writers_gone=True)["shards"][1]
+    assert (far["open_on"], far["recovered"], far["frames"]) == (None, True, kept)
+    with h5py.File(out) as f:  # plain h5py now
+        ids, frames, gaps = f["frame_id"][:], f["frames"][:], f["gaps"][:]
+        assert list(f.attrs["shard_recovered"]) == [0, 1]
+    present = np.flatnonzero(ids != MISSING_ID)
+    assert set(present.tolist()) == expected and len(ids) == max(400, 2 * kept)
+    assert all(ids[i] == i and check_synthetic(frames[i], int(i)) == -1 for i in present)
+    assert {int(a) + j for a, c in gaps for j in range(int(c))} == set(range(len(ids))) - expected
+    again = cli("record", "--out", str(out), "--shard", "0/2", "--broker", "tcp://127.0.0.1:1",
+                "--timeout", "0.2")
+    _, err = again.communicate(timeout=60)
+    assert again.returncode != 0 and "far_shard0.h5 exists" in err, err
 
 
 def test_shards_started_separately_make_the_same_master(eps, broker_factory, tmp_path):
