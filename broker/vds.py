@@ -8,8 +8,10 @@ datasets presenting every frame in frame-id order, so plain h5py (with ``import
 hdf5plugin`` for compressed shards) and ``h5dump`` read it as one recording.
 
 **Files.** Shard K's file is ``OUT_shardK.h5``; a writer restarted for the same shard
-(by Ray) cannot append to it and writes ``OUT_shardK_r1.h5``, ``_r2`` ...: the master
-maps the runs of ids of every file of the shard.
+(by Ray) cannot append to it and writes ``OUT_shardK_r1.h5``, ``_r2`` ...: the finalised
+master maps the runs of ids of every file of the shard. The live master maps only each
+shard's first file (a restarted writer's first id is not known when it starts), so
+until :func:`finalise` the frames of ``_rN`` files read as missing, never as others.
 
 **Mappings.** Shard K's position p holds the p-th id it owns, so one regular hyperslab
 maps all of it: virtual start ``K*B``, stride ``N*B``, block ``B`` against consecutive
