@@ -983,12 +983,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     from .recorder import RecorderError
 
     out = _record_target(args)
-    _checked_output(out, args.overwrite)
+    shard = None
     if args.shards or args.shard or args.ray:
         from .shards import check_flags
         try:
-            check_flags(args.mode, args.shards, args.shard, args.shard_block or args.chunk_frames,
-                        args.ray)
+            shard = check_flags(args.mode, args.shards, args.shard,
+                                args.shard_block or args.chunk_frames, args.ray,
+                                bool(args.max_frames_per_file or args.max_bytes_per_file))
         except ValueError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
         _check_ray(args)
@@ -996,6 +997,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             raise CliError("--metrics serves a single recorder; it does not combine with "
                            "--shards, --shard or --ray", EXIT_USAGE)
     _check_metrics(args)
+    _checked_output(_own_file(out, shard), args.overwrite)
     security = _security(args, binds=False, connects=True)
     expected = args.expect_frames or args.frames
     needs_broker = not (args.work or args.pub)
@@ -1037,6 +1039,19 @@ def cmd_record(args: argparse.Namespace) -> int:
     if not (summary["ended"] or summary.get("stopped_after")) or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
+
+
+def _own_file(out: Path, shard: proto.Shard | None) -> Path:
+    """The file this command must not find already there: ``--out``, or with ``--shard
+    K/N`` the shard's own file. The master of ``--shard K/N`` is shared: the writer of
+    another shard (another command, maybe on another host) may have written it first,
+    and ``start_master`` joins it if it is the same recording (refusing it here made
+    the second of two writers started together fail while the first waited for it)."""
+    if shard is None:
+        return out
+    from .vds import shard_path
+
+    return shard_path(out, shard.index)
 
 
 def _record_target(args: argparse.Namespace) -> Path:

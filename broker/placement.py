@@ -59,14 +59,17 @@ def require_ray() -> Any:
 
 
 def connect(address: str | None, cpus: int) -> Any:
-    """Join the Ray cluster at ``address``, or start a local one (``address`` None)."""
+    """Join the Ray cluster at ``address``, or start a local one (``address`` None):
+    always a new one, for this command alone (``address="local"``; without it Ray joins
+    the cluster a ``ray start`` left on this host, or RAY_ADDRESS's, and refuses
+    ``num_cpus`` for it)."""
     ray = require_ray()
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=True)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PlacementError(f"cannot start Ray{f' at {address}' if address else ''}: "
                              f"{exc}") from None
