@@ -176,6 +176,40 @@ def test_subscriptions_cannot_bloat_the_broker_and_are_counted_by_connection(
     assert b.finish()[0] == 0
 
 
+def test_one_round_of_every_attack_leaves_the_pipeline_serving_and_the_broker_small(
+        eps, broker_factory, tmp_path):
+    """The fuzz of the issue, each attack once, against one running pipeline (broker,
+    worker, sink): deep JSON, huge integers, floods with resets at control and work, a
+    20 MiB subscription and 2000 distinct ones (a PUB reset), duplicates, spoofed
+    results at the sink. Every part answers and ends the stream as usual, every result
+    is right, and the broker's RSS stays within 64 MB of where it started."""
+    out = tmp_path / "results.h5"
+    b = broker_factory("--fps", "100", "--shape", "64x80", "--wait-workers", "1")
+    w = cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
+            "--output", "spectrum", "--timeout", "60")
+    sink = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
+    wait_status(eps.control, lambda s: s["work"]["groups"].get("fft", {}).get("acked", 0) > 20)
+    before = _rss_mb(b.proc.pid)
+    res = hostile.run(eps.control, seconds=600, results=eps.results, rounds=1)
+    grown = _rss_mb(b.proc.pid) - before
+    print(f"broker RSS grew by {grown:.1f} MB under one round of every attack")
+    assert (res["rounds"], res["errors"]) == (1, [])
+    assert set(res["sent"]) == {"control_junk", "control_oversize", "fake_reports", "work_junk",
+                                "control_flood", "work_flood", "subscriptions_0",
+                                "duplicates_0", "spoofed_results"}
+    assert grown < RSS_BOUND_MB
+    status = wait_status(eps.control, lambda s: s["xpub_resets"] == 1)
+    assert status["control_rejected"]["json_depth"] > 0
+    assert status["work"]["rejected"]["bad_control"] > 0
+    Control(eps.control).stop()
+    got = summary(sink)
+    assert (got["frames"], got["gaps"], got["duplicates"]) == (got["total"], 0, 0)
+    assert sum(got["rejected"].values()) > 0 and list(got["per_worker"]) == [str(w.pid)]
+    check_results_file(out, got["total"])
+    assert summary(w)["ended"] is True
+    assert b.finish()[0] == 0
+
+
 def test_stalled_source_says_what_it_waits_for(eps, broker_factory):
     """Case 8: a lossless consumer that stops acknowledging stalls the source; status
     says state "waiting", the group, the member and for how long, and the rate falls

@@ -275,8 +275,9 @@ def spoofed_results(ctx: zmq.Context, results: str, stream: str = "cam",
 
 def run(control: str, seconds: float, results: str | None = None,
         flood_messages: int = 20000, distinct: int = 2000,
-        log: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
-    """Every attack against every socket, round after round, for ``seconds``."""
+        log: Callable[[str], None] = lambda _msg: None, rounds: int = 0) -> dict[str, Any]:
+    """Every attack against every socket, round after round, for ``seconds`` (or until
+    ``rounds`` whole rounds are done, if not 0: a test wants each attack exactly once)."""
     ctx = zmq.Context()
     ctl = Control(control, timeout=5.0, ctx=ctx)
     eps = ctl.endpoints()
@@ -300,10 +301,10 @@ def run(control: str, seconds: float, results: str | None = None,
         *((("spoofed_results", lambda: spoofed_results(ctx, results, eps["stream"])),)
           if results else ()),
     ]
-    rounds = 0
+    rounds_done = 0
     t_end = time.monotonic() + seconds
     errors: list[str] = []
-    while time.monotonic() < t_end:
+    while time.monotonic() < t_end and not (rounds and rounds_done >= rounds):
         for name, attack in attacks:
             if time.monotonic() >= t_end:
                 break
@@ -312,9 +313,9 @@ def run(control: str, seconds: float, results: str | None = None,
             except (AssertionError, zmq.ZMQError, OSError, RuntimeError) as exc:
                 errors.append(f"{name}: {exc!r}"[:300])
                 log(f"hostile: {name} failed: {exc!r}")
-        rounds += 1
+        rounds_done += 1
     ctx.destroy(linger=0)
-    return {"seconds": seconds, "rounds": rounds, "sent": sent, "errors": errors[:20],
+    return {"seconds": seconds, "rounds": rounds_done, "sent": sent, "errors": errors[:20],
             "error_count": len(errors)}
 
 
