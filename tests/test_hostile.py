@@ -4,6 +4,7 @@ and, where it matters, ending the stream with END as usual."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -15,7 +16,7 @@ from broker import protocol as proto
 from broker.bench import hostile
 from broker.client import Control, Subscriber
 from broker.sources import check_synthetic
-from broker.subscriptions import MAX_SUBSCRIPTIONS
+from broker.subscriptions import MAX_SUBSCRIPTIONS, Subscriptions
 from conftest import cli, run_cli, summary, wait_status, watch
 from test_pipeline import check_results_file
 
@@ -174,6 +175,69 @@ def test_subscriptions_cannot_bloat_the_broker_and_are_counted_by_connection(
     res = summary(w, ok=(0, 3))  # 3: gaps, the frames sent while it reconnected after the reset
     assert res["received"] > 0 and res["corrupt"] == 0 and res["ended"] is True
     assert b.finish()[0] == 0
+
+
+def _sockets() -> set[str]:
+    """This process's open sockets (``socket:[inode]``), libzmq's included."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed meanwhile
+        if target.startswith("socket:"):
+            found.add(target)
+    return found
+
+
+def test_a_connection_that_ended_before_its_subscription_was_read_is_no_subscriber():
+    """Subscriptions on a real XPUB: a SUB subscribes and closes before the broker reads
+    anything, so the monitor's DISCONNECTED is read before the connection's queued
+    subscription. That subscription and its in-band unsubscription are the dead
+    connection's: 0 subscribers (it used to count as one for good). A new connection
+    then counts at once."""
+    ctx = zmq.Context()
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+    xpub.setsockopt(zmq.LINGER, 0)
+    subs = Subscriptions(xpub, b"cam")
+    xpub.bind("tcp://127.0.0.1:0")
+    endpoint = xpub.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def subscriber() -> zmq.Socket:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"cam")
+        sub.connect(endpoint)
+        assert xpub.poll(10000)  # its subscription is queued at the XPUB (not read)
+        return sub
+
+    def settle(done) -> None:
+        """Update until ``done()`` (the in-band unsubscription may take a call or two)."""
+        deadline = time.monotonic() + 10  # a bound on a hang, not a threshold
+        subs.update()
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+            subs.update()
+
+    try:
+        before = _sockets()
+        sub = subscriber()
+        ends = _sockets() - before  # the connection's two ends (libzmq's own threads')
+        sub.close(linger=0)
+        deadline = time.monotonic() + 10
+        while _sockets() & ends and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ends) == 2 and not _sockets() & ends  # so DISCONNECTED is queued
+        settle(lambda: not subs.ended and subs.subscribers() == 0)
+        assert (subs.subscribers(), subs.held, subs.ended) == (0, 0, {})
+        live = subscriber()
+        settle(lambda: subs.subscribers() == 1)
+        assert (subs.subscribers(), subs.held) == (1, 1)
+        live.close(linger=0)
+    finally:
+        subs.close()
+        xpub.close(linger=0)
+        ctx.term()
 
 
 def test_one_round_of_every_attack_leaves_the_pipeline_serving_and_the_broker_small(
