@@ -12,9 +12,20 @@ subscription that matches our stream.
 A connection's end is seen twice: out of band, at once (the monitor's DISCONNECTED),
 and in band, after every message that connection had queued (libzmq then reports one
 unsubscription, without a descriptor, per topic the connection held). Between the
-two, messages carrying that descriptor are the dead connection's, not those of a new
-connection that reused the number; so an ended connection's topics are kept apart
-until its in-band unsubscriptions have come (or ENDED_GRACE_S has passed).
+two, messages carrying that descriptor are the dead connection's, until the monitor
+reports a new connection on it (ACCEPTED: libzmq reuses descriptors at once); an
+ended connection's topics are kept apart until its in-band unsubscriptions have come
+(or ENDED_GRACE_S has passed).
+
+Events and messages come on two sockets, so the events are read again after each
+subscription is received and before it is attributed: the end of a descriptor's old
+connection and the start of its new one are reported before the new one's first
+subscription, so once that subscription is in hand, both can be read. Read only
+beforehand, the old connection's end could come after the new one's subscriptions,
+which were then taken for the dead connection's: not counted, so the peer was not a
+subscriber and could pass the bounds below. What stays ambiguous (a dead connection's
+late message read after its successor's ACCEPTED) is counted for the successor: a
+subscriber too many for a while, never a subscription too few.
 
 libzmq keeps every distinct subscription of every connection in memory (about 47
 bytes per subscribed byte were measured), so the number and total size of distinct
@@ -39,7 +50,7 @@ MAX_SUBSCRIPTION_MESSAGE = 4096
 MAX_SUBSCRIPTIONS = 1024  # distinct (connection, topic) pairs held on one XPUB
 MAX_SUBSCRIBED_BYTES = 64 * 1024  # their topics' bytes
 MAX_MESSAGES_PER_CALL = 4096  # a subscription flood cannot starve the frame loop
-CONNECTION_EVENTS = zmq.EVENT_DISCONNECTED
+CONNECTION_EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
 ENDED_GRACE_S = 5.0  # an ended connection's in-band unsubscriptions come within ms
 
 
@@ -55,8 +66,11 @@ class Subscriptions:
         self.sock, self.topic = sock, topic
         self.monitor = sock.get_monitor_socket(CONNECTION_EVENTS | extra_events)
         self._on_event = on_event
-        self.by_fd: dict[int, set[bytes]] = {}
-        self.ended: dict[int, tuple[float, set[bytes]]] = {}  # fd -> (when, topics due)
+        self.by_fd: dict[int, set[bytes]] = {}  # live connections' topics
+        self.open: set[int] = set()  # descriptors ACCEPTED and not DISCONNECTED since
+        self.dead: dict[int, tuple[float, int]] = {}  # fd -> (when, its ended connection)
+        self.ended: dict[int, tuple[float, set[bytes]]] = {}  # connection -> (when, due)
+        self._ends = 0  # numbers the ended connections
         self.inproc: dict[bytes, int] = {}  # topic -> subscriptions of inproc peers
         self.held = 0  # distinct (connection, topic) pairs
         self.held_bytes = 0
@@ -76,39 +90,62 @@ class Subscriptions:
             n for t, n in self.inproc.items() if self.topic.startswith(t))
 
     def update(self) -> bool:
-        """Read connection events, then subscriptions; True if anything changed.
-        Events first: a connection's end is queued before its descriptor can be reused,
-        so a subscription from a new connection on that descriptor is never lost."""
-        changed = False
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._ended(int(event["value"]))
-                changed = True
-            elif self._on_event is not None:
-                self._on_event(event)
+        """Read connection events, then subscriptions, each after the events that came
+        before it (see the module's docstring); True if anything changed."""
+        changed = self._events()
         now = time.monotonic()
-        for fd in [fd for fd, (t, _) in self.ended.items() if now - t > ENDED_GRACE_S]:
-            del self.ended[fd]
+        for fd in [fd for fd, (t, _) in self.dead.items() if now - t > ENDED_GRACE_S]:
+            del self.dead[fd]
+        for key in [key for key, (t, _) in self.ended.items() if now - t > ENDED_GRACE_S]:
+            del self.ended[key]
         for _ in range(MAX_MESSAGES_PER_CALL):
             try:
                 msg = self.sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            changed |= self._events()
             changed |= self._message(msg)
         return changed
 
+    def _events(self) -> bool:
+        """Read the monitor dry; True if a connection ended."""
+        changed = False
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return changed
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                changed |= self._accepted(int(event["value"]))
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self._ended(int(event["value"]))
+                changed = True
+            elif self._on_event is not None:
+                self._on_event(event)
+
+    def _accepted(self, fd: int) -> bool:
+        """A new connection on ``fd``: from now on its messages are this one's. True if
+        that ends a connection whose end the monitor did not report (its queue was full)."""
+        ended = fd in self.open
+        if ended:
+            self._ended(fd)
+        self.open.add(fd)
+        self.dead.pop(fd, None)
+        return ended
+
     def _ended(self, fd: int) -> None:
         """A connection ended: it stops counting now; its topics wait for their in-band
-        unsubscriptions (until then, messages with its descriptor are its own)."""
+        unsubscriptions, and messages with its descriptor are its own until the
+        descriptor's next connection is reported."""
+        self.open.discard(fd)
         topics = self.by_fd.pop(fd, set())
         self.held -= len(topics)
         self.held_bytes -= sum(len(t) for t in topics)
-        if topics:  # none: nothing of it was read, so nothing of it is queued either
-            self.ended[fd] = (time.monotonic(), topics)
+        self._ends += 1
+        now = time.monotonic()
+        self.dead[fd] = (now, self._ends)
+        if topics:
+            self.ended[self._ends] = (now, topics)
 
     def _inproc(self, subscribe: bool, topic: bytes) -> bool:
         """A message without a descriptor. A subscription is an inproc peer's (same
@@ -117,11 +154,11 @@ class Subscriptions:
         if subscribe:
             self.inproc[topic] = self.inproc.get(topic, 0) + 1
             return True
-        for fd, (_, due) in self.ended.items():
+        for key, (_, due) in self.ended.items():
             if topic in due:
                 due.discard(topic)
                 if not due:
-                    del self.ended[fd]
+                    del self.ended[key]
                 return False
         if self.inproc.get(topic, 0) > 0:
             self.inproc[topic] -= 1
@@ -141,9 +178,12 @@ class Subscriptions:
             fd = int(msg.get(zmq.SRCFD))
         except zmq.ZMQError:  # no descriptor: an inproc peer (in this process), or
             return self._inproc(data[0] == 1, topic)  # libzmq's for an ended connection
-        if fd in self.ended:  # queued by a connection that has ended: its in-band
-            if data[0] == 1:  # unsubscriptions will name this topic too
-                self.ended[fd][1].add(topic)
+        if fd in self.dead:  # queued by a connection that has ended: its in-band
+            when, key = self.dead[fd]  # unsubscriptions will name this topic too
+            if data[0] == 1:
+                self.ended.setdefault(key, (when, set()))[1].add(topic)
+            elif key in self.ended:
+                self.ended[key][1].discard(topic)
             return False
         topics = self.by_fd.setdefault(fd, set())
         if data[0] == 0:

@@ -152,11 +152,38 @@ def _zmtp_frame(body: bytes, command: bool = False) -> bytes:
     return bytes([flags | 2]) + struct.pack(">Q", len(body)) + body
 
 
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the server closed the connection during the handshake")
+        data += chunk
+    return bytes(data)
+
+
+def _recv_command(sock: socket.socket) -> bytes:
+    """One ZMTP 3.0 command frame's body."""
+    flags = _recv_exactly(sock, 1)[0]
+    size_bytes = 8 if flags & 2 else 1
+    size = int.from_bytes(_recv_exactly(sock, size_bytes), "big")
+    if not flags & 4:
+        raise ConnectionError(f"expected a command during the handshake, got flags {flags:#x}")
+    return _recv_exactly(sock, size)
+
+
 def zmtp_subscriber(endpoint: str) -> socket.socket:
     """A raw socket that speaks just enough ZMTP 3.0 (NULL mechanism) to be an XSUB.
     Why not a libzmq XSUB: it keeps every subscription it sent in a trie to resend on
     reconnect, and freeing a multi-MiB one when it closes overflows the stack of
-    libzmq's reaper thread: the attacker would crash itself."""
+    libzmq's reaper thread: the attacker would crash itself.
+
+    Why it waits for the server's greeting and READY before returning: libzmq's NULL
+    mechanism stays "handshaking" until it has sent its own READY, and a message it
+    decodes before then (our READY and subscriptions sent in one go) is an unexpected
+    command: it drops the connection (HANDSHAKE_FAILED_PROTOCOL) and the attack never
+    lands. Whether it got there first depended on scheduling: the test waiting for
+    the reset that attack causes failed about one run in three under load."""
     scheme, _, addr = endpoint.partition("://")
     if scheme == "tcp":
         host, _, port = addr.rpartition(":")
@@ -167,9 +194,19 @@ def zmtp_subscriber(endpoint: str) -> socket.socket:
         sock.connect("\0" + addr[1:] if addr.startswith("@") else addr)
     else:
         raise ValueError(f"no raw ZMTP over {scheme}")
-    greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32)
-    ready = b"\x05READY\x0bSocket-Type" + struct.pack(">I", 4) + b"XSUB"
-    sock.sendall(greeting + _zmtp_frame(ready, command=True))
+    try:
+        sock.sendall(b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32))
+        greeting = _recv_exactly(sock, 64)
+        if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3:
+            raise ConnectionError(f"not a ZMTP 3 server: greeting {greeting[:12]!r}")
+        sock.sendall(_zmtp_frame(b"\x05READY\x0bSocket-Type" + struct.pack(">I", 4) + b"XSUB",
+                                 command=True))
+        reply = _recv_command(sock)
+        if not reply.startswith(b"\x05READY"):
+            raise ConnectionError(f"the server refused the handshake: {reply[:40]!r}")
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -238,8 +275,9 @@ def spoofed_results(ctx: zmq.Context, results: str, stream: str = "cam",
 
 def run(control: str, seconds: float, results: str | None = None,
         flood_messages: int = 20000, distinct: int = 2000,
-        log: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
-    """Every attack against every socket, round after round, for ``seconds``."""
+        log: Callable[[str], None] = lambda _msg: None, rounds: int = 0) -> dict[str, Any]:
+    """Every attack against every socket, round after round, for ``seconds`` (or until
+    ``rounds`` whole rounds are done, if not 0: a test wants each attack exactly once)."""
     ctx = zmq.Context()
     ctl = Control(control, timeout=5.0, ctx=ctx)
     eps = ctl.endpoints()
@@ -263,10 +301,10 @@ def run(control: str, seconds: float, results: str | None = None,
         *((("spoofed_results", lambda: spoofed_results(ctx, results, eps["stream"])),)
           if results else ()),
     ]
-    rounds = 0
+    rounds_done = 0
     t_end = time.monotonic() + seconds
     errors: list[str] = []
-    while time.monotonic() < t_end:
+    while time.monotonic() < t_end and not (rounds and rounds_done >= rounds):
         for name, attack in attacks:
             if time.monotonic() >= t_end:
                 break
@@ -275,9 +313,9 @@ def run(control: str, seconds: float, results: str | None = None,
             except (AssertionError, zmq.ZMQError, OSError, RuntimeError) as exc:
                 errors.append(f"{name}: {exc!r}"[:300])
                 log(f"hostile: {name} failed: {exc!r}")
-        rounds += 1
+        rounds_done += 1
     ctx.destroy(linger=0)
-    return {"seconds": seconds, "rounds": rounds, "sent": sent, "errors": errors[:20],
+    return {"seconds": seconds, "rounds": rounds_done, "sent": sent, "errors": errors[:20],
             "error_count": len(errors)}
 
 
