@@ -34,6 +34,7 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
+from .hops import Hop
 from .rejects import RejectLog
 from .security import PLAIN, REFUSAL_EVENTS, Guard, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
@@ -209,6 +210,8 @@ class Broker:
         self._unsent: tuple[Slot, bytes] | None = None  # no room for it at the lone subscriber
         self._nodrop = False  # XPUB_NODROP as last set
         self.pub_waits = 0
+        self.hop = Hop("capture_to_publish")  # per frame, see _capture_and_send
+        self._captured_ns = 0  # the last frame's capture time (its header's timestamp)
         own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
         self._pacer = (own() if own and not cfg.fps else None) or Pacer(cfg.fps)
         if cfg.shm:
@@ -262,6 +265,8 @@ class Broker:
         self.poller = zmq.Poller()
         for sock, _ in socks:
             self.poller.register(sock, zmq.POLLIN)
+        if getattr(self.source, "socket", None) is not None:  # a network source (imagezmq)
+            self.poller.register(self.source.socket, zmq.POLLIN)  # wakes _serve on arrival
 
     def _server_socket(self, kind: int, max_bytes: int | None) -> zmq.Socket:
         return configure_socket(self.ctx.socket(kind), "server", self.cfg.security, max_bytes)
@@ -405,6 +410,8 @@ class Broker:
                         continue
                 if self._pub_busy():
                     continue
+                if not self._source_ready():
+                    continue
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
                 if delay > 0.0005 or self._stop_requested:
@@ -419,6 +426,16 @@ class Broker:
             self.log(f"error: {exc}")
         self._finish()
         return self.status()
+
+    def _source_ready(self) -> bool:
+        """A network source (one with ``ready``) has a frame; if not, serve the sockets
+        until something arrives (its socket is polled too) instead of blocking in
+        ``read_into`` where control requests and signals would wait."""
+        ready = getattr(self.source, "ready", None)
+        if ready is None or ready():
+            return True
+        self._serve(50)
+        return False
 
     def _stalled(self, blocker: tuple[str, str | None] | None) -> None:
         """Note (for status) which group and member the source is waiting for, since when."""
@@ -496,6 +513,7 @@ class Broker:
         if slot is None:
             return False
         self.dispatcher.submit(fid, header, slot, self._hold, shm_header)
+        self.hop.since_capture(self._captured_ns)  # published and dispatched
         if self.latest is not None:
             self._release(self.latest[1])
         self._hold(slot)
@@ -580,7 +598,8 @@ class Broker:
         slot = self.pool.acquire()
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        header = proto.frame_header(self.cfg.stream, fid, time.time_ns(), slot.array,
+        self._captured_ns = time.time_ns()
+        header = proto.frame_header(self.cfg.stream, fid, self._captured_ns, slot.array,
                                     self.session)
         self._publish(slot, header)
         return slot, header, b""
@@ -593,7 +612,7 @@ class Broker:
         ring.begin(slot.index, stamp, fid)
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        ts = time.time_ns()
+        ts = self._captured_ns = time.time_ns()
         ring.end(slot.index, stamp, ts)
         stream = self.cfg.stream
         header = proto.frame_header(stream, fid, ts, slot.array, self.session)
@@ -715,13 +734,18 @@ class Broker:
                 now - kv[1].seen <= REPORT_EXPIRY_S, kv[1].reports, kv[1].seen))[0]
             del self.clients[victim]
 
-    def consumers(self) -> dict[str, dict[str, Any]]:
-        """Clients that reported within REPORT_EXPIRY_S, with the age of their report."""
+    def consumers(self, expire: bool = True) -> dict[str, dict[str, Any]]:
+        """Clients that reported within REPORT_EXPIRY_S, with the age of their report;
+        the others are forgotten, unless ``expire`` is False (a --metrics scrape, in
+        another thread, only reads: the loop's own thread alone changes the table)."""
         now = time.monotonic()
-        for name in [n for n, c in self.clients.items() if now - c.seen > REPORT_EXPIRY_S]:
-            del self.clients[name]
+        clients = list(self.clients.items())
+        if expire:
+            for name in [n for n, c in clients if now - c.seen > REPORT_EXPIRY_S]:
+                del self.clients[name]
         return {name: {**{k: v for k, v in c.report.items() if k != "client"},
-                       "age_s": round(now - c.seen, 2)} for name, c in self.clients.items()}
+                       "age_s": round(now - c.seen, 2)} for name, c in clients
+                if now - c.seen <= REPORT_EXPIRY_S}
 
     # --- reporting -------------------------------------------------------------------
     def rate(self) -> float:
@@ -734,7 +758,8 @@ class Broker:
         now = time.monotonic()
         return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self, expire: bool = True) -> dict[str, Any]:
+        """The ``status`` reply; ``expire=False`` changes nothing (see ``consumers``)."""
         elapsed = self._t_last - self._t_first
         avg = (self.sent - 1) / elapsed if elapsed > 0 else 0.0
         return {"version": __version__, "stream": self.cfg.stream,
@@ -761,10 +786,14 @@ class Broker:
                                   if sock is not None},
                 "xpub_resets": self.xpub_resets,
                 "control_rejected": dict(self.control_rejected),
+                "source_rejected": dict(getattr(self.source, "rejected", {})),
+                "source_senders": (dict(self.source.senders)
+                                   if hasattr(self.source, "senders") else None),
                 "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
-                "consumers": self.consumers(),
+                "consumers": self.consumers(expire),
+                "hops": {self.hop.name: self.hop.summary()},
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
     def transports(self) -> dict[str, dict[str, int]]:

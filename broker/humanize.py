@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .hops import by_hop, format_hops
 from .sources import format_shape
 
 # a subscriber reports every second; an older report means it has left (or stalled)
@@ -62,6 +63,9 @@ def format_status(s: Mapping[str, Any]) -> str:
     rate = "0 fps now (paused)" if paused else f"{s['rate_fps']:.1f} fps now"
     rows.append(("frames", f"{s['frames_sent']} sent, {rate}, {s['avg_fps']:.1f} fps average, "
                            f"{s['mb_per_s']:.1f} MB/s, up {s['uptime_s']:.0f} s"))
+    hops = by_hop([s])
+    if hops:
+        rows.append(("latency", f"p50/p99 {format_hops(hops)}"))
     t = s["transports"]
     rows.append(("subscribers", f"{s['subscribers']} connected (tcp {t['subscribers']['tcp']}, "
                                 f"shm {t['subscribers']['shm']}), peak "
@@ -71,6 +75,10 @@ def format_status(s: Mapping[str, Any]) -> str:
                  + f", refused {s.get('auth_refused', 0)}"))
     if s.get("control_rejected"):
         rows.append(("rejected", f"control requests {counts(s['control_rejected'])}"))
+    if s.get("source_senders"):
+        rows.append(("senders", counts(s["source_senders"])))
+    if s.get("source_rejected"):
+        rows.append(("rejected", f"source messages {counts(s['source_rejected'])}"))
     ring = s.get("shm")
     if ring:
         rows.append(("ring", f"{ring['path']}, {ring['slots']} slots of {ring['slot_bytes']} "

@@ -15,12 +15,12 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from . import _synth
-from .protocol import BadShape, UnknownDtype, dtype_code
+from .protocol import DEFAULT_MAX_BYTES, BadShape, UnknownDtype, dtype_code
 
 SYNTH_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
                 "float32", "float64")
@@ -31,7 +31,12 @@ class SourceError(RuntimeError):
 
 
 class Source(Protocol):
-    """What the broker needs from a frame source."""
+    """What the broker needs from a frame source.
+
+    A source fed from the network (broker/izmq.py) also has ``socket``, which the broker
+    polls with its own, and ``ready()``, True once a frame is waiting: the broker calls
+    ``read_into`` only then, so waiting for a sender never blocks control requests.
+    """
 
     description: str
     shape: tuple[int, ...]
@@ -365,7 +370,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What ``--source`` names: synthetic, video:PATH, camera:INDEX or h5:FILE[:DATASET]."""
+    """What ``--source`` names: synthetic, video:PATH, camera:INDEX, h5:FILE[:DATASET],
+    imagezmq:tcp://HOST:PORT or imagezmq-sub:tcp://HOST:PORT."""
 
     kind: str
     target: str = ""
@@ -384,8 +390,11 @@ class SourceSpec:
             path, _, dataset = target.partition(":")
             if path:
                 return cls("h5", path, dataset or "frames")
-        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX' "
-                         f"or 'h5:FILE[:DATASET]'")
+        if kind in ("imagezmq", "imagezmq-sub") and re.fullmatch(r"tcp://[^:/]+:\d+", target):
+            return cls(kind, target)
+        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX', "
+                         f"'h5:FILE[:DATASET]', 'imagezmq:tcp://HOST:PORT' (bind, for REQ "
+                         f"ImageSenders) or 'imagezmq-sub:tcp://HOST:PORT' (a PUB ImageSender)")
 
     def __str__(self) -> str:
         """The ``--source`` text that names this source again."""
@@ -397,14 +406,22 @@ class SourceSpec:
 
 def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
                 dtype: str = "uint8", loop: bool = False, width: int = 0, height: int = 0,
-                camera_fps: float = 0, timed: bool = True) -> Source:
-    """Open the source ``spec`` names; raises SourceError or ProtocolError with a clear message."""
+                camera_fps: float = 0, timed: bool = True, sender: str = "",
+                max_bytes: int = DEFAULT_MAX_BYTES,
+                log: Callable[[str], None] | None = None) -> Source:
+    """Open the source ``spec`` names; raises SourceError or ProtocolError with a clear message.
+    An imagezmq source waits here for its first frame (``log`` says so)."""
     if spec.kind == "synthetic":
         return SyntheticSource(shape, dtype)
     if spec.kind == "video":
         return VideoSource(spec.target, loop=loop)
     if spec.kind == "h5":
         return H5Source(spec.target, spec.dataset, loop=loop, timed=timed)
+    if spec.kind in ("imagezmq", "imagezmq-sub"):
+        from .izmq import ImagezmqSource
+
+        return ImagezmqSource(spec.target, subscribe=spec.kind == "imagezmq-sub", sender=sender,
+                              max_bytes=max_bytes, log=log)
     return CameraSource(int(spec.target), width, height, camera_fps)
 
 

@@ -51,6 +51,7 @@ import zmq
 from .. import protocol as proto
 from ..broker import Broker, BrokerConfig, free_tcp_endpoints
 from ..client import BlockingSubscriber, Control, Subscriber
+from ..izmq import imagezmq_installed
 from ..sources import SyntheticSource, synthetic_frame
 
 SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
@@ -59,14 +60,6 @@ SIZES = {"640x480x3 u8": ((480, 640, 3), "uint8"),
 METHODS = ("tcp-socket", "imagezmq-reqrep", "imagezmq-pubsub", "pickle", "raw",
            "framebroker", "framebroker-flat-out", "framebroker-block")
 DEFAULT_HWM = BrokerConfig.sndhwm
-
-
-def imagezmq_available() -> bool:
-    try:
-        import imagezmq  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --- senders: run until ``stop`` is set (the broker: until told to stop) -------------
@@ -374,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     args = ap.parse_args(argv)
     methods = args.methods or [m for m in METHODS
-                               if imagezmq_available() or not m.startswith("imagezmq")]
+                               if imagezmq_installed() or not m.startswith("imagezmq")]
     load = os.getloadavg()
     rows = measure_rows(args.sizes, methods, args.seconds, args.warmup, args.repeat, args.hwm,
                         not args.no_pin)

@@ -52,6 +52,7 @@ import zmq
 
 from ..broker import BrokerConfig, free_tcp_endpoints
 from ..client import Control, Subscriber
+from ..izmq import imagezmq_installed, jpeg_encodable
 from .common import (FrameSpec, add_frame_args, add_out_args, frame_specs, out_path, run_broker,
                      write_json)
 from .stats import compare, diff_noise, median_row, own_noise
@@ -152,11 +153,9 @@ SENDERS: dict[str, Callable] = {"pickle": send_pickle, "raw": send_raw,
 def peer_methods(spec: FrameSpec) -> tuple[str, ...]:
     """The ``--peers`` columns this install and frame can have: imagezmq only where it is
     installed, its JPEG way only for uint8 gray or BGR frames."""
-    try:
-        import imagezmq  # noqa: F401  (only whether it is there)
-    except ImportError:
+    if not imagezmq_installed():
         return ()
-    jpeg = spec.dtype == "uint8" and (len(spec.shape) == 2 or spec.shape[2:] in ((1,), (3,)))
+    jpeg = jpeg_encodable(spec.shape, spec.dtype)
     return tuple(m for m in PEERS if m != "imagezmq-jpeg" or jpeg)
 
 
