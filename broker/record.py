@@ -6,17 +6,24 @@
   broker's dispatch, and the source waits: nothing is dropped anywhere. The queue
   in front of the writer is at least as deep as the window, so the receive loop
   never blocks and keeps heartbeating through a disk hiccup. The writer thread wakes
-  the receive loop (a socket pair polled with the work socket) after every frame, so
-  DONE, and with it the credit and the frame's ring slot, goes back the moment the
-  frame is safe: with the whole window held no next frame can arrive to trigger it.
+  the receive loop (a socket pair polled with the work socket), so DONE, and with it
+  the credit and the frame's ring slot, goes back soon after the frame is safe: with
+  the whole window held no next frame can arrive to trigger it.
   The window (``window=None``, the default) is the bandwidth-delay rule of
   :func:`auto_window`: enough frames to keep the disk busy for ``WINDOW_COVER_S``
   at ``disk_rate`` bytes/s (the time credit takes to come back as a new frame, with
   room for scheduling hiccups on a loaded machine), at least ``MIN_WINDOW``, and at
-  most what ``WINDOW_MEMORY`` bytes hold, half the broker's ``max_pending`` (a
-  window as large as ``max_pending`` stalled the stream: with four sharded recorders
-  the frames they held kept the source at the ``max_pending`` bound) and half the shm ring (so the recorder never holds every slot
-  the source needs). ``window=N`` (``--window N``) overrides it.
+  most half the broker's ``max_pending`` (a window as large as ``max_pending`` stalled
+  the stream: with four sharded recorders the frames they held kept the source at the
+  ``max_pending`` bound). Over tcp the frames held are the recorder's own memory, so
+  at most ``WINDOW_MEMORY`` bytes of them; over shm they stay in the broker's ring, so
+  the bound is half the ring instead (the recorder never holds every slot the source
+  needs): 24 MiB held only 4 frames at 1920x1080x3, too few to keep the writer busy.
+  ``window=N`` (``--window N``) overrides it.
+  The writer thread wakes the receive loop once a quarter of the window is written
+  and unacknowledged, or when it has nothing left to write, not after every frame:
+  the receive loop already returns credit whenever a frame arrives, and every wake-up
+  costs the writer a GIL hand-over (a quarter of its time at 640x480x3).
 * **live**: a PUB subscriber. A full queue drops the frame (counted); frames PUB
   dropped show up as id jumps. Either way the file's ``/gaps`` lists every missing id.
 """
@@ -55,9 +62,9 @@ def auto_window(frame_bytes: int, disk_rate: float = DISK_RATE, max_pending: int
     """Frames a lossless recorder holds at once (the module docstring has the rule).
     Too few and the disk waits for every credit round trip; too many only costs memory."""
     want = math.ceil(disk_rate * WINDOW_COVER_S / max(frame_bytes, 1))
-    limits = [WINDOW_MEMORY // max(frame_bytes, 1)]
+    # over shm the frames held are ring slots, not the recorder's memory
+    limits = [ring_slots // 2] if ring_slots else [WINDOW_MEMORY // max(frame_bytes, 1)]
     limits += [max(1, max_pending // 2)] if max_pending else []
-    limits += [ring_slots // 2] if ring_slots else []
     return max(MIN_WINDOW, min(want, *limits))
 
 
@@ -208,7 +215,7 @@ class Recording:
             max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
             compress_threads=c.compress_threads, shard=c.shard)
         self.rec = ThreadedRecorder(writer, queue_frames=self._queue_frames,
-                                    throttle_s=c.throttle_s, on_written=self._wakeup.set,
+                                    throttle_s=c.throttle_s, on_written=self._on_written,
                                     hop=self.disk_hop)
 
     # --- the loop ---------------------------------------------------------------------
@@ -285,6 +292,14 @@ class Recording:
             if lossless:
                 self._queued_ids.append(h.frame_id)
             self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
+
+    def _on_written(self) -> None:
+        """In the writer thread, after each frame: wake the receive loop when a quarter of
+        the window waits for DONE or the queue is empty (the module docstring says why)."""
+        assert self.rec is not None
+        unacked = self.rec.writer.frames_written - self._acked_written
+        if unacked >= max(1, self.window // 4) or self.rec.queue_depth == 0:
+            self._wakeup.set()
 
     def _written(self) -> None:
         """The writer thread woke us: credit back now, and its error, if any, surfaces."""

@@ -15,6 +15,7 @@ from broker.record import (FALLBACK_WINDOW, MIN_WINDOW, WINDOW_COVER_S, WINDOW_M
                            auto_window)
 from broker.recorder import RecordingWriter, ThreadedRecorder
 from broker.run import efficiency
+from broker.shm import ring_slots
 from broker.sources import check_synthetic, synthetic_frame
 from conftest import PY, make_endpoints
 
@@ -28,6 +29,11 @@ def test_auto_window_covers_the_disk_for_the_cover_time_within_its_limits():
     assert auto_window(small, 2e9, max_pending=64) == 32  # half the bound the source keeps
     assert auto_window(VGA, 2e9, ring_slots=40) == 20  # the source keeps half the ring
     assert auto_window(HD, 2e9) == auto_window(HD, 1e6) == MIN_WINDOW  # at least a few
+    # over shm the ring, not the memory, bounds it: 50 ms at 2 GB/s of 1080p frames
+    assert auto_window(HD, 2e9, max_pending=64, ring_slots=86) == 17 == -(
+        -int(2e9 * WINDOW_COVER_S) // HD)
+    assert auto_window(VGA, 2e9, max_pending=64, ring_slots=579) == 32
+    assert (ring_slots("512MiB", VGA), ring_slots("512MiB", HD)) == (579, 86)  # README
     assert MIN_WINDOW <= FALLBACK_WINDOW
 
 

@@ -8,6 +8,10 @@ a noisy machine:
 * ``writer alone``: :class:`broker.recorder.RecordingWriter` with its defaults, fed from
   memory in this process: what the HDF5 layer allows, timed from the first frame to the
   file closed, as ``record`` times itself.
+* ``tcp bound``: the same bytes from this process to a receiving process over tcp
+  loopback with raw pyzmq (PUSH/PULL, zero-copy sends, the receiver discards them),
+  timed by the receiver from its first message to its last: what any tcp recording on
+  this machine can reach before it writes a byte.
 * ``record tcp`` / ``record shm``: a real ``framebroker serve`` (synthetic source,
   ``--wait-recorders 1``, plus ``--shm RING`` for shm) and a real ``framebroker record``
   (lossless, preallocated) on free loopback ports. The rate is the recorder's own
@@ -49,6 +53,7 @@ from broker.sources import synthetic_frame
 SIZES = {"640x480x3": ((480, 640, 3), 3000, 600),
          "1920x1080x3": ((1080, 1920, 3), 500, 120)}
 POOL = 16  # distinct frames cycled through by the in-process methods
+_TREE = str(Path(broker.__file__).resolve().parent.parent)  # this checkout, for children
 Method = Callable[[Path, tuple[int, ...], int], float]  # -> frames per second
 
 
@@ -71,6 +76,48 @@ def writer_alone(path: Path, shape: tuple[int, ...], n: int) -> float:
         for i in range(n):
             writer.write(i, i, pool[i % POOL])
     return n / (time.perf_counter() - t0)
+
+
+def tcp_bound(path: Path, shape: tuple[int, ...], n: int) -> float:
+    """Raw pyzmq over tcp loopback: frames per second the receiver got (``path`` unused)."""
+    import zmq
+
+    (endpoint,) = free_tcp_endpoints(1)
+    sink = subprocess.Popen([sys.executable, "-c", f"from broker.bench.live_record import "
+                             f"_sink; _sink({endpoint!r}, {n})"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": _TREE})
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        if sink.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"tcp sink did not start: {sink.stderr.read()[-2000:]}")
+        push.connect(endpoint)
+        pool = _pool(shape)
+        for i in range(n):
+            push.send(pool[i % POOL], copy=False)
+        out, err = sink.communicate(timeout=600)
+    finally:
+        push.close(linger=-1)
+        ctx.term()
+    if sink.returncode != 0:
+        raise RuntimeError(f"tcp sink exited {sink.returncode}: {err[-2000:]}")
+    return float(out)
+
+
+def _sink(endpoint: str, n: int) -> None:
+    """The receiving side of ``tcp_bound``: take ``n`` messages, print their rate."""
+    import zmq
+
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(endpoint)
+    print("ready", flush=True)
+    pull.recv(copy=False)
+    t0 = time.perf_counter()
+    for _ in range(n - 1):
+        pull.recv(copy=False)
+    print((n - 1) / (time.perf_counter() - t0), flush=True)
+    pull.close(linger=0)
 
 
 def record(shm: str | None, extra: list[str], tree: Path | None = None) -> Method:
@@ -97,7 +144,7 @@ def record(shm: str | None, extra: list[str], tree: Path | None = None) -> Metho
 
 
 def methods(shm: str, extra: list[str], baseline: Path | None = None) -> dict[str, Method]:
-    table = {"plain write": plain_write, "writer alone": writer_alone,
+    table = {"plain write": plain_write, "writer alone": writer_alone, "tcp bound": tcp_bound,
              "record tcp": record(None, extra), "record shm": record(shm, extra)}
     if baseline is not None:
         table[f"record tcp @{baseline.name}"] = record(None, [], baseline)
@@ -132,6 +179,8 @@ def ratios(res: dict[str, dict]) -> dict[str, float]:
     return {"tcp / writer": f["record tcp"] / f["writer alone"],
             "shm / writer": f["record shm"] / f["writer alone"],
             "shm / tcp": f["record shm"] / f["record tcp"],
+            "tcp / bound": f["record tcp"] / f["tcp bound"],
+            "bound / writer": f["tcp bound"] / f["writer alone"],
             "writer / plain": f["writer alone"] / f["plain write"]}
 
 
