@@ -361,6 +361,9 @@ class Runner:
             "seconds": round(self.t_end - self.t_start, 3),
             "startup_s": (round(b["first_frame_unix"] - self.t_spawn_unix, 3)
                           if b.get("first_frame_unix") else None),
+            "first_result_s": (round(s["first_result_unix"] - self.t_spawn_unix, 3)
+                               if s.get("first_result_unix") else None),
+            "spawned_unix": self.t_spawn_unix,
             "efficiency": efficiency(stages),
             "stream": {"source": b.get("source"), "shape": b.get("shape"),
                        "dtype": b.get("dtype")},
@@ -470,8 +473,10 @@ def format_report(rep: dict[str, Any]) -> str:
                      f"{eff['end_to_end_fps']:.1f} fps over the slowest stage alone "
                      f"({eff['slowest_stage']}, {eff['slowest_alone_fps']:.1f} fps)")
     if rep.get("startup_s") is not None:
+        to_result = rep.get("first_result_s")
         lines.append(f"  start-up: {rep['startup_s']:.2f} s from starting the parts to the "
-                     f"first frame")
+                     f"first frame" + ("" if to_result is None else
+                                       f", {to_result:.2f} s to the first result"))
     d, g = rep["dropped"], rep["gaps"]
     lines.append(f"  dropped: processing {d['processing']}, recording {d['recording']} "
                  f"(recorder queue {d['recorder_queue']}); gaps: sink {g['sink']}, recorder "

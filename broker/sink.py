@@ -131,6 +131,7 @@ class Sink:
         self._last_ack = time.monotonic()
         self._t_first = 0.0
         self._t_last = 0.0
+        self._first_unix: float | None = None  # wall clock: run's start-up to a result
 
     def _bind_publisher(self, endpoint: str) -> zmq.Socket:
         """A PUB of the ordered results (topic: the stream name), for live viewers. It
@@ -275,6 +276,7 @@ class Sink:
         now = time.monotonic()
         if not self._t_first:
             self._t_first = now
+            self._first_unix = time.time()
         self._t_last = now
         if fid < self.next or fid in self.buffer:
             if fid in self.gap_ids:
@@ -390,6 +392,7 @@ class Sink:
         return {"frames": self.emitted, "total": self.total,
                 "seconds": round(elapsed, 3),
                 "fps": round((self.emitted - 1) / elapsed, 2) if elapsed > 0 else 0.0,
+                "first_result_unix": self._first_unix,
                 "duplicates": self.duplicates, "late": self.late,
                 "gaps": len(self.gap_ids), "missing_ids": sorted(self.gap_ids)[:1000],
                 "per_worker": {str(k): v for k, v in self.per_worker.items()},

@@ -25,11 +25,14 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
     t0 = time.monotonic()
     next_line = t0 + progress if progress else None
     last_n, last_t = 0, t0
+    first_unix: float | None = None  # wall clock: a start-up measure (bench/startup.py)
     try:
         while not frames or sub.received < frames:
             frame = sub.recv()
             if frame is None:
                 break
+            if first_unix is None:
+                first_unix = time.time()
             latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
             # a ring slot reused while we checked it is a drop (counted), not corruption
             if (verify and check_synthetic(frame.array, frame.frame_id) >= 0
@@ -60,7 +63,8 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
                                "fps": round(sub.received / elapsed, 2) if elapsed else 0.0,
                                "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
                                "latency_ms_p50": _pct(latencies, 50),
-                               "latency_ms_p99": _pct(latencies, 99)}
+                               "latency_ms_p99": _pct(latencies, 99),
+                               "first_frame_unix": first_unix}
     if verify:
         summary["corrupt"] = corrupt
     return summary
