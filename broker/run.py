@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,10 @@ def plan_from_args(args: argparse.Namespace, server: Security, client_sec: Secur
 
 def refuse_running_broker(control: str, security: Security) -> None:
     """``run`` starts its own broker: if one already answers at ``control``, our parts
-    would join that one instead, so say so and stop."""
+    would join that one instead, so say so and stop. Nothing listening on a tcp or ipc
+    address is known at once, so only a listener costs the 0.3 s wait for an answer."""
+    if not _listening(control):
+        return
     ctl = Control(control, timeout=0.3, security=security)
     try:
         ctl.endpoints()
@@ -160,6 +164,27 @@ def refuse_running_broker(control: str, security: Security) -> None:
     raise RunError(f"a broker is already running at {control}; stop it (framebroker stop "
                    f"--broker {control}) or give run other endpoints (--pub, --work, "
                    f"--control, --results)")
+
+
+def _listening(endpoint: str) -> bool:
+    """Whether anything accepts connections at a tcp or ipc ``endpoint`` (True when
+    that cannot be told without asking, as for inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address: Any = (host.strip("[]"), int(port))
+    elif scheme == "ipc" and not rest.startswith("@"):
+        family, address = socket.AF_UNIX, rest
+    else:
+        return True
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.3)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def progress_display(args: argparse.Namespace, frames: int):
