@@ -97,3 +97,22 @@ def test_startup_bench_times_both_setups_to_their_first_frame(tmp_path):
     assert sw["to_first_frame_at_broker_s"] > 0 and sw["to_first_frame_s"] > 0
     assert [r["setup"] for r in data["runs"]] == ["run", "serve+watch"]
     assert f"| run | first result | {run['to_first_result_s']:.2f} |" in res.stdout
+
+
+def test_a_worker_retries_a_sink_not_bound_yet_at_once(eps, broker_factory):
+    """The worker learns the results endpoint from the broker at the same moment as the
+    sink, which binds it a little later: libzmq's default 100 ms before the retry
+    delayed the first result, so the worker's PUSH retries after 10 ms (backing off)."""
+    import zmq
+
+    from broker.workers import RECONNECT_MS, Worker, WorkerConfig
+
+    broker_factory("--frames", "5", "--wait-workers", "1", "--shape", "24x32").wait_ready()
+    worker = Worker(WorkerConfig(broker=eps.control, planner="estimate"), log=lambda m: None,
+                    ctx=zmq.Context())
+    try:
+        assert worker.push.getsockopt(zmq.RECONNECT_IVL) == RECONNECT_MS == 10
+        assert worker.push.getsockopt(zmq.RECONNECT_IVL_MAX) == 1000
+    finally:
+        worker.close()
+        worker.ctx.term()
