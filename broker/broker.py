@@ -34,6 +34,7 @@ from . import __version__
 from . import protocol as proto
 from .client import cpu_seconds
 from .dispatch import Dispatcher
+from .hops import Hop
 from .rejects import RejectLog
 from .security import PLAIN, REFUSAL_EVENTS, Guard, Security, configure_socket
 from .shm import SHM_SOCKET_BUFFER, Ring, pub_endpoint, ring_slots, shm_queue
@@ -209,6 +210,8 @@ class Broker:
         self._unsent: tuple[Slot, bytes] | None = None  # no room for it at the lone subscriber
         self._nodrop = False  # XPUB_NODROP as last set
         self.pub_waits = 0
+        self.hop = Hop("capture_to_publish")  # per frame, see _capture_and_send
+        self._captured_ns = 0  # the last frame's capture time (its header's timestamp)
         own = getattr(source, "pacer", None)  # a recording's own timestamps, unless --fps
         self._pacer = (own() if own and not cfg.fps else None) or Pacer(cfg.fps)
         if cfg.shm:
@@ -510,6 +513,7 @@ class Broker:
         if slot is None:
             return False
         self.dispatcher.submit(fid, header, slot, self._hold, shm_header)
+        self.hop.since_capture(self._captured_ns)  # published and dispatched
         if self.latest is not None:
             self._release(self.latest[1])
         self._hold(slot)
@@ -594,7 +598,8 @@ class Broker:
         slot = self.pool.acquire()
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        header = proto.frame_header(self.cfg.stream, fid, time.time_ns(), slot.array,
+        self._captured_ns = time.time_ns()
+        header = proto.frame_header(self.cfg.stream, fid, self._captured_ns, slot.array,
                                     self.session)
         self._publish(slot, header)
         return slot, header, b""
@@ -607,7 +612,7 @@ class Broker:
         ring.begin(slot.index, stamp, fid)
         if not self.source.read_into(slot.array):
             return None, b"", b""
-        ts = time.time_ns()
+        ts = self._captured_ns = time.time_ns()
         ring.end(slot.index, stamp, ts)
         stream = self.cfg.stream
         header = proto.frame_header(stream, fid, ts, slot.array, self.session)
@@ -729,13 +734,18 @@ class Broker:
                 now - kv[1].seen <= REPORT_EXPIRY_S, kv[1].reports, kv[1].seen))[0]
             del self.clients[victim]
 
-    def consumers(self) -> dict[str, dict[str, Any]]:
-        """Clients that reported within REPORT_EXPIRY_S, with the age of their report."""
+    def consumers(self, expire: bool = True) -> dict[str, dict[str, Any]]:
+        """Clients that reported within REPORT_EXPIRY_S, with the age of their report;
+        the others are forgotten, unless ``expire`` is False (a --metrics scrape, in
+        another thread, only reads: the loop's own thread alone changes the table)."""
         now = time.monotonic()
-        for name in [n for n, c in self.clients.items() if now - c.seen > REPORT_EXPIRY_S]:
-            del self.clients[name]
+        clients = list(self.clients.items())
+        if expire:
+            for name in [n for n, c in clients if now - c.seen > REPORT_EXPIRY_S]:
+                del self.clients[name]
         return {name: {**{k: v for k, v in c.report.items() if k != "client"},
-                       "age_s": round(now - c.seen, 2)} for name, c in self.clients.items()}
+                       "age_s": round(now - c.seen, 2)} for name, c in clients
+                if now - c.seen <= REPORT_EXPIRY_S}
 
     # --- reporting -------------------------------------------------------------------
     def rate(self) -> float:
@@ -748,7 +758,8 @@ class Broker:
         now = time.monotonic()
         return (n1 - n0) / (now - t0) if now > t0 else 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self, expire: bool = True) -> dict[str, Any]:
+        """The ``status`` reply; ``expire=False`` changes nothing (see ``consumers``)."""
         elapsed = self._t_last - self._t_first
         avg = (self.sent - 1) / elapsed if elapsed > 0 else 0.0
         return {"version": __version__, "stream": self.cfg.stream,
@@ -781,7 +792,8 @@ class Broker:
                 "auth_refused": self.guard.refused, "curve": self.cfg.security.curve,
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
-                "consumers": self.consumers(),
+                "consumers": self.consumers(expire),
+                "hops": {self.hop.name: self.hop.summary()},
                 "endpoints": self.endpoints(), "work": self.dispatcher.status()}
 
     def transports(self) -> dict[str, dict[str, int]]:

@@ -166,6 +166,50 @@ def _security(args: argparse.Namespace, *, binds: bool, connects: bool) -> Secur
     return sec
 
 
+def _add_metrics(p: argparse.ArgumentParser) -> None:
+    """--metrics HOST:PORT, on every long-running part; and --insecure where the part
+    has none yet (the same opt-in for any non-loopback bind)."""
+    p.add_argument("--metrics", type=_http_address, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback "
+                        "unless --insecure; port 0 picks a free one, printed on stderr; "
+                        "pip install 'framebroker[metrics]')")
+    if "--insecure" not in p._option_string_actions:
+        p.add_argument("--insecure", action="store_true",
+                       help="allow --metrics on a non-loopback address")
+
+
+def _check_metrics(args: argparse.Namespace) -> None:
+    """--metrics: the library is there and the address allowed, before any connection."""
+    if args.metrics is None:
+        return
+    from .metrics import MetricsError, check_exposure, require
+
+    try:
+        require()
+        check_exposure(*args.metrics, args.insecure, warn=_warn(args))
+    except (MetricsError, SecurityError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _expose(args: argparse.Namespace, read: Callable[[], Any]) -> Any:
+    """Start this part's /metrics (None without --metrics); a taken port is one line."""
+    if args.metrics is None:
+        return None
+    from .metrics import MetricsError, expose
+
+    try:
+        return expose(args.metrics, args.command, read, _warn(args))
+    except MetricsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _metrics_of(role: str) -> Callable[..., Any]:
+    """broker/metrics.py's reader of a part, imported only when a scrape comes."""
+    from . import metrics
+
+    return getattr(metrics, f"{role}_families")
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a broker: capture frames and publish them",
                        description="Capture frames from a source and serve them on PUB "
@@ -243,10 +287,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "/dev/shm of this size: a slot count ('64slots') or bytes ('1GiB', "
                         "'512MiB'); only headers then go over zmq to them")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without CURVE")
+                   help="allow binding a non-loopback address without CURVE (and "
+                        "--metrics on one)")
     _deprecated(p, "--quiet", "--progress 0", "progress", nargs=0, const=0.0)
     _add_json(p, "the final status")
     _add_security_args(p)
+    _add_metrics(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -262,6 +308,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     if args.source.kind == "imagezmq":
         _check_imagezmq_bind(args)
+    _check_metrics(args)
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
                              width=args.width, height=args.height, camera_fps=args.camera_fps,
@@ -290,6 +337,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (SourceError, ValueError, OSError) as exc:
         source.close()
         raise CliError(str(exc)) from None
+    try:
+        exporter = _expose(args, lambda: _metrics_of("broker")(broker))
+    except CliError:
+        broker.close()
+        source.close()
+        raise
     install_signal_handlers(broker)
     broker.log(f"serving {source.description} as {args.stream!r} on {args.pub} "
                f"(control {args.control}, work {args.work})"
@@ -298,6 +351,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         status = broker.run()
     finally:
+        if exporter is not None:
+            exporter.close()
         broker.close()
         source.close()
         # Wait out the linger before the interpreter frees the buffers that queued
@@ -354,16 +409,19 @@ def _add_watch(sub: argparse._SubParsersAction) -> None:
     _deprecated(p, "--interval", "--progress", "progress", type=_nonneg_float)
     _add_json(p)
     _add_no_shm(p)
+    _add_metrics(p)
     p.set_defaults(func=cmd_watch)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    from .hops import Hop
     from .watch import lost as watch_lost, summary_line as watch_summary_line, watch_stream
 
     if args.policy == "block" and (args.pub or args.stream):
         raise CliError("--policy block takes frames from the broker's work channel; "
                        "--pub and --stream do not apply", EXIT_USAGE)
     security = _security(args, binds=False, connects=True)
+    _check_metrics(args)
     if args.policy == "block" or not args.pub:
         _wait_for_broker(args, security)
     try:
@@ -377,12 +435,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
                             topics=(args.stream,) if args.stream else None, **common)
     except BrokerUnavailable as exc:
         raise _broker_error(exc) from None
+    hop = Hop("capture_to_receive")
+    exporter = _expose(args, lambda: _metrics_of("watch")(sub, hop))
     try:
         summary = watch_stream(sub, frames=args.frames, progress=args.progress,
                                verify=args.verify, log=lambda m: print(
-                                   m, file=sys.stderr, flush=True))
+                                   m, file=sys.stderr, flush=True), hop=hop)
     except ReceiveTimeout as exc:
         raise CliError(str(exc)) from None
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(json.dumps(summary) if args.json else watch_summary_line(summary))
     return EXIT_LOST if watch_lost(summary) else EXIT_OK
 
@@ -496,8 +559,9 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
                    help="lower the viewer's CPU priority by this much, so on a busy host the "
                         "broker wins the CPU (default %(default)s; 0 = unchanged)")
     p.add_argument("--insecure", action="store_true",
-                   help="allow serving the page on a non-loopback address")
+                   help="allow serving the page (and --metrics) on a non-loopback address")
     _add_security_args(p)
+    _add_metrics(p)
     p.set_defaults(func=cmd_view)
 
 
@@ -511,6 +575,7 @@ def cmd_view(args: argparse.Namespace) -> int:
         check_page_exposure(host, port, args.insecure, warn=_warn(args))
     except SecurityError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    _check_metrics(args)
     view = View(ViewConfig(broker=args.broker, host=host, port=port, max_fps=args.max_fps,
                            scale=args.scale, value_range=args.value_range,
                            quality=args.quality, results=args.results,
@@ -519,11 +584,16 @@ def cmd_view(args: argparse.Namespace) -> int:
         url = view.bind()
     except ViewError as exc:
         raise CliError(str(exc)) from None
+    exporter = _expose(args, lambda: _metrics_of("view")(view))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: view.stop.set())
     os.nice(args.nice)
     view.log(f"serving {url} for the broker at {args.broker}")
-    summary = view.run()  # renders in this thread, so the handlers above run promptly
+    try:
+        summary = view.run()  # renders in this thread, so the handlers above run promptly
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(f"framebroker view: {summary_line(summary)}", flush=True)
     return EXIT_OK
 
@@ -679,6 +749,7 @@ def _add_worker_flags(p: argparse.ArgumentParser,
     p.add_argument("--no-sink", action="store_true",
                    help="count only: send no results, acknowledge frames directly")
     _add_no_shm(p)
+    _add_metrics(p)
 
 
 def _add_workers(sub: argparse._SubParsersAction) -> None:
@@ -688,7 +759,8 @@ def _add_workers(sub: argparse._SubParsersAction) -> None:
                                    "--ray, as Ray actors that Ray restarts when they die.")
     _add_worker_flags(p, cmd_workers)
     p.add_argument("--count", type=_positive_int, default=2,
-                   help="how many workers (default %(default)s)")
+                   help="how many workers (default %(default)s); with --metrics HOST:PORT "
+                        "worker k serves on PORT+k")
     _add_ray_flag(p, "the workers")
 
 
@@ -701,7 +773,8 @@ def _worker_config(args: argparse.Namespace) -> Any:
                         window=args.window, sink=not args.no_sink,
                         worker_id=getattr(args, "id", 0), timeout=args.timeout,
                         keep_running=args.keep_running, shm=not args.no_shm,
-                        security=_security(args, binds=False, connects=True))
+                        security=_security(args, binds=False, connects=True),
+                        metrics=args.metrics)
 
 
 def _worker_needs_broker(args: argparse.Namespace) -> bool:
@@ -723,6 +796,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     from .placement import PlacementError, Workers, summary_line
 
     _check_ray(args)
+    _check_metrics(args)
     cfg = _worker_config(args)
     summary = _run_part(args, cfg.security, _worker_needs_broker(args),
                         lambda: Workers(cfg, args.count, args.ray, args.restarts),
@@ -733,6 +807,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from .workers import Worker
 
+    _check_metrics(args)
     cfg = _worker_config(args)
     summary = _run_part(
         args, cfg.security, _worker_needs_broker(args),
@@ -745,10 +820,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _run_part(args: argparse.Namespace, security: Security, needs_broker: bool,
               make: Callable[[], Any], errors: tuple[type[Exception], ...],
-              line: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+              line: Callable[[dict[str, Any]], str],
+              metrics: str | None = None) -> dict[str, Any]:
     """Wait for the broker (if the part needs it), build a part (worker, sink, recorder),
-    run it to end-of-stream, always close it, and print its summary once, on stdout;
-    ``errors`` from building or running become one-line errors."""
+    serve its ``metrics`` (broker/metrics.py's reader name) with --metrics, run it to
+    end-of-stream, always close it, and print its summary once, on stdout; ``errors``
+    from building or running become one-line errors."""
     if needs_broker:
         _wait_for_broker(args, security)
     try:
@@ -757,13 +834,18 @@ def _run_part(args: argparse.Namespace, security: Security, needs_broker: bool,
         raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
+    exporter = None
     try:
+        if metrics is not None:
+            exporter = _expose(args, lambda: _metrics_of(metrics)(part))
         summary = part.run()
     except BrokerUnavailable as exc:
         raise _broker_error(exc) from None
     except errors as exc:
         raise CliError(str(exc)) from None
     finally:
+        if exporter is not None:
+            exporter.close()
         part.close()
     print(json.dumps(summary) if args.json else line(summary), flush=True)
     return summary
@@ -784,10 +866,12 @@ def _add_sink(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s; keep it >= the broker's --max-pending)")
     _add_out(p, "write the results to this .npy or .h5 file, as they are acknowledged")
     p.add_argument("--insecure", action="store_true",
-                   help="allow binding --results on a non-loopback address without CURVE")
+                   help="allow binding --results on a non-loopback address without CURVE "
+                        "(and --metrics on one)")
     p.add_argument("--publish", type=_endpoint, default=None, metavar="ENDPOINT",
                    help="also publish every result, in order, on a PUB bound here (for "
                         "framebroker view --results)")
+    _add_metrics(p)
 
 
 def cmd_sink(args: argparse.Namespace) -> int:
@@ -802,13 +886,14 @@ def cmd_sink(args: argparse.Namespace) -> int:
         check_results_exposure(args.publish, security.curve)
     except SecurityError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    _check_metrics(args)
     cfg = SinkConfig(broker=args.broker, results=args.results, work=args.work,
                      reorder=args.reorder, out=str(args.out) if args.out else None,
                      overwrite=args.overwrite, publish=args.publish, timeout=args.timeout,
                      keep_running=args.keep_running, security=security)
     summary = _run_part(args, security, not args.work, lambda: Sink(cfg),
                         (BrokerUnavailable, SinkError, OSError),
-                        lambda s: f"framebroker sink: {summary_line(s)}")
+                        lambda s: f"framebroker sink: {summary_line(s)}", metrics="sink")
     if summary["total"] is None:
         return EXIT_ERROR
     return EXIT_LOST if summary["gaps"] else EXIT_OK
@@ -878,6 +963,7 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
                    help="ids per block; block b goes to shard b mod N (default: "
                         "--chunk-frames)")
     _add_ray_flag(p, "the --shards writers")
+    _add_metrics(p)
 
 
 _shard = _checked_by(proto.parse_shard)
@@ -897,15 +983,21 @@ def cmd_record(args: argparse.Namespace) -> int:
     from .recorder import RecorderError
 
     out = _record_target(args)
-    _checked_output(out, args.overwrite)
+    shard = None
     if args.shards or args.shard or args.ray:
         from .shards import check_flags
         try:
-            check_flags(args.mode, args.shards, args.shard, args.shard_block or args.chunk_frames,
-                        args.ray)
+            shard = check_flags(args.mode, args.shards, args.shard,
+                                args.shard_block or args.chunk_frames, args.ray,
+                                bool(args.max_frames_per_file or args.max_bytes_per_file))
         except ValueError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
         _check_ray(args)
+        if args.metrics is not None:
+            raise CliError("--metrics serves a single recorder; it does not combine with "
+                           "--shards, --shard or --ray", EXIT_USAGE)
+    _check_metrics(args)
+    _checked_output(_own_file(out, shard), args.overwrite)
     security = _security(args, binds=False, connects=True)
     expected = args.expect_frames or args.frames
     needs_broker = not (args.work or args.pub)
@@ -943,10 +1035,23 @@ def cmd_record(args: argparse.Namespace) -> int:
             (RecorderError, BrokerUnavailable, ValueError),
             lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
                       f"{s['mb_per_s']} MB/s) to {', '.join(s['files']) or 'no file'}; missed "
-                      f"{s['frames_missed']}, dropped {s['dropped']}")
+                      f"{s['frames_missed']}, dropped {s['dropped']}", metrics="record")
     if not (summary["ended"] or summary.get("stopped_after")) or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
+
+
+def _own_file(out: Path, shard: proto.Shard | None) -> Path:
+    """The file this command must not find already there: ``--out``, or with ``--shard
+    K/N`` the shard's own file. The master of ``--shard K/N`` is shared: the writer of
+    another shard (another command, maybe on another host) may have written it first,
+    and ``start_master`` joins it if it is the same recording (refusing it here made
+    the second of two writers started together fail while the first waited for it)."""
+    if shard is None:
+        return out
+    from .vds import shard_path
+
+    return shard_path(out, shard.index)
 
 
 def _record_target(args: argparse.Namespace) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from .hops import by_hop, format_hops
 from .sources import format_shape
 
 # a subscriber reports every second; an older report means it has left (or stalled)
@@ -62,6 +63,9 @@ def format_status(s: Mapping[str, Any]) -> str:
     rate = "0 fps now (paused)" if paused else f"{s['rate_fps']:.1f} fps now"
     rows.append(("frames", f"{s['frames_sent']} sent, {rate}, {s['avg_fps']:.1f} fps average, "
                            f"{s['mb_per_s']:.1f} MB/s, up {s['uptime_s']:.0f} s"))
+    hops = by_hop([s])
+    if hops:
+        rows.append(("latency", f"p50/p99 {format_hops(hops)}"))
     t = s["transports"]
     rows.append(("subscribers", f"{s['subscribers']} connected (tcp {t['subscribers']['tcp']}, "
                                 f"shm {t['subscribers']['shm']}), peak "

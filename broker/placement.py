@@ -30,6 +30,7 @@ they belong to this command's Ray job, which ``ray.shutdown()`` ends.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -58,14 +59,17 @@ def require_ray() -> Any:
 
 
 def connect(address: str | None, cpus: int) -> Any:
-    """Join the Ray cluster at ``address``, or start a local one (``address`` None)."""
+    """Join the Ray cluster at ``address``, or start a local one (``address`` None):
+    always a new one, for this command alone (``address="local"``; without it Ray joins
+    the cluster a ``ray start`` left on this host, or RAY_ADDRESS's, and refuses
+    ``num_cpus`` for it)."""
     ray = require_ray()
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=True)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PlacementError(f"cannot start Ray{f' at {address}' if address else ''}: "
                              f"{exc}") from None
@@ -191,7 +195,7 @@ def _child(kind: str, cfg: Any, shard: proto.Shard | None, index: int, results: 
 def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
                 log: Callable[[str], None]) -> dict[str, Any]:
     """``framebroker workers``: ``count`` FFT workers here or on Ray; one summary."""
-    configs = [(cfg, None)] * count
+    configs = [(_nth_worker(cfg, k), None) for k in range(count)]
     results = (start_local("worker", configs, log) if ray is None else
                start_on_ray("worker", configs, None if ray == "local" else ray, restarts, log))
     for r in results:
@@ -201,6 +205,15 @@ def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
     return {"workers": results, "frames": sum(r["frames"] for r in ok),
             "failed": len(results) - len(ok), "ended": bool(ok) and len(ok) == len(results)
             and all(r["ended"] for r in ok), "placement": "local" if ray is None else "ray"}
+
+
+def _nth_worker(cfg: Any, k: int) -> Any:
+    """Worker ``k``'s config: with ``--metrics HOST:PORT`` it serves on PORT+k (port 0:
+    each picks its own), so every worker has its own endpoint."""
+    if cfg.metrics is None or not cfg.metrics[1]:
+        return cfg
+    host, port = cfg.metrics
+    return dataclasses.replace(cfg, metrics=(host, port + k))
 
 
 def record_on_ray(cfg: Any, count: int, block: int, address: str, restarts: int,

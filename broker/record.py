@@ -37,6 +37,7 @@ import zmq
 from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, WorkConsumer, cpu_seconds)
+from .hops import Hop
 from .recorder import RecordingWriter, ThreadedRecorder
 from .security import PLAIN, Security
 from .signals import Stopped, StopSignals
@@ -142,6 +143,8 @@ class Recording:
         self.rec: ThreadedRecorder | None = None
         self.status: dict[str, Any] = {}
         self.latency_ms: deque[float] = deque(maxlen=100_000)
+        self.receive_hop = Hop("capture_to_receive")
+        self.disk_hop = Hop("receive_to_disk")  # observed by the writer thread
         self._queued_ids: deque[int] = deque()
         self._acked_written = 0
         self._last_id = -1
@@ -205,7 +208,8 @@ class Recording:
             max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
             compress_threads=c.compress_threads, shard=c.shard)
         self.rec = ThreadedRecorder(writer, queue_frames=self._queue_frames,
-                                    throttle_s=c.throttle_s, on_written=self._wakeup.set)
+                                    throttle_s=c.throttle_s, on_written=self._wakeup.set,
+                                    hop=self.disk_hop)
 
     # --- the loop ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -274,7 +278,10 @@ class Recording:
         self._last_id = h.frame_id  # received, whether queued or dropped (the recorder
         # declares its own drops; _finish declares only ids never received)
         self.taken += 1
-        if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless):
+        received = time.perf_counter()
+        self.receive_hop.since_capture(h.timestamp_ns)  # every frame taken, even if dropped
+        if self.rec.put(h.frame_id, h.timestamp_ns, frame.array, block=lossless,
+                        received=received):
             if lossless:
                 self._queued_ids.append(h.frame_id)
             self.latency_ms.append((time.time_ns() - h.timestamp_ns) / 1e6)
@@ -334,7 +341,8 @@ class Recording:
                 "writer_busy_s": round(self.rec.busy_s, 3) if self.rec else 0.0,
                 "writer_fps": round(w.frames_written / self.rec.busy_s, 2)
                 if w and self.rec and self.rec.busy_s > 0 else None,
-                "cpu_s": cpu_seconds()}
+                "cpu_s": cpu_seconds(),
+                "hops": {h.name: h.summary() for h in (self.receive_hop, self.disk_hop)}}
 
     def close(self) -> None:
         self.source.close()

@@ -76,6 +76,7 @@ import numpy as np
 from . import __version__
 from . import protocol as proto
 from .choices import COMPRESSIONS
+from .hops import Hop
 
 #: level used when ``level`` is None; gzip defaults to 1 because higher levels run at
 #: single-digit frames/s on 1080p camera content here.
@@ -987,7 +988,8 @@ class ThreadedRecorder:
     """
 
     def __init__(self, writer: RecordingWriter, *, queue_frames: int = 64,
-                 throttle_s: float = 0.0, on_written: Callable[[], None] | None = None) -> None:
+                 throttle_s: float = 0.0, on_written: Callable[[], None] | None = None,
+                 hop: Hop | None = None) -> None:
         if queue_frames < 1:
             raise RecorderError(f"queue_frames must be >= 1, got {queue_frames}")
         self.writer = writer
@@ -998,24 +1000,33 @@ class ThreadedRecorder:
         self.busy_s = 0.0  # time spent writing frames: the writer's rate alone is
         # frames_written / busy_s, whatever kept it waiting in between
         self._queue: queue.Queue = queue.Queue(maxsize=queue_frames)
+        self._hop = hop  # receive_to_disk, observed here after each write
+        self._received: deque[float] = deque()  # perf_counter at receive, in queue order
         self._error: BaseException | None = None
         self._closed = False
         self._trailing_drops: tuple[int, int] | None = None  # (first, last) after last queued
         self._thread = threading.Thread(target=self._run, name="fb-recorder", daemon=True)
         self._thread.start()
 
-    def put(self, frame_id: int, timestamp_ns: int, frame: np.ndarray, block: bool = True) -> bool:
-        """Queue a frame; False if live mode dropped it. Raises the writer's error."""
+    def put(self, frame_id: int, timestamp_ns: int, frame: np.ndarray, block: bool = True,
+            received: float | None = None) -> bool:
+        """Queue a frame; False if live mode dropped it. Raises the writer's error.
+        ``received`` (``time.perf_counter()`` when the frame arrived) times the hop to
+        the disk, when the recorder has one."""
         if self._closed:
             raise RecorderError(f"{self.writer.path}: recorder is closed")
         self.raise_error()
         item = (frame_id, timestamp_ns, frame)
+        if self._hop is not None:  # before the item: the writer may take it at once
+            self._received.append(time.perf_counter() if received is None else received)
         if block:
             self._put_blocking(item)
         else:
             try:
                 self._queue.put_nowait(item)
             except queue.Full:
+                if self._hop is not None:
+                    self._received.pop()
                 self.dropped += 1
                 first = frame_id if self._trailing_drops is None else self._trailing_drops[0]
                 self._trailing_drops = (first, frame_id)
@@ -1094,7 +1105,10 @@ class ThreadedRecorder:
                 self._guard(self.writer.write, *item)
                 if self.throttle_s:
                     time.sleep(self.throttle_s)
-                self.busy_s += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.busy_s += t1 - t0
+                if self._hop is not None:
+                    self._hop.observe(t1 - self._received.popleft())
             del item  # drop our reference (a zmq buffer, a ring slot view) before telling
             self._on_written()
 

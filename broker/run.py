@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .client import BrokerUnavailable, Control
+from .hops import by_hop, format_hops
 from .security import PLAIN, Security
 
 EXIT_OK, EXIT_FAILED, EXIT_LOST = 0, 1, 3
@@ -410,6 +411,7 @@ class Runner:
             "failed": [{"part": n, "exit": rc, "why": _why(rc, tail), "stderr": tail}
                        for n, rc, tail in self.failed],
             "interrupted": self.interrupted,
+            "hops": by_hop([b, *(p.summary for p in self.parts if p.name != "broker")]),
             "workers": workers and [{"fps": w.get("fps"), "frames": w.get("frames"),
                                      "compute_ms_p50": w.get("compute_ms_p50")}
                                     for w in workers],
@@ -507,6 +509,8 @@ def format_report(rep: dict[str, Any]) -> str:
                  f"(recorder queue {d['recorder_queue']}); gaps: sink {g['sink']}, recorder "
                  f"{g['recorder']}; re-dispatched {rep['redispatched']} (dead workers "
                  f"{rep['dead_workers']}), duplicates removed {rep['duplicates']}")
+    if rep.get("hops"):
+        lines.append(f"  latency by hop, p50/p99: {format_hops(rep['hops'])}")
     lines.append("  cpu s: " + ", ".join(f"{k} {v}" for k, v in rep["cpu_s"].items()))
     if rep["recording"]:
         lines.append(f"  recording: {', '.join(rep['recording'])}")

@@ -77,6 +77,11 @@ def record_shard(cfg: RecordConfig, shard: proto.Shard,
     summary["shard"] = shard.to_json()
     if master:
         summary["master"] = finalise(cfg.path, summary["total"])
+        for sh in summary["master"]["shards"]:
+            if sh["open_on"] is not None:
+                (log or log_line)(
+                    f"{sh['file']} is still open by its writer on {sh['open_on']}: read "
+                    f"{cfg.path} with swmr=True until that writer ends and finalises it")
     return summary
 
 
@@ -107,7 +112,9 @@ def combine(cfg: RecordConfig, shards: list[proto.Shard], results: list[dict[str
         per.append({"index": s.index, "error": error, **({} if error else r)})
     totals = [p["total"] for p in per if p.get("total") is not None]
     total = max(totals) if totals else None
-    master = finalise(cfg.path, total)
+    # every writer has ended (joined, or failed for good on Ray, maybe on another host):
+    # a file one left marked open is recovered wherever it was written
+    master = finalise(cfg.path, total, writers_gone=True)
     ok = [p for p in per if not p["error"]]
     seconds = max((p.get("seconds", 0) for p in ok), default=0)
     written = sum(p.get("bytes_written", 0) for p in ok)
@@ -132,13 +139,20 @@ def summary_line(s: dict[str, Any], master_path: str) -> str:
 
 
 def check_flags(mode: str, shards: int, shard: str | None, block: int,
-                ray: str | None) -> proto.Shard | None:
+                ray: str | None, rotating: bool = False) -> proto.Shard | None:
     """The sharding flags' rules (ValueError naming the flag), checked before anything
-    connects; returns the one shard ``--shard K/N`` names, if any."""
+    connects; returns the one shard ``--shard K/N`` names, if any. ``rotating``: a
+    ``--max-frames-per-file`` or ``--max-bytes-per-file`` was given; a shard writes one
+    file (the master maps OUT_shardK.h5 and a restarted writer's _rN files, never
+    rotation parts), so that is refused rather than recorded where the master cannot see."""
     if bool(shards) == bool(shard):
         raise ValueError("give --shards N (all writers here) or --shard K/N (one), not both")
     if mode != "lossless":
         raise ValueError("sharded recording is lossless: --mode live takes every frame")
+    if rotating:
+        raise ValueError("a shard writes one file: --max-frames-per-file and "
+                         "--max-bytes-per-file do not combine with --shards or --shard "
+                         "(more shards make smaller files)")
     if ray is not None and not shards:
         raise ValueError("--ray starts the writers of --shards N as Ray actors")
     return proto.parse_shard(shard, block) if shard else None
@@ -150,7 +164,8 @@ class ShardedRecording:
 
     def __init__(self, cfg: RecordConfig, *, shards: int = 0, shard: str | None = None,
                  block: int = 1, ray: str | None = None, restarts: int = 3) -> None:
-        self.shard = check_flags(cfg.mode, shards, shard, block, ray)
+        self.shard = check_flags(cfg.mode, shards, shard, block, ray,
+                                 bool(cfg.max_frames_per_file or cfg.max_bytes_per_file))
         if ray is not None:
             from .placement import require_ray
             require_ray()  # fail now, in one line, before anything starts

@@ -40,6 +40,7 @@ import zmq
 
 from . import protocol as proto
 from .client import DEFAULT_BROKER, BrokerUnavailable, Control, cpu_seconds, resolve
+from .hops import Hop
 from .security import PLAIN, Guard, Security, configure_socket
 from .signals import StopSignals
 
@@ -123,6 +124,7 @@ class Sink:
         self.rejected: Counter[str] = Counter()
         self.per_worker: Counter[int] = Counter()
         self.latency_ms: deque[float] = deque(maxlen=100_000)
+        self.hop = Hop("capture_to_sink")
         self.total: int | None = None
         self._unsaved: list[int] = []  # handled, to acknowledge once the file has them
         self._last_ack = time.monotonic()
@@ -287,7 +289,9 @@ class Sink:
                 self._unsaved.append(fid)
             return
         self.per_worker[header.worker_id] += 1
-        self.latency_ms.append((time.time_ns() - header.timestamp_ns) / 1e6)
+        now_ns = time.time_ns()
+        self.latency_ms.append((now_ns - header.timestamp_ns) / 1e6)
+        self.hop.observe((now_ns - header.timestamp_ns) * 1e-9)
         self.buffer[fid] = (header, array)
         self._advance()
         while len(self.buffer) > self.cfg.reorder:
@@ -392,7 +396,7 @@ class Sink:
                 "rejected": dict(self.rejected), "auth_refused": self.guard.refused,
                 "out": self.cfg.out, "saved": self.file.flushed if self.file else None,
                 "stopped_by": self.signals.name,
-                "cpu_s": cpu_seconds()}
+                "cpu_s": cpu_seconds(), "hops": {self.hop.name: self.hop.summary()}}
 
     def close(self) -> None:
         self.pull.close(linger=0)

@@ -8,8 +8,10 @@ datasets presenting every frame in frame-id order, so plain h5py (with ``import
 hdf5plugin`` for compressed shards) and ``h5dump`` read it as one recording.
 
 **Files.** Shard K's file is ``OUT_shardK.h5``; a writer restarted for the same shard
-(by Ray) cannot append to it and writes ``OUT_shardK_r1.h5``, ``_r2`` ...: the master
-maps the runs of ids of every file of the shard.
+(by Ray) cannot append to it and writes ``OUT_shardK_r1.h5``, ``_r2`` ...: the finalised
+master maps the runs of ids of every file of the shard. The live master maps only each
+shard's first file (a restarted writer's first id is not known when it starts), so
+until :func:`finalise` the frames of ``_rN`` files read as missing, never as others.
 
 **Mappings.** Shard K's position p holds the p-th id it owns, so one regular hyperslab
 maps all of it: virtual start ``K*B``, stride ``N*B``, block ``B`` against consecutive
@@ -41,7 +43,11 @@ Renaming any of them breaks the mapping (those frames read as fill).
 directory, from what the shard files hold, so the last one to finish leaves the same
 master whoever it is. A shard file whose writer died on this host is recovered first
 (:func:`broker.recorder.recover`); one marked by a writer on another host is read as
-it is (SWMR) and never touched.
+it is (SWMR) and never touched: its writer may still be running, and no pid on another host
+can be checked. Until that writer ends (and finalises), plain HDF5 cannot read the
+master (it refuses a source file marked open for writing): open it with ``swmr=True``;
+the summary names the host (``open_on``). If that writer is known to be gone,
+``finalise(out, writers_gone=True)`` recovers its file too, on any host.
 """
 from __future__ import annotations
 
@@ -120,6 +126,7 @@ class ShardState:
     frames: int = 0
     complete: bool = True  # every file closed by its writer (and there is one)
     recovered: bool = False
+    open_on: str | None = None  # host whose writer still marks a file of it open
     last_id: int = -1
     runs: list[_Run] = field(default_factory=list)
     gap_end: int = 0  # one past the last id its /gaps declares (its view of the total)
@@ -245,26 +252,28 @@ def start_master(out: str | Path, *, count: int, block: int, shape: tuple[int, .
     return True
 
 
-def _read_shard(out: Path, shard: proto.Shard) -> ShardState:
-    """Every file of a shard, its runs of ids; a file whose writer died on this host is
-    recovered first."""
+def _read_shard(out: Path, shard: proto.Shard, writers_gone: bool) -> ShardState:
+    """Every file of a shard, its runs of ids; a file whose writer died on this host (or
+    on any host, with ``writers_gone``) is recovered first."""
     st = ShardState(shard.index, shard_path(out, shard.index))
     for path in shard_files(out, shard.index):
-        _read_file(path, shard, st)
+        _read_file(path, shard, st, writers_gone)
     st.exists = bool(st.files)
     st.complete = st.complete and st.exists
     return st
 
 
-def _read_file(path: Path, shard: proto.Shard, st: ShardState) -> None:
+def _read_file(path: Path, shard: proto.Shard, st: ShardState, writers_gone: bool) -> None:
     try:
         h5 = h5py.File(path, "r")
         recovered = False
     except OSError as exc:
         if "already open for write" not in str(exc):
             raise
-        h5, recovered = _recovered_or_swmr(path)
+        h5, recovered = _recovered_or_swmr(path, writers_gone)
     with h5:
+        if h5.swmr_mode:
+            st.open_on = str(h5.attrs.get("writer_host", "an unknown host"))
         n = int(h5["valid_frames"][()])
         ids = h5["frame_id"][:n].astype(np.int64)
         gaps = h5["gaps"][:].astype(np.int64).reshape(-1, 2)
@@ -287,12 +296,13 @@ def _read_file(path: Path, shard: proto.Shard, st: ShardState) -> None:
             st.runs.append(_Run(a, int(ordinals[a]), b - a, path.name))
 
 
-def _recovered_or_swmr(path: Path) -> tuple[h5py.File, bool]:
-    """Recover a shard file whose writer died on this host; read a live one as it is.
-    Returns the open file and whether it was recovered."""
+def _recovered_or_swmr(path: Path, writers_gone: bool) -> tuple[h5py.File, bool]:
+    """Recover a shard file whose writer died on this host (any host: ``writers_gone``);
+    read a live one, or one of another host, as it is. Returns the open file and whether
+    it was recovered."""
     with h5py.File(path, "r", swmr=True) as h5:
         host = h5.attrs.get("writer_host")
-    if host == socket.gethostname():
+    if writers_gone or host == socket.gethostname():
         try:
             recover(path)
             return h5py.File(path, "r"), True
@@ -324,10 +334,13 @@ def _coalesce(ranges: list[tuple[int, int]]) -> np.ndarray:
     return np.asarray(rows, dtype=np.uint64).reshape(-1, 2)
 
 
-def finalise(out: str | Path, total: int | None = None) -> dict[str, Any]:
+def finalise(out: str | Path, total: int | None = None,
+             writers_gone: bool = False) -> dict[str, Any]:
     """Rewrite the master from what the shard files hold (finite mappings, /gaps, the
     per-shard attributes); returns the summary it wrote as attributes. ``total``: the
-    stream's frame count if known (else the end of what the shards hold or declare)."""
+    stream's frame count if known (else the end of what the shards hold or declare).
+    ``writers_gone``: the caller knows every writer of the set has ended, so a file one
+    left marked open, on whatever host, is recovered (else only this host's are)."""
     out = Path(out)
     with _locked(out):
         with h5py.File(out, "r") as h5:
@@ -336,7 +349,7 @@ def finalise(out: str | Path, total: int | None = None) -> dict[str, Any]:
                                              "shard_count", "shard_block", "shard_files")}
         count, block = int(base["shard_count"]), int(base["shard_block"])
         shards = [proto.Shard(k, count, block) for k in range(count)]
-        states = [_read_shard(out, s) for s in shards]
+        states = [_read_shard(out, s, writers_gone) for s in shards]
         end = max([total or 0] + [s.last_id + 1 for s in states] + [s.gap_end for s in states])
         missing = [_missing(s, st.runs, end) for s, st in zip(shards, states)]
         gaps = _coalesce([r for m in missing for r in m])
@@ -346,7 +359,7 @@ def finalise(out: str | Path, total: int | None = None) -> dict[str, Any]:
                    "shards": [{"index": st.index, "file": st.path.name, "files": st.files,
                                "exists": st.exists, "frames": st.frames,
                                "complete": st.complete,
-                               "recovered": st.recovered,
+                               "recovered": st.recovered, "open_on": st.open_on,
                                "missing": sum(c for _, c in m)}
                               for st, m in zip(states, missing)]}
         first = next((st.attrs for st in states if st.attrs), {})

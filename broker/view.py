@@ -44,6 +44,7 @@ from . import protocol as proto
 from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveTimeout,
                      Subscriber, resolve)
 from .fft import FFTProcessor
+from .hops import Hop
 from .security import PLAIN, Security, configure_socket
 from .sources import geometry
 
@@ -196,6 +197,7 @@ class View:
         self._ffts: dict[tuple[int, ...], FFTProcessor] = {}
         self._result: tuple[float, proto.Header, np.ndarray] | None = None  # workers' newest
         self.results_received = 0
+        self.hop = Hop("capture_to_receive")  # of the frames shown (latest:1, --max-fps)
         self._past: Counter[str] = Counter()  # counts of subscribers already replaced
         self.shown = 0
         self.last_frame_t = 0.0
@@ -332,6 +334,7 @@ class View:
 
     def _show(self, frame: Frame) -> None:
         latency = (time.time_ns() - frame.timestamp_ns) / 1e6
+        self.hop.observe(latency / 1e3)
         display, rng = display_image(frame.array, self.cfg.value_range)
         scaled = np.ascontiguousarray(resize(display, self.cfg.scale))
         workers = self._workers_spectrum(display.shape[1])
@@ -445,7 +448,8 @@ class View:
         return {"shown": self.shown, "seconds": round(elapsed, 2),
                 "shown_fps": round(self.shown / elapsed, 2) if elapsed > 0 else 0.0,
                 "received": totals["received"], "dropped": totals["dropped"],
-                "gaps": totals["gaps"], "sessions": totals["sessions"]}
+                "gaps": totals["gaps"], "sessions": totals["sessions"],
+                "hops": {self.hop.name: self.hop.summary()}}
 
 
 def summary_line(s: dict[str, Any]) -> str:

@@ -13,13 +13,17 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .client import BlockingSubscriber, ReceiveTimeout, Subscriber
+from .hops import Hop
 from .sources import check_synthetic
 
 
 def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress: float,
-                 verify: bool, log: Callable[[str], None]) -> dict[str, Any]:
+                 verify: bool, log: Callable[[str], None],
+                 hop: Hop | None = None) -> dict[str, Any]:
     """Receive and account until done; always closes ``sub``. Raises ReceiveTimeout
-    only if nothing at all arrived (a stream that stops later just ends the watch)."""
+    only if nothing at all arrived (a stream that stops later just ends the watch).
+    ``hop`` (capture_to_receive) is the caller's when it exposes it as a metric."""
+    hop = hop or Hop("capture_to_receive")
     latencies: deque[float] = deque(maxlen=100_000)
     corrupt = restarts_seen = 0
     t0 = time.monotonic()
@@ -33,7 +37,9 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
                 break
             if first_unix is None:
                 first_unix = time.time()
-            latencies.append((time.time_ns() - frame.timestamp_ns) / 1e6)
+            lat_ns = time.time_ns() - frame.timestamp_ns
+            latencies.append(lat_ns / 1e6)
+            hop.observe(lat_ns * 1e-9)
             # a ring slot reused while we checked it is a drop (counted), not corruption
             if (verify and check_synthetic(frame.array, frame.frame_id) >= 0
                     and sub.confirm(frame)):
@@ -64,6 +70,7 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
                                "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
                                "latency_ms_p50": _pct(latencies, 50),
                                "latency_ms_p99": _pct(latencies, 99),
+                               "hops": {hop.name: hop.summary()},
                                "first_frame_unix": first_unix}
     if verify:
         summary["corrupt"] = corrupt

@@ -23,6 +23,7 @@ import zmq
 from . import protocol as proto
 from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer, cpu_seconds
 from .fft import FFTProcessor, WisdomStore
+from .hops import Hop
 from .security import PLAIN, Security, configure_socket
 
 MAX_PLANS = 4
@@ -50,6 +51,7 @@ class WorkerConfig:
     sndhwm: int = 64
     security: Security = PLAIN  # CURVE client keys (optional) and the ZMTP heartbeat
     shm: bool = True  # read frames from the broker's ring when it offers one here
+    metrics: tuple[str, int] | None = None  # --metrics HOST:PORT (see broker/metrics.py)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class WorkerStats:
     unusable: int = 0  # valid on the wire, but no FFT takes it (1-D, complex, ...)
     t_first: float = 0.0
     t_last: float = 0.0
+    hop: Hop = field(default_factory=lambda: Hop("receive_to_result"))
 
     def summary(self, consumer: WorkConsumer) -> dict[str, Any]:
         elapsed = self.t_last - self.t_first
@@ -69,7 +72,8 @@ class WorkerStats:
                 "compute_ms_p50": round(float(np.median(comp)), 3),
                 "plans": list(self.plans), "rejected": dict(consumer.rejected),
                 "unusable": self.unusable, "transport": consumer.transport,
-                "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds()}
+                "ended": consumer.ended, "total": consumer.total, "cpu_s": cpu_seconds(),
+                "hops": {self.hop.name: self.hop.summary()}}
 
 
 class Worker:
@@ -102,6 +106,11 @@ class Worker:
             self.push.connect(results)
         self.processors: dict[tuple, FFTProcessor] = {}
         self.stats = WorkerStats()
+        self.exporter = None
+        if cfg.metrics is not None:
+            from .metrics import expose, worker_families
+            self.exporter = expose(cfg.metrics, "worker", lambda: worker_families(self),
+                                   self.log)
         self._plan_from_status()
 
     def _plan_from_status(self) -> None:
@@ -150,10 +159,10 @@ class Worker:
                 if not self.cfg.keep_running:
                     break
                 continue
-            self._handle(frame)
+            self._handle(frame, time.perf_counter())
         return self.stats.summary(c)
 
-    def _handle(self, frame: Frame) -> None:
+    def _handle(self, frame: Frame, received: float) -> None:
         h = frame.header
         try:
             proc = self.processor(h.shape, h.dtype)
@@ -169,8 +178,9 @@ class Worker:
                                          proc.last_compute_ns, h.session)
             self._send_result([header, result])
         self.consumer.done(h.frame_id)
-        now = time.monotonic()
         st = self.stats
+        st.hop.observe(time.perf_counter() - received)
+        now = time.monotonic()
         if not st.frames:
             st.t_first = now
         st.t_last = now
@@ -190,6 +200,8 @@ class Worker:
                 self.consumer.heartbeat_now()
 
     def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.close()
         self.consumer.close()
         if self.push is not None:
             self.push.close()

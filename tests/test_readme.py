@@ -65,6 +65,7 @@ class Workspace:
         self.eps = make_endpoints()
         self.http = free_port()
         self.extra = free_port()  # sink --publish
+        self.metrics: dict[str, int] = {}  # --metrics 127.0.0.1:91NN -> a free port each
         self.security = None
         self.current: subprocess.Popen | None = None  # the broker started for clients
 
@@ -76,6 +77,8 @@ class Workspace:
                 w = w.replace(f"0.0.0.0:{port}", getattr(self.eps, name).split("//")[1])
             w = w.replace("127.0.0.1:8080", f"127.0.0.1:{self.http}")
             w = w.replace("127.0.0.1:5559", f"127.0.0.1:{self.extra}")
+            w = re.sub(r"127\.0\.0\.1:(91\d\d)\b", lambda m: "127.0.0.1:"
+                       f"{self.metrics.setdefault(m[1], free_port())}", w)
             out.append(w)
         sub = out[0]
         if sub in ("serve", "run"):

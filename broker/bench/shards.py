@@ -115,8 +115,8 @@ def measure(shape: str, dtype: str, frames: int, rounds: int, compression: str,
 
 def table(data: dict[str, Any]) -> str:
     m = data["meta"]
-    lines = [f"| shards | aggregate MB/s (median) | min .. max | vs 1 shard | per writer MB/s "
-             f"| CPU s per writer | broker CPU s |",
+    lines = ["| shards | aggregate MB/s (median) | min .. max | vs 1 shard | per writer MB/s "
+             "| CPU s per writer | broker CPU s |",
              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         lines.append(f"| {r['shards']} | {r['mb_per_s']:.0f} | {r['min']:.0f} .. {r['max']:.0f}"
