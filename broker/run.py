@@ -15,12 +15,12 @@ What was recorded is read back from the recording itself (its valid frames), not
 taken from the recorder's word, so a recorder or broker that died without a summary
 still gets an honest count; and the part that failed first is named, with why.
 Next to it, two figures of this run: the start-up (from starting the parts to the
-broker's first frame) and the pipeline efficiency: the end-to-end rate (the slowest
-of the processed and recorded rates) over the slowest stage alone, where a stage
-alone is what its own work allows, timed inside the part: the FFT workers' compute
-(the median ``execute`` time, summed over workers) and the recorder's writer (frames
-over the time spent writing them). 1.0 means the pipeline costs nothing around its
-slowest stage.
+broker's first frame, and to the sink's first result) and the pipeline efficiency:
+the end-to-end rate (the slowest of the processed and recorded rates) over the
+slowest stage alone, where a stage alone is what its own work allows, timed inside
+the part: the FFT workers' compute (the median ``execute`` time, summed over workers)
+and the recorder's writer (frames over the time spent writing them). 1.0 means the
+pipeline costs nothing around its slowest stage.
 """
 from __future__ import annotations
 
