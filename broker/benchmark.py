@@ -34,8 +34,9 @@ from .bench import shards as shards_bench
 from .bench.common import FrameSpec, child_env
 from .bench.stats import compare, error_bars, figure
 from .broker import free_tcp_endpoints
+from .choices import BENCH_PARTS
 
-PARTS = ("transport", "fft", "hdf5", "e2e", "shards")
+PARTS = BENCH_PARTS
 E2E_SHAPE = (480, 640, 3)
 E2E_FRAMES = {True: 300, False: 5000}  # by --quick
 

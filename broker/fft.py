@@ -19,19 +19,43 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 import tempfile
 import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import platformdirs
-import pyfftw
-import scipy.fft
 
 from . import _fftkern
 from .choices import BACKENDS, COLORS, OUTPUTS, PLANNERS
+
+
+def _import_pyfftw() -> Any:
+    """pyfftw without its scipy and dask interfaces, which this module never uses.
+
+    pyfftw's package ``__init__`` imports ``pyfftw.interfaces``, and that imports
+    scipy.fftpack and scipy.fft (and dask) whenever they are installed: 0.25 s of a
+    worker's start-up on an idle core here, 0.6-0.9 s under load, on the path to the
+    first frame. A ``None`` in ``sys.modules`` makes those imports fail, so pyfftw
+    skips them; the entries are removed afterwards, so ``import scipy.fftpack`` (or
+    ``pyfftw.interfaces.scipy_fft``) still works as usual later on."""
+    hidden = [name for name in ("scipy.fftpack", "dask.array.fft") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        import pyfftw as module
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
+    return module
+
+
+pyfftw = _import_pyfftw()
 
 #: what ``backend="auto"`` measures (numpy never wins: it has no float32 transform)
 AUTO_CANDIDATES = ("pyfftw", "scipy")
@@ -333,6 +357,8 @@ class FFTProcessor:
         so its result is copied (cast) into the complex64 buffer on every version."""
         planes, threads, spec = self._in, self.threads, self._spec
         if self.backend == "scipy":
+            import scipy.fft  # 0.25 s or more to import: only for this backend
+
             return lambda: scipy.fft.rfft2(planes, axes=(-2, -1), workers=threads)
 
         def numpy_transform() -> np.ndarray:

@@ -15,12 +15,12 @@ What was recorded is read back from the recording itself (its valid frames), not
 taken from the recorder's word, so a recorder or broker that died without a summary
 still gets an honest count; and the part that failed first is named, with why.
 Next to it, two figures of this run: the start-up (from starting the parts to the
-broker's first frame) and the pipeline efficiency: the end-to-end rate (the slowest
-of the processed and recorded rates) over the slowest stage alone, where a stage
-alone is what its own work allows, timed inside the part: the FFT workers' compute
-(the median ``execute`` time, summed over workers) and the recorder's writer (frames
-over the time spent writing them). 1.0 means the pipeline costs nothing around its
-slowest stage.
+broker's first frame, and to the sink's first result) and the pipeline efficiency:
+the end-to-end rate (the slowest of the processed and recorded rates) over the
+slowest stage alone, where a stage alone is what its own work allows, timed inside
+the part: the FFT workers' compute (the median ``execute`` time, summed over workers)
+and the recorder's writer (frames over the time spent writing them). 1.0 means the
+pipeline costs nothing around its slowest stage.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,10 @@ def plan_from_args(args: argparse.Namespace, server: Security, client_sec: Secur
 
 def refuse_running_broker(control: str, security: Security) -> None:
     """``run`` starts its own broker: if one already answers at ``control``, our parts
-    would join that one instead, so say so and stop."""
+    would join that one instead, so say so and stop. Nothing listening on a tcp or ipc
+    address is known at once, so only a listener costs the 0.3 s wait for an answer."""
+    if not _listening(control):
+        return
     ctl = Control(control, timeout=0.3, security=security)
     try:
         ctl.endpoints()
@@ -161,6 +165,27 @@ def refuse_running_broker(control: str, security: Security) -> None:
     raise RunError(f"a broker is already running at {control}; stop it (framebroker stop "
                    f"--broker {control}) or give run other endpoints (--pub, --work, "
                    f"--control, --results)")
+
+
+def _listening(endpoint: str) -> bool:
+    """Whether anything accepts connections at a tcp or ipc ``endpoint`` (True when
+    that cannot be told without asking, as for inproc)."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address: Any = (host.strip("[]"), int(port))
+    elif scheme == "ipc" and not rest.startswith("@"):
+        family, address = socket.AF_UNIX, rest
+    else:
+        return True
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.3)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
 
 
 def progress_display(args: argparse.Namespace, frames: int):
@@ -362,6 +387,9 @@ class Runner:
             "seconds": round(self.t_end - self.t_start, 3),
             "startup_s": (round(b["first_frame_unix"] - self.t_spawn_unix, 3)
                           if b.get("first_frame_unix") else None),
+            "first_result_s": (round(s["first_result_unix"] - self.t_spawn_unix, 3)
+                               if s.get("first_result_unix") else None),
+            "spawned_unix": self.t_spawn_unix,
             "efficiency": efficiency(stages),
             "stream": {"source": b.get("source"), "shape": b.get("shape"),
                        "dtype": b.get("dtype")},
@@ -472,8 +500,10 @@ def format_report(rep: dict[str, Any]) -> str:
                      f"{eff['end_to_end_fps']:.1f} fps over the slowest stage alone "
                      f"({eff['slowest_stage']}, {eff['slowest_alone_fps']:.1f} fps)")
     if rep.get("startup_s") is not None:
+        to_result = rep.get("first_result_s")
         lines.append(f"  start-up: {rep['startup_s']:.2f} s from starting the parts to the "
-                     f"first frame")
+                     f"first frame" + ("" if to_result is None else
+                                       f", {to_result:.2f} s to the first result"))
     d, g = rep["dropped"], rep["gaps"]
     lines.append(f"  dropped: processing {d['processing']}, recording {d['recording']} "
                  f"(recorder queue {d['recorder_queue']}); gaps: sink {g['sink']}, recorder "

@@ -25,13 +25,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
-from zmq.utils.monitor import recv_monitor_message
+
+from .subscriptions import parse_monitor_message
 
 HEARTBEAT_S = 1.0  # PING interval; the peer is dropped after HEARTBEAT_TIMEOUTS of silence
 HEARTBEAT_TIMEOUTS = 3
@@ -205,37 +204,6 @@ def configure_socket(sock: zmq.Socket, role: Role, security: Security = PLAIN,
     return sock
 
 
-class _LoggingAuthenticator(ThreadAuthenticator):
-    """pyzmq's ZAP handler, saying which key from which address it refused (pyzmq
-    itself logs that only at debug level, without the address)."""
-
-    def __init__(self, ctx: zmq.Context, report: Callable[[str, str], None]) -> None:
-        super().__init__(ctx)
-        self._report = report
-        self._peer = ""
-
-    async def handle_zap_message(self, msg: list[bytes]) -> None:
-        # requests are handled one at a time in the ZAP thread, so _peer is this one's
-        self._peer = _describe_zap_peer(msg)
-        await super().handle_zap_message(msg)
-
-    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
-                        user_id: str = "anonymous") -> None:
-        if status_code != b"200":
-            self._report(self._peer, f"refused {self._peer}: "
-                                     f"{status_text.decode('utf-8', 'replace')}")
-        super()._send_zap_reply(request_id, status_code, status_text, user_id)
-
-
-def _describe_zap_peer(msg: list[bytes]) -> str:
-    """'CURVE client with key K from ADDRESS' from a ZAP request."""
-    address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
-    mechanism = msg[5].decode("ascii", "replace") if len(msg) > 5 else "?"
-    key = msg[6] if len(msg) > 6 else b""
-    text = z85.encode(key).decode() if key and len(key) % 4 == 0 else key.hex()
-    return f"{mechanism} client with key {text} from {address}"
-
-
 class Guard:
     """The server side of CURVE for one binding process: the ZAP allow-list and a
     count of refused connections (``refused``, reported in status).
@@ -255,11 +223,13 @@ class Guard:
         self._monitors: list[tuple[zmq.Socket, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._auth: _LoggingAuthenticator | None = None
+        self._auth: Any = None  # zap.LoggingAuthenticator: imported only for CURVE
         if not security.curve:
             return
+        from .zap import LoggingAuthenticator  # pyzmq's imports asyncio: only when needed
+
         allowed = security.allowed_keys()
-        self._auth = _LoggingAuthenticator(ctx, self._refusal)
+        self._auth = LoggingAuthenticator(ctx, self._refusal)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(security.allow))
         log(f"CURVE on: admitting the {len(allowed)} public key(s) in {security.allow}")
@@ -294,7 +264,7 @@ class Guard:
         try:
             while not self._stop.is_set():
                 for mon, _ in poller.poll(100):
-                    self.on_event(names[mon], recv_monitor_message(mon))
+                    self.on_event(names[mon], parse_monitor_message(mon.recv_multipart()))
         finally:
             for mon, _ in self._monitors:
                 mon.close(linger=0)

@@ -35,15 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-import h5py
 import numpy as np
 import zmq
 
-from . import __version__
 from . import protocol as proto
 from .client import DEFAULT_BROKER, BrokerUnavailable, Control, cpu_seconds, resolve
 from .hops import Hop
-from .recorder import RecorderError, _abandon, _extend, _h5_call, _publish
 from .security import PLAIN, Guard, Security, configure_socket
 from .signals import StopSignals
 
@@ -133,6 +130,7 @@ class Sink:
         self._last_ack = time.monotonic()
         self._t_first = 0.0
         self._t_last = 0.0
+        self._first_unix: float | None = None  # wall clock: run's start-up to a result
 
     def _bind_publisher(self, endpoint: str) -> zmq.Socket:
         """A PUB of the ordered results (topic: the stream name), for live viewers. It
@@ -203,7 +201,7 @@ class Sink:
                 self.log(f"stopped by {self.signals.name}: closing {self.cfg.out or 'down'}")
             self._save_and_ack(time.monotonic(), force=True)
             if self.file is not None:
-                self._file_op(self.file.close, self.gap_ids)
+                self.file.close(self.gap_ids)
         except SinkError as exc:
             self.log(f"stopping: {exc}; the file keeps every result acknowledged before")
             if self.file is not None:
@@ -277,6 +275,7 @@ class Sink:
         now = time.monotonic()
         if not self._t_first:
             self._t_first = now
+            self._first_unix = time.time()
         self._t_last = now
         if fid < self.next or fid in self.buffer:
             if fid in self.gap_ids:
@@ -355,7 +354,7 @@ class Sink:
     def _emit(self, header: proto.Header, array: np.ndarray) -> None:
         if self.file is not None:
             try:
-                self._file_op(self.file.append, header.frame_id, array)
+                self.file.append(header.frame_id, array)
             except ResultMismatch as exc:  # valid on the wire, not for this file: a gap
                 self._reject("mismatched", str(exc))
                 self.gap_ids.add(header.frame_id)
@@ -367,19 +366,13 @@ class Sink:
             self.pub.send_multipart([header.stream.encode(), proto.encode_header(header), array],
                                     copy=False)
 
-    def _file_op(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            fn(*args)
-        except RecorderError as exc:
-            raise SinkError(str(exc)) from exc
-
     def _save_and_ack(self, now: float, force: bool = False, send: bool = True) -> None:
         """Flush the file, then acknowledge what it now holds: never a result that a
         kill could still lose."""
         if self._unsaved and (force or len(self._unsaved) >= 256
                               or now - self._last_ack >= self.cfg.ack_interval):
             if self.file is not None:
-                self._file_op(self.file.flush, self.gap_ids)
+                self.file.flush(self.gap_ids)
             for i in range(0, len(self._unsaved) if send else 0, proto.MAX_IDS_PER_MESSAGE):
                 chunk = self._unsaved[i:i + proto.MAX_IDS_PER_MESSAGE]
                 self.dealer.send_multipart([proto.WorkCmd.ACK.value, proto.encode_ids(chunk)])
@@ -394,6 +387,7 @@ class Sink:
         return {"frames": self.emitted, "total": self.total,
                 "seconds": round(elapsed, 3),
                 "fps": round((self.emitted - 1) / elapsed, 2) if elapsed > 0 else 0.0,
+                "first_result_unix": self._first_unix,
                 "duplicates": self.duplicates, "late": self.late,
                 "gaps": len(self.gap_ids), "missing_ids": sorted(self.gap_ids)[:1000],
                 "per_worker": {str(k): v for k, v in self.per_worker.items()},
@@ -491,114 +485,14 @@ class _NpyResults:
             raise SinkError(f"{self.path}: {what} failed: {exc}") from exc
 
 
-class _H5Results:
-    """Results in a SWMR HDF5 file, crash-safe like a recording (see recorder.py):
-    ``/result`` (N, ...) grows in blocks, one chunk per result written with
-    ``write_direct_chunk``; ``/frame_id``; ``/missing_ids``; and ``/valid_results``, the
-    count published only after everything before it is flushed. After a kill the file
-    opens with ``h5py.File(path, "r", swmr=True)`` and ``/valid_results`` says how many
-    leading rows are complete; a closed file is trimmed to them."""
-
-    GROW = 1024
-
-    def __init__(self, path: Path, overwrite: bool) -> None:
-        self.path = path
-        self.written = 0
-        self.flushed = 0
-        self._ids: list[int] = []
-        self._missing_written = 0
-        self.result: h5py.Dataset | None = None
-        try:
-            self.h5 = h5py.File(path, "w" if overwrite else "w-", libver=("v110", "v110"))
-        except FileExistsError:
-            raise SinkError(f"{path}: file exists (pass --overwrite to replace it)") from None
-        except OSError as exc:
-            raise SinkError(f"{path}: cannot create the results file: {exc}") from None
-        _h5_call("creating the file", path, self._create)
-
-    def _create(self) -> None:
-        """Every object but /result now (SWMR allows no new objects later)."""
-        h5 = self.h5
-        for name in ("frame_id", "missing_ids"):
-            h5.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(4096,), dtype="u8")
-        h5.create_dataset("valid_results", data=np.uint64(0))
-        h5.attrs["frames"] = np.int64(0)
-        h5.attrs["complete"] = np.int64(0)
-        h5.attrs["software"] = f"framebroker {__version__}"
-        h5.flush()
-
-    def _start(self, array: np.ndarray) -> None:
-        self.result = self.h5.create_dataset(
-            "result", shape=(self.GROW, *array.shape), maxshape=(None, *array.shape),
-            chunks=(1, *array.shape), dtype=array.dtype)
-        self.h5.swmr_mode = True
-
-    def append(self, frame_id: int, array: np.ndarray) -> None:
-        if self.result is None:
-            _h5_call("creating /result", self.path, self._start, array)
-        ds = self.result
-        if array.shape != ds.shape[1:] or array.dtype != ds.dtype:
-            raise ResultMismatch(f"result {frame_id} is {array.shape} {array.dtype}, the file "
-                                 f"holds {ds.shape[1:]} {ds.dtype}")
-        n = self.written
-        if n >= ds.shape[0]:
-            _h5_call("growing /result", self.path, ds.resize, n + self.GROW, 0)
-        _h5_call(f"writing result {frame_id}", self.path, ds.id.write_direct_chunk,
-                 (n,) + (0,) * array.ndim, np.ascontiguousarray(array))
-        self._ids.append(frame_id)
-        self.written = n + 1
-
-    def flush(self, missing: Collection[int]) -> None:
-        """Everything to disk, and only then the new count into /valid_results."""
-        if self.written == self.flushed and len(missing) == self._missing_written:
-            return
-        _h5_call("flushing", self.path, self._flush, missing)
-
-    def _flush(self, missing: Collection[int]) -> None:
-        h5 = self.h5
-        if self.result is not None:
-            self.result.flush()
-        if self._ids:
-            _extend(h5["frame_id"], self.flushed, np.asarray(self._ids, dtype=np.uint64))
-            self._ids.clear()
-        if len(missing) != self._missing_written:
-            ds = h5["missing_ids"]
-            ds.resize((len(missing),))
-            ds[:] = np.array(sorted(missing), dtype=np.uint64)
-            self._missing_written = len(missing)
-        h5.flush()
-        _publish(h5["valid_results"], self.written)
-        self.flushed = self.written
-
-    def close(self, missing: Collection[int]) -> None:
-        """Flush, trim /result to the results written, mark the file complete."""
-        try:
-            self.flush(missing)
-            _h5_call("closing", self.path, self._finish)
-        except SinkError:
-            self.abandon()
-            raise
-
-    def _finish(self) -> None:
-        if self.result is not None:
-            self.result.resize(self.written, 0)
-        self.h5.attrs["frames"] = np.int64(self.written)
-        self.h5.attrs["complete"] = np.int64(1)
-        self.h5.close()
-        self.h5 = None
-
-    def abandon(self) -> None:
-        """After a failed write: leave the file as of its last flush (see _abandon)."""
-        if self.h5 is not None:
-            _abandon(self)
-
-
-def open_results(path: Path, overwrite: bool = False) -> _NpyResults | _H5Results:
-    """The crash-safe writer for ``path`` (.npy or .h5)."""
+def open_results(path: Path, overwrite: bool = False) -> Any:
+    """The crash-safe writer for ``path`` (.npy or .h5: h5py is imported only for .h5)."""
     if path.suffix == ".npy":
         return _NpyResults(path, overwrite)
     if path.suffix == ".h5":
-        return _H5Results(path, overwrite)
+        from .results_h5 import H5Results
+
+        return H5Results(path, overwrite)
     raise SinkError(f"{path}: use a .npy or .h5 file name")
 
 

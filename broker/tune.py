@@ -44,6 +44,7 @@ import psutil
 
 from .bench.common import FrameSpec
 from .bench.stats import figure, spread
+from .choices import TUNE_DIMENSIONS
 from .run import default_workers
 
 RUN_HWM = 64                # framebroker run's --hwm default
@@ -52,9 +53,9 @@ WARMUP_S = 0.1
 RECORD_FRAMES = (8, 4096)   # the recorder trials' frame count bounds
 POOL = 8                    # distinct frames cycled through
 SHM_RING = "64slots"
-# Budget weights, in the order the dimensions run (the first ones matter most).
+# Budget weights, one per dimension (choices.TUNE_DIMENSIONS gives their order).
 WEIGHTS = {"transport": 4.0, "fft": 1.0, "workers": 3.0, "recorder": 1.5, "hwm": 2.5}
-DIMENSIONS = tuple(WEIGHTS)
+DIMENSIONS = TUNE_DIMENSIONS
 TRIAL_ERRORS = (OSError, RuntimeError, ValueError, queue.Empty)
 MAX_ROUNDS = 3
 PANEL_TEARDOWN_S = 1.0  # stopping a panel's brokers and joining their processes

@@ -29,11 +29,14 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
     t0 = time.monotonic()
     next_line = t0 + progress if progress else None
     last_n, last_t = 0, t0
+    first_unix: float | None = None  # wall clock: a start-up measure (bench/startup.py)
     try:
         while not frames or sub.received < frames:
             frame = sub.recv()
             if frame is None:
                 break
+            if first_unix is None:
+                first_unix = time.time()
             lat_ns = time.time_ns() - frame.timestamp_ns
             latencies.append(lat_ns / 1e6)
             hop.observe(lat_ns * 1e-9)
@@ -67,7 +70,8 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
                                "mb_per_s": round(sub.bytes / elapsed / 1e6, 2) if elapsed else 0.0,
                                "latency_ms_p50": _pct(latencies, 50),
                                "latency_ms_p99": _pct(latencies, 99),
-                               "hops": {hop.name: hop.summary()}}
+                               "hops": {hop.name: hop.summary()},
+                               "first_frame_unix": first_unix}
     if verify:
         summary["corrupt"] = corrupt
     return summary

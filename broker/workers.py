@@ -27,6 +27,7 @@ from .hops import Hop
 from .security import PLAIN, Security, configure_socket
 
 MAX_PLANS = 4
+RECONNECT_MS = 10  # the results PUSH's first retry when the sink is not bound yet
 OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
                 "radial": proto.Output.RADIAL, "peak": proto.Output.PEAK}
 
@@ -98,6 +99,10 @@ class Worker:
             self.push = configure_socket(self.ctx.socket(zmq.PUSH), "client", cfg.security)
             self.push.setsockopt(zmq.SNDHWM, cfg.sndhwm)
             self.push.setsockopt(zmq.LINGER, 5000)
+            # the sink learns the same endpoints from the broker and may bind just after
+            # this connect: retry at once, not after libzmq's 100 ms, backing off to 1 s
+            self.push.setsockopt(zmq.RECONNECT_IVL, RECONNECT_MS)
+            self.push.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             self.push.connect(results)
         self.processors: dict[tuple, FFTProcessor] = {}
         self.stats = WorkerStats()

@@ -35,6 +35,7 @@ def test_run_500_frames_with_recording(tmp_path):
     assert rep["ok"] is True and rep["failed"] == []
     assert sum(rep["per_worker"].values()) == 500
     assert all(v is not None and v > 0 for v in rep["cpu_s"].values())
+    assert 0 < rep["first_result_s"] < rep["seconds"] + 60
     with h5py.File(out) as f:
         ids = f["frame_id"][:]
         np.testing.assert_array_equal(ids, np.arange(500))
@@ -52,6 +53,8 @@ def test_run_plain_summary_on_defaults():
     assert "-> OK" in r.stdout
     lines = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[2:6]}
     assert lines["published"][1] == "300" and lines["processed"][1] == "300"
+    startup = next(ln for ln in r.stdout.splitlines() if "start-up:" in ln).split()
+    assert startup[-5:] == ["s", "to", "the", "first", "result"] and float(startup[-6]) > 0
 
 
 def _children(proc: subprocess.Popen, subcommand: str | None, n: int,

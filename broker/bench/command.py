@@ -55,7 +55,7 @@ def _record_dir(args: argparse.Namespace) -> Path:
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     from .. import argtypes
-    from ..benchmark import PARTS
+    from ..choices import BENCH_PARTS as PARTS
 
     p = sub.add_parser("bench", help="run every benchmark and write a report with plots",
                        description="Run the transport, FFT and HDF5 benchmarks (broker.bench; "
@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_tune(sub: argparse._SubParsersAction) -> None:
     from .. import argtypes
-    from ..tune import DIMENSIONS
+    from ..choices import TUNE_DIMENSIONS as DIMENSIONS
 
     p = sub.add_parser("tune", help="measure settings for your frames; recommend run flags",
                        description="Within a time budget, measure transport (tcp, ipc, shm), "
