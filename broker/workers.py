@@ -24,6 +24,9 @@ from . import protocol as proto
 from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer, cpu_seconds
 from .fft import FFTProcessor, WisdomStore
 from .security import PLAIN, Security, configure_socket
+from .signals import Stopped, StopSignals, wakeup_fd
+
+STOP_LINGER_MS = 200
 
 MAX_PLANS = 4
 OUTPUT_CODES = {"spectrum": proto.Output.SPECTRUM, "magnitude": proto.Output.MAGNITUDE,
@@ -81,6 +84,8 @@ class Worker:
         self.log = log or (lambda m: print(f"framebroker worker: {m}", file=sys.stderr,
                                            flush=True))
         self.worker_id = cfg.worker_id or os.getpid()
+        self.stop = StopSignals()
+        self.stopped_by: str | None = None  # the stop signal that ended run()
         self.wisdom = WisdomStore(cfg.wisdom)
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
                                      window=cfg.window, acks="sink" if cfg.sink else "self",
@@ -134,19 +139,32 @@ class Worker:
         return proc
 
     def run(self) -> dict[str, Any]:
-        c = self.consumer
-        while True:
-            try:
-                frame = c.recv(timeout=self.cfg.timeout)
-            except ReceiveTimeout as exc:
-                self.log(str(exc))
-                break
-            if frame is None:
-                if not self.cfg.keep_running:
+        """Until END, the timeout or a stop signal (SIGTERM, SIGHUP, SIGINT): that one
+        ends it at once, with its summary. What it held goes back to the broker, which
+        dispatches again what no sink acknowledged."""
+        c, stop = self.consumer, self.stop
+        stop.install()
+        c.watch(wakeup_fd(), stop.check)
+        try:
+            while not stop.signum:
+                try:
+                    frame = c.recv(timeout=self.cfg.timeout)
+                except ReceiveTimeout as exc:
+                    self.log(str(exc))
                     break
-                continue
-            self._handle(frame)
-        return self.stats.summary(c)
+                except Stopped:
+                    break
+                if frame is None:
+                    if not self.cfg.keep_running:
+                        break
+                    continue
+                self._handle(frame)
+        finally:
+            stop.restore()
+        self.stopped_by = stop.name
+        if stop.signum:
+            self.log(f"stopped by {stop.name}")
+        return {**self.stats.summary(c), "stopped_by": stop.name}
 
     def _handle(self, frame: Frame) -> None:
         h = frame.header
@@ -162,7 +180,8 @@ class Worker:
             header = proto.result_header(h.stream, h.frame_id, h.timestamp_ns, result,
                                          OUTPUT_CODES[self.cfg.output], self.worker_id,
                                          proc.last_compute_ns, h.session)
-            self._send_result([header, result])
+            if not self._send_result([header, result]):
+                return  # stopped while the sink held it back: never DONE, dispatched again
         self.consumer.done(h.frame_id)
         now = time.monotonic()
         st = self.stats
@@ -172,19 +191,27 @@ class Worker:
         st.frames += 1
         st.compute_ns.append(proc.last_compute_ns)
 
-    def _send_result(self, parts: list[Any]) -> None:
-        """Hand a result to the sink, heartbeating while the sink applies back-pressure."""
+    def _send_result(self, parts: list[Any]) -> bool:
+        """Hand a result to the sink, heartbeating while the sink applies back-pressure;
+        False if a stop signal came first."""
         assert self.push is not None
         while True:
             try:
                 # copied: spectrum/magnitude results are the processor's reused buffers
                 self.push.send_multipart(parts, flags=zmq.NOBLOCK)
-                return
+                return True
             except zmq.Again:
-                self.push.poll(int(self.consumer.heartbeat * 1000), zmq.POLLOUT)
+                if self.stop.signum:
+                    return False
+                poller = zmq.Poller()
+                poller.register(self.push, zmq.POLLOUT)
+                poller.register(wakeup_fd(), zmq.POLLIN)
+                poller.poll(int(self.consumer.heartbeat * 1000))
                 self.consumer.heartbeat_now()
 
     def close(self) -> None:
+        """After a stop signal, results still queued for the sink wait at most
+        STOP_LINGER_MS: unacknowledged, their frames are dispatched again."""
         self.consumer.close()
         if self.push is not None:
-            self.push.close()
+            self.push.close(linger=STOP_LINGER_MS if self.stopped_by else None)
