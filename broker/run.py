@@ -7,7 +7,9 @@ until the workers and the recorder have joined (``--wait-workers``,
 ``--wait-recorders``), and the sink can join late because the broker keeps every
 frame until the sink acknowledges it. Children run in their own session, so Ctrl-C
 reaches only this process, which then stops the broker and lets every part finish
-in order (the broker's END is what ends each of them).
+in order (the broker's END is what ends each of them). SIGTERM asks for an end within
+a second instead: every part gets SIGTERM at once, each closes what it holds, and
+they are awaited together.
 
 At the end it prints one table: frames per stage, rates, losses, latencies and CPU
 per process, and exits non-zero if a lossless path lost a frame or a part failed.

@@ -16,6 +16,7 @@ register its read end, :func:`wakeup_fd`, in their pollers beside their zmq sock
 """
 from __future__ import annotations
 
+import select
 import signal
 import socket
 import threading
@@ -25,6 +26,7 @@ from typing import Any, Iterator
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 _wakeup: tuple[socket.socket, socket.socket] | None = None
+_armed = False  # set_wakeup_fd done (only the main thread may)
 
 
 def wakeup_fd() -> int:
@@ -32,15 +34,17 @@ def wakeup_fd() -> int:
     Python handler has arrived, until :func:`drain_wakeup` (a loop that goes on after a
     stop, draining what it accepted, drains it so that it does not spin). Call it
     from the main thread before installing the handlers, as Python requires for
-    ``set_wakeup_fd``; elsewhere it gives a socket that never becomes readable."""
-    global _wakeup
+    ``set_wakeup_fd``; from another thread it gives the socket, armed by the first call
+    from the main thread."""
+    global _wakeup, _armed
     if _wakeup is None:
         r, w = socket.socketpair()
         r.setblocking(False)
         w.setblocking(False)
-        if threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
         _wakeup = r, w
+    if not _armed and threading.current_thread() is threading.main_thread():
+        signal.set_wakeup_fd(_wakeup[1].fileno(), warn_on_full_buffer=False)
+        _armed = True
     return _wakeup[0].fileno()
 
 
@@ -57,8 +61,6 @@ def drain_wakeup() -> None:
 def sleep(seconds: float) -> None:
     """``time.sleep`` that a stop signal cuts short (Python resumes a plain sleep after
     the handler has run)."""
-    import select
-
     if select.select([wakeup_fd()], [], [], seconds)[0]:
         drain_wakeup()
 

@@ -1,8 +1,9 @@
 """``framebroker watch``: a subscriber that says how the stream is doing.
 
-It receives until end-of-stream, ``frames`` frames or Ctrl-C (or SIGTERM, SIGHUP), optionally checks every
-frame against the synthetic source, prints a progress line every ``progress``
-seconds, and returns one summary: what arrived, what was lost and how late it was.
+It receives until end-of-stream, ``frames`` frames or a stop signal (Ctrl-C, SIGTERM,
+SIGHUP), optionally checks every frame against the synthetic source, prints a progress
+line every ``progress`` seconds, and returns one summary: what arrived, what was lost
+and how late it was.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ SHAPE = (64, 80)
 
 def worker(eps, *args: str):
     return cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
-               "--output", "spectrum", "--timeout", "60", *args)
+               "--fft-output", "spectrum", "--timeout", "60", *args)
 
 
 def session_id(value: int | str) -> int:

@@ -6,15 +6,19 @@ bound a hang."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
+from pathlib import Path
 
 import h5py
 import numpy as np
 
 from broker.client import BrokerUnavailable, Control
 from broker.sources import check_synthetic
-from conftest import cli, free_port, wait_status
+from conftest import PY, cli, free_port, wait_status
+
+ROOT = Path(__file__).resolve().parent.parent
 
 HANG_S = 10  # a hang detector, not a timing threshold
 
@@ -136,3 +140,20 @@ def test_sigterm_ends_run_and_every_part_it_started(eps, tmp_path):
         pass
     finally:
         ctl.close()
+
+
+def test_the_shutdown_bench_writes_its_table_and_json(tmp_path):
+    """bench/shutdown.py: one cell per subcommand and load, its rounds' median and max,
+    and the exit statuses seen (a round's subcommand really streamed and was stopped)."""
+    out = tmp_path / "shutdown.json"
+    r = subprocess.run([PY, "bench/shutdown.py", "--only", "serve", "watch", "--load", "0",
+                        "--repeat", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert set(res["cells"]) == {"serve@load0", "watch@load0"}
+    for cell in res["cells"].values():
+        assert len(cell["seconds"]) == 2 and cell["exit_statuses"] == ["0"]
+        assert cell["max_s"] == max(cell["seconds"]) and cell["median_s"] == float(
+            np.median(cell["seconds"]))
+    assert re.search(r"^watch +[0-9.]+ / [0-9.]+ +0$", r.stdout, re.M), r.stdout

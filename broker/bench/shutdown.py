@@ -149,8 +149,9 @@ def one_round(name: str, workdir: Path) -> tuple[float, int]:
     out = workdir / f"{name}-{time.monotonic_ns()}.h5"
     http = f"127.0.0.1:{free_tcp_endpoints(1)[0].rpartition(':')[2]}"
     argv = [{"OUT.h5": str(out), "HTTP": http}.get(a, a) for a in argv]
-    wait = ["--wait-recorders", "2" if name == "record-shards" else "1"] \
-        if name.startswith("record") else []
+    wait = (["--wait-recorders", "2" if name == "record-shards" else "1"]
+            if name.startswith("record") else
+            ["--wait-workers", "1"] if name == "sink" else [])  # the sink before results
     broker = _serve(eps, wait)
     others = [cli(*x, "--broker", control) for x in extras]
     proc = cli(*argv, "--broker", control, start_new_session=True)
@@ -191,7 +192,7 @@ def measure(names: list[str], loads: list[int], repeat: int) -> dict[str, Any]:
                 secs = [round(s, 3) for s, _ in rs]
                 cells[f"{name}@load{load}"] = {
                     "subcommand": name, "load": load, "seconds": secs,
-                    "median_s": round(statistics.median(secs), 3), "max_s": max(secs),
+                    "median_s": statistics.median(secs), "max_s": max(secs),
                     "exit_statuses": sorted({str(rc) for _, rc in rs})}
     return {"shape": SHAPE, "fps": float(FPS), "repeat": repeat, "loads": loads,
             "cells": cells}
