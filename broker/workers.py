@@ -84,7 +84,8 @@ class Worker:
         self.log = log or (lambda m: print(f"framebroker worker: {m}", file=sys.stderr,
                                            flush=True))
         self.worker_id = cfg.worker_id or os.getpid()
-        self.stop = StopSignals()
+        self.stop = StopSignals()  # from the start: a stop while starting ends run() at once
+        self.stop.install()
         self.stopped_by: str | None = None  # the stop signal that ended run()
         self.wisdom = WisdomStore(cfg.wisdom)
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
@@ -143,24 +144,20 @@ class Worker:
         ends it at once, with its summary. What it held goes back to the broker, which
         dispatches again what no sink acknowledged."""
         c, stop = self.consumer, self.stop
-        stop.install()
         c.watch(wakeup_fd(), stop.check)
-        try:
-            while not stop.signum:
-                try:
-                    frame = c.recv(timeout=self.cfg.timeout)
-                except ReceiveTimeout as exc:
-                    self.log(str(exc))
+        while not stop.signum:
+            try:
+                frame = c.recv(timeout=self.cfg.timeout)
+            except ReceiveTimeout as exc:
+                self.log(str(exc))
+                break
+            except Stopped:
+                break
+            if frame is None:
+                if not self.cfg.keep_running:
                     break
-                except Stopped:
-                    break
-                if frame is None:
-                    if not self.cfg.keep_running:
-                        break
-                    continue
-                self._handle(frame)
-        finally:
-            stop.restore()
+                continue
+            self._handle(frame)
         self.stopped_by = stop.name
         if stop.signum:
             self.log(f"stopped by {stop.name}")
@@ -211,7 +208,9 @@ class Worker:
 
     def close(self) -> None:
         """After a stop signal, results still queued for the sink wait at most
-        STOP_LINGER_MS: unacknowledged, their frames are dispatched again."""
+        STOP_LINGER_MS: unacknowledged, their frames are dispatched again. The stop
+        signals keep their hold until here, so closing is not cut short."""
         self.consumer.close()
         if self.push is not None:
             self.push.close(linger=STOP_LINGER_MS if self.stopped_by else None)
+        self.stop.restore()
