@@ -49,6 +49,10 @@ def _recorded(status: dict[str, Any]) -> bool:
     return bool(groups) and all(g["acked"] > 0 for g in groups)
 
 
+class StartError(RuntimeError):
+    """A round's processes did not get to streaming (nothing was measured)."""
+
+
 Ready = Callable[[dict[str, Any]], bool]
 #: subcommand -> (its arguments after the broker's control endpoint, extra parts it needs
 #: running beside it, when the broker's status shows it streaming)
@@ -79,14 +83,14 @@ def _wait(control: str, ready: Ready, procs: list[subprocess.Popen],
         while True:
             for p in procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{p.args[3:5]} exited first: {p.communicate()[1]}")
+                    raise StartError(f"{p.args[3:5]} exited first: {p.communicate()[1]}")
             try:
                 if ready(ctl.status()):
                     return
             except (BrokerUnavailable, TimeoutError, KeyError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("never streaming")
+                raise StartError("never streaming")
             time.sleep(0.05)
     finally:
         ctl.close()
@@ -162,6 +166,17 @@ def one_round(name: str, workdir: Path) -> tuple[float, int]:
         _stop([*others, proc, broker])
 
 
+def _round(name: str, workdir: Path, tries: int = 3) -> tuple[float, int | str]:
+    """One round, started again (on fresh ports) if it failed before the SIGTERM: on a
+    shared host a free port can be taken before the broker binds it."""
+    for attempt in range(tries):
+        try:
+            return one_round(name, workdir)
+        except StartError as exc:
+            print(f"{name}: start {attempt + 1} failed ({exc}); again", file=sys.stderr)
+    raise StartError(f"{name} did not start in {tries} tries")
+
+
 @contextlib.contextmanager
 def burners(n: int) -> Iterator[None]:
     """``n`` busy-loop processes, for the length of the block."""
@@ -183,7 +198,7 @@ def measure(names: list[str], loads: list[int], repeat: int) -> dict[str, Any]:
                 runs: dict[str, list[tuple[float, int]]] = {n: [] for n in names}
                 for _ in range(repeat):
                     for name in names:
-                        runs[name].append(one_round(name, Path(tmp)))
+                        runs[name].append(_round(name, Path(tmp)))
                         print(f"{name} at load {load}: {runs[name][-1][0]:.3f} s, exit "
                               f"{runs[name][-1][1]}", file=sys.stderr, flush=True)
                         for f in Path(tmp).iterdir():
