@@ -322,8 +322,10 @@ class Runner:
         return bool(names - set(workers)) or bool(workers) and set(workers) <= names
 
     def _stop(self, ctl: Control) -> bool:
-        if self.hurry:  # SIGTERM to every part at once: each ends what it holds
-            stop_all(self.parts, grace=STOP_GRACE_S)
+        if self.hurry:  # SIGTERM to every part at once: each ends what it holds. The
+            # broker last: its END must reach no part before that part's own SIGTERM (a
+            # part ended by END has let the signals go, and SIGTERM would then kill it)
+            stop_all([*self.parts[1:], self.broker], grace=STOP_GRACE_S)
             return True
         try:
             ctl.stop()
