@@ -1,4 +1,4 @@
-"""SIGTERM, SIGHUP and SIGINT as a request to stop cleanly, for the parts that hold files.
+"""SIGTERM, SIGHUP and SIGINT as a request to stop cleanly, for the long-running parts.
 
 ``kill``, a closed terminal and Ctrl-C must not leave a recording or a results file open
 for writing (plain h5py refuses such a file), so the sink and the recorder take these
@@ -6,6 +6,9 @@ signals over from the moment their file exists until they are closed. The first 
 asks them to stop; later ones are ignored, so that closing the file cannot itself be
 interrupted (SIGKILL still ends the process at once: the files are crash-safe for that).
 Before the file exists the signals keep their default effect: there is nothing to close.
+The other parts take them over too, so that a stop ends them with their summary: a
+worker from its start, ``watch`` and ``view`` while they receive, and ``workers`` and
+``record --shards``, which pass the signal on to their processes.
 
 A stop must also take effect at once, not at a loop's next poll timeout: a handler
 that only records the signal lets pyzmq resume an interrupted poll for the rest of its
