@@ -32,6 +32,7 @@ import zmq
 
 from . import __version__
 from . import protocol as proto
+from . import signals
 from .client import cpu_seconds
 from .dispatch import Dispatcher
 from .hops import Hop
@@ -263,6 +264,7 @@ class Broker:
                                      orphan_timeout=cfg.orphan_timeout, send=self._send_work,
                                      release=self._release, log=self.log)
         self.poller = zmq.Poller()
+        self._wakeup = -1  # the stop signals' wakeup fd, once they are installed
         for sock, _ in socks:
             self.poller.register(sock, zmq.POLLIN)
         if getattr(self.source, "socket", None) is not None:  # a network source (imagezmq)
@@ -330,13 +332,17 @@ class Broker:
                    if self.ring is not None else {})}
 
     def close(self) -> None:
-        """Close the sockets and unlink the ring (safe to call more than once)."""
+        """Close the sockets and unlink the ring (safe to call more than once). After a
+        stop signal, unsent messages get at most SIGNAL_LINGER_S: END was repeated already."""
+        linger = self.cfg.linger_ms
+        if getattr(self, "hurry", False):
+            linger = min(linger, int(SIGNAL_LINGER_S * 1000))
         for subs in getattr(self, "subs", {}).values():
             subs.close()
         for name in ("pub", "control", "work", "shm_pub"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
-                sock.close(linger=self.cfg.linger_ms)
+                sock.close(linger=linger)
         self.guard.close()
         if self.ring is not None:
             self.ring.close()
@@ -375,6 +381,12 @@ class Broker:
         groups and END at most SIGNAL_DRAIN_S, so the process ends within a second."""
         self.hurry = True
         self.request_stop()
+
+    def wake_on(self, fd: int) -> None:
+        """Poll ``fd`` (the stop signals' wakeup socket) with the sockets: a signal then
+        ends any wait of the loop at once, whatever its timeout."""
+        self._wakeup = fd
+        self.poller.register(fd, zmq.POLLIN)
 
     def request_stop(self, *_: Any) -> None:
         """Finish the stream cleanly (signal handler and ``stop`` command)."""
@@ -466,6 +478,8 @@ class Broker:
     def _serve(self, timeout_ms: float) -> None:
         """Handle whatever arrived on any socket, waiting at most ``timeout_ms``."""
         events = dict(self.poller.poll(timeout_ms))
+        if self._wakeup in events:  # a stop signal: its handler has run (or runs now)
+            signals.drain_wakeup()
         if self.control in events:
             for _ in range(64):  # a flood drains quickly; frames still go out between
                 if not self._handle_control():
@@ -842,6 +856,8 @@ def _peer(frame: zmq.Frame) -> str:
 
 
 def install_signal_handlers(broker: Broker) -> None:
-    """SIGINT/SIGTERM end the stream cleanly: END is sent, sockets close with a linger."""
+    """SIGINT/SIGTERM end the stream cleanly: END is sent, sockets close with a linger.
+    The loop polls the signals' wakeup socket, so a stop cuts any wait short."""
+    broker.wake_on(signals.wakeup_fd())
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, broker.stop_soon)

@@ -566,8 +566,6 @@ def _add_view(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    import signal
-
     from .view import View, ViewConfig, ViewError, summary_line
 
     host, port = args.http
@@ -585,12 +583,10 @@ def cmd_view(args: argparse.Namespace) -> int:
     except ViewError as exc:
         raise CliError(str(exc)) from None
     exporter = _expose(args, lambda: _metrics_of("view")(view))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: view.stop.set())
     os.nice(args.nice)
     view.log(f"serving {url} for the broker at {args.broker}")
     try:
-        summary = view.run()  # renders in this thread, so the handlers above run promptly
+        summary = view.run()  # SIGTERM, SIGHUP and Ctrl-C end it, with the summary
     finally:
         if exporter is not None:
             exporter.close()
@@ -801,7 +797,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
     summary = _run_part(args, cfg.security, _worker_needs_broker(args),
                         lambda: Workers(cfg, args.count, args.ray, args.restarts),
                         (BrokerUnavailable, ValueError, PlacementError), summary_line)
-    return EXIT_OK if summary["ended"] else EXIT_ERROR
+    return EXIT_OK if _ended(summary) and not summary["failed"] else EXIT_ERROR
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -814,8 +810,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         lambda: Worker(cfg), (BrokerUnavailable, ValueError),
         lambda s: f"framebroker worker: {s['frames']} frames, {s['fps']} fps"
                   + maybe("compute p50", s["compute_ms_p50"], "ms")
-                  + f", rejected {counts(s['rejected'])}")
-    return EXIT_OK if summary["ended"] else EXIT_ERROR
+                  + f", rejected {counts(s['rejected'])}" + _stopped_text(s))
+    return EXIT_OK if _ended(summary) else EXIT_ERROR
+
+
+def _ended(summary: dict[str, Any]) -> bool:
+    """A part ended as asked: at end-of-stream, or by a stop signal (SIGTERM, SIGHUP,
+    SIGINT: its summary says which), with what it had accepted finished."""
+    return bool(summary["ended"] or summary.get("stopped_by"))
+
+
+def _stopped_text(summary: dict[str, Any]) -> str:
+    return f"; stopped by {summary['stopped_by']}" if summary.get("stopped_by") else ""
 
 
 def _run_part(args: argparse.Namespace, security: Security, needs_broker: bool,
@@ -894,8 +900,8 @@ def cmd_sink(args: argparse.Namespace) -> int:
     summary = _run_part(args, security, not args.work, lambda: Sink(cfg),
                         (BrokerUnavailable, SinkError, OSError),
                         lambda s: f"framebroker sink: {summary_line(s)}", metrics="sink")
-    if summary["total"] is None:
-        return EXIT_ERROR
+    if summary["total"] is None and not summary.get("stopped_by"):
+        return EXIT_ERROR  # neither end-of-stream nor a stop signal: the broker went away
     return EXIT_LOST if summary["gaps"] else EXIT_OK
 
 
@@ -1036,7 +1042,7 @@ def cmd_record(args: argparse.Namespace) -> int:
             lambda s: f"framebroker record: {s['frames_written']} frames ({s['fps']} fps, "
                       f"{s['mb_per_s']} MB/s) to {', '.join(s['files']) or 'no file'}; missed "
                       f"{s['frames_missed']}, dropped {s['dropped']}", metrics="record")
-    if not (summary["ended"] or summary.get("stopped_after")) or summary["session_changed"]:
+    if not (_ended(summary) or summary.get("stopped_after")) or summary["session_changed"]:
         return EXIT_ERROR
     return EXIT_LOST if summary["frames_missed"] and args.mode == "lossless" else EXIT_OK
 

@@ -32,14 +32,17 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
-import queue
 import signal
 import sys
 import time
 from typing import Any, Callable
 
 from . import protocol as proto
+from .signals import StopSignals, drain_wakeup, wakeup_fd
+
+STOP_GRACE_S = 10.0  # after a stop signal: how long a child may take to finish
 
 RAY_HINT = "pip install 'framebroker[ray]'"
 
@@ -141,55 +144,64 @@ def _interrupt(*_: Any) -> None:
 def start_local(kind: str, configs: list[tuple[Any, proto.Shard | None]],
                 log: Callable[[str], None]) -> list[dict[str, Any] | str]:
     """Run one spawned process per config until each returns (its summary, or the text
-    of why it failed)."""
+    of why it failed). A stop signal goes to every child at once, so each finishes
+    what it holds (a writer closes its file) and still reports; a child that has not
+    ended STOP_GRACE_S later is terminated. Nothing here waits on a timeout: the parent
+    waits on the children's pipes and the stop signals' wakeup socket together."""
     ctx = mp.get_context("spawn")
-    results_q = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(kind, cfg, shard, i, results_q),
-                         name=f"fb-{kind}{i}") for i, (cfg, shard) in enumerate(configs)]
-    for i, p in enumerate(procs):
-        p.start()
-        log(f"{kind} {i} pid {p.pid}")
-    got: dict[int, dict[str, Any] | str] = {}
+    pipes = [ctx.Pipe(duplex=False) for _ in configs]
+    procs = [ctx.Process(target=_child, args=(kind, cfg, shard, send), name=f"fb-{kind}{i}")
+             for i, ((cfg, shard), (_, send)) in enumerate(zip(configs, pipes))]
+    stop = StopSignals()
+    stop.install()
     try:
-        while len(got) < len(procs):
-            try:
-                i, result = results_q.get(timeout=0.2)
-                got[i] = result
-            except queue.Empty:  # anyone gone without a word?
-                for i, p in enumerate(procs):
-                    if i not in got and p.exitcode is not None:
-                        time.sleep(0.2)  # a result put just before exiting may be in flight
-                        if results_q.empty():
-                            got[i] = f"exited with {p.exitcode}"
-    except KeyboardInterrupt:
-        _interrupt_children(procs)
-        raise
+        for i, (p, (_, send)) in enumerate(zip(procs, pipes)):
+            p.start()
+            send.close()  # the child's end: EOF here once the child is gone
+            log(f"{kind} {i} pid {p.pid}")
+        got = _collect(procs, [recv for recv, _ in pipes], stop)
+    finally:
+        stop.restore()
     for p in procs:
         p.join()
     return [got[i] for i in range(len(procs))]
 
 
-def _interrupt_children(procs: list[Any], grace: float = 10.0) -> None:
-    """Ctrl-C: every child gets SIGINT too (a terminal sends it to all of them anyway),
-    so each finishes what it holds (a writer closes its file); stragglers are ended."""
-    for p in procs:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGINT)
-    deadline = time.monotonic() + grace
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.terminate()
-            p.join()
+def _collect(procs: list[Any], readers: list[Any], stop: StopSignals) -> dict[int, Any]:
+    """Each child's one message (or why there is none), as they come."""
+    got: dict[int, dict[str, Any] | str] = {}
+    deadline = None
+    while len(got) < len(procs):
+        if stop.signum and deadline is None:
+            deadline = time.monotonic() + STOP_GRACE_S
+            for p in procs:
+                if p.is_alive():
+                    os.kill(p.pid, stop.signum)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mp_connection.wait([r for i, r in enumerate(readers) if i not in got]
+                                   + [wakeup_fd()], timeout=left)
+        drain_wakeup()
+        for i, r in enumerate(readers):
+            if r in ready:
+                try:
+                    got[i] = r.recv()
+                except EOFError:
+                    procs[i].join()
+                    got[i] = f"exited with {procs[i].exitcode}"
+        if not ready and deadline is not None:  # the grace is over: end the stragglers
+            for i, p in enumerate(procs):
+                if i not in got:
+                    p.terminate()
+                    p.join()
+                    got[i] = f"did not stop within {STOP_GRACE_S:g} s of {stop.name}"
+    return got
 
 
-def _child(kind: str, cfg: Any, shard: proto.Shard | None, index: int, results: Any) -> None:
+def _child(kind: str, cfg: Any, shard: proto.Shard | None, results: Any) -> None:
     try:
-        results.put((index, run_part(kind, cfg, shard)))
-    except KeyboardInterrupt:
-        results.put((index, "interrupted"))
+        results.send(run_part(kind, cfg, shard))
     except Exception as exc:  # reported by the parent as this part's failure
-        results.put((index, f"{type(exc).__name__}: {exc}"))
+        results.send(f"{type(exc).__name__}: {exc}")
 
 
 def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
@@ -204,7 +216,13 @@ def run_workers(cfg: Any, count: int, ray: str | None, restarts: int,
     ok = [r for r in results if isinstance(r, dict)]
     return {"workers": results, "frames": sum(r["frames"] for r in ok),
             "failed": len(results) - len(ok), "ended": bool(ok) and len(ok) == len(results)
-            and all(r["ended"] for r in ok), "placement": "local" if ray is None else "ray"}
+            and all(r["ended"] for r in ok), "stopped_by": _stopped_by(ok),
+            "placement": "local" if ray is None else "ray"}
+
+
+def _stopped_by(summaries: list[dict[str, Any]]) -> str | None:
+    """The stop signal that ended the parts, if one did (they all get the same)."""
+    return next((r["stopped_by"] for r in summaries if r.get("stopped_by")), None)
 
 
 def _nth_worker(cfg: Any, k: int) -> Any:

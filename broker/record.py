@@ -47,7 +47,7 @@ from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveT
 from .hops import Hop
 from .recorder import RecordingWriter, ThreadedRecorder
 from .security import PLAIN, Security
-from .signals import Stopped, StopSignals
+from .signals import Stopped, StopSignals, drain_wakeup, wakeup_fd
 
 
 DISK_RATE = 2e9          # bytes/s a new file takes here (measured.md: 0.4-9 GB/s)
@@ -173,6 +173,9 @@ class Recording:
                 acks="self", name=f"recorder-{Path(cfg.path).name}", connect_wait=cfg.timeout,
                 shm=cfg.shm, ctx=self.ctx, security=cfg.security, shard=cfg.shard)
             self.source.watch(self._wakeup.fileno(), self._written)
+            # a stop signal ends the wait at once: its handler raises Stopped as the
+            # receiving loop resumes, wherever the kernel delivered the signal
+            self.source.watch(wakeup_fd(), drain_wakeup)
         else:  # queued frames outlive a live ring slot: always take payloads
             self.source = Subscriber(cfg.pub, broker=cfg.broker, timeout=cfg.timeout,
                                      rcvhwm=cfg.queue_frames, connect_wait=cfg.timeout,

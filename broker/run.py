@@ -7,7 +7,9 @@ until the workers and the recorder have joined (``--wait-workers``,
 ``--wait-recorders``), and the sink can join late because the broker keeps every
 frame until the sink acknowledges it. Children run in their own session, so Ctrl-C
 reaches only this process, which then stops the broker and lets every part finish
-in order (the broker's END is what ends each of them).
+in order (the broker's END is what ends each of them). SIGTERM asks for an end within
+a second instead: every part gets SIGTERM at once, each closes what it holds, and
+they are awaited together.
 
 At the end it prints one table: frames per stage, rates, losses, latencies and CPU
 per process, and exits non-zero if a lossless path lost a frame or a part failed.
@@ -37,11 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import signals
 from .client import BrokerUnavailable, Control
 from .hops import by_hop, format_hops
 from .security import PLAIN, Security
 
 EXIT_OK, EXIT_FAILED, EXIT_LOST = 0, 1, 3
+STOP_GRACE_S = 5.0  # after SIGTERM: how long a part may take to close its files
 
 
 @dataclass
@@ -79,14 +83,33 @@ class Part:
         except json.JSONDecodeError:
             self.summary = {}
 
-    def stop(self, grace: float) -> None:
+    def terminate(self) -> None:
+        """SIGTERM, if it still runs: it finishes what it holds and exits."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def reap(self, deadline: float) -> None:
+        """Wait for it until ``deadline`` (monotonic); then SIGKILL."""
+        if self.proc and self.proc.poll() is None:
             try:
-                self.proc.wait(grace)
+                self.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def stop(self, grace: float) -> None:
+        self.terminate()
+        self.reap(time.monotonic() + grace)
+
+
+def stop_all(parts: list[Part], grace: float) -> None:
+    """SIGTERM to every part at once, then wait for them together: the slowest sets the
+    time, not the sum (a part still running after ``grace`` is killed)."""
+    for part in parts:
+        part.terminate()
+    deadline = time.monotonic() + grace
+    for part in parts:
+        part.reap(deadline)
 
 
 @dataclass
@@ -260,7 +283,9 @@ class Runner:
 
     def run(self) -> None:
         workdir = Path(tempfile.mkdtemp(prefix="framebroker-run-"))
-        # SIGTERM as Ctrl-C: stop the parts in order rather than orphan them
+        # SIGTERM as Ctrl-C: stop the parts rather than orphan them; the monitor's waits
+        # watch the signals' wakeup socket, so a signal cuts them short
+        signals.wakeup_fd()
         previous = {sig: signal.signal(sig, self._interrupt)
                     for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -274,8 +299,8 @@ class Runner:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            stop_all(self.parts, grace=2.0)
             for part in self.parts:
-                part.stop(grace=2.0)
                 part.collect()
                 part.out.close()
                 part.err.close()
@@ -302,12 +327,14 @@ class Runner:
                              or (self.plan.seconds and elapsed >= self.plan.seconds))
                 if want_stop and not stop_sent:
                     stop_sent = self._stop(ctl)
+                    if self.hurry:  # every part has ended: no more status to show
+                        break
                 try:
                     self.last_status = ctl.status()
                     self.progress(self.last_status)
                 except (BrokerUnavailable, RuntimeError):
                     pass
-                time.sleep(0.25)
+                signals.sleep(0.25)
         finally:
             ctl.close()
         if self.broker.returncode != 0:
@@ -321,8 +348,10 @@ class Runner:
         return bool(names - set(workers)) or bool(workers) and set(workers) <= names
 
     def _stop(self, ctl: Control) -> bool:
-        if self.hurry and self.broker.proc is not None:  # as SIGTERM to serve: END at once
-            self.broker.proc.send_signal(signal.SIGTERM)
+        if self.hurry:  # SIGTERM to every part at once: each ends what it holds. The
+            # broker last: its END must reach no part before that part's own SIGTERM (a
+            # part ended by END has let the signals go, and SIGTERM would then kill it)
+            stop_all([*self.parts[1:], self.broker], grace=STOP_GRACE_S)
             return True
         try:
             ctl.stop()
@@ -381,7 +410,10 @@ class Runner:
                                   "alone_fps": rec.get("writer_fps")}
         lost_processed = published - s.get("frames", 0) if processing else 0
         lost_recorded = (published - recorded) if rec is not None else 0
-        lost = lost_processed > 0 or (self.plan.lossless_record and lost_recorded > 0)
+        # after SIGTERM the parts stop where they are, as asked: what they had not taken
+        # yet is counted (dropped) but fails nothing
+        lost = not self.hurry and (lost_processed > 0
+                                   or (self.plan.lossless_record and lost_recorded > 0))
         return {
             "ok": not self.failed and not lost,
             "seconds": round(self.t_end - self.t_start, 3),

@@ -93,11 +93,7 @@ def record_sharded(cfg: RecordConfig, count: int, block: int,
 
     open_master(cfg, count, block)
     shards = [proto.Shard(k, count, block) for k in range(count)]
-    try:
-        results = start_local("shard", [(cfg, s) for s in shards], log)
-    except KeyboardInterrupt:  # the writers closed their files: a valid master, then exit
-        finalise(cfg.path)
-        raise
+    results = start_local("shard", [(cfg, s) for s in shards], log)  # a stop: they report
     return combine(cfg, shards, results, log)
 
 
@@ -122,6 +118,7 @@ def combine(cfg: RecordConfig, shards: list[proto.Shard], results: list[dict[str
             "frames_written": master["frames"], "frames_missed": master["frames_missing"],
             "total": total, "ended": len(ok) == len(per) and all(p.get("ended") for p in ok),
             "session_changed": any(p.get("session_changed") for p in ok),
+            "stopped_by": next((p["stopped_by"] for p in ok if p.get("stopped_by")), None),
             "dropped": 0, "seconds": seconds, "bytes_written": written,
             "mb_per_s": round(written / seconds / 1e6, 2) if seconds else 0.0,
             "fps": round(master["frames"] / seconds, 2) if seconds else 0.0,

@@ -42,7 +42,7 @@ from . import protocol as proto
 from .client import DEFAULT_BROKER, BrokerUnavailable, Control, cpu_seconds, resolve
 from .hops import Hop
 from .security import PLAIN, Guard, Security, configure_socket
-from .signals import StopSignals
+from .signals import StopSignals, wakeup_fd
 
 #: seconds between two status requests that check an unknown session id
 SESSION_CHECK_S = 0.5
@@ -113,6 +113,7 @@ class Sink:
         self.guard.start()
         self.poller = zmq.Poller()
         self.poller.register(self.pull, zmq.POLLIN)
+        self.poller.register(wakeup_fd(), zmq.POLLIN)  # a stop signal ends the wait
         self._ready = proto.encode_ready(proto.Ready("fft", 1, "sink", "sink", "acker"))
         self.dealer: zmq.Socket | None = None
         self._connect_dealer()

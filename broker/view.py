@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import selectors
 import socket
 import sys
 import threading
@@ -46,6 +47,7 @@ from .client import (DEFAULT_BROKER, BrokerUnavailable, Control, Frame, ReceiveT
 from .fft import FFTProcessor
 from .hops import Hop
 from .security import PLAIN, Security, configure_socket
+from .signals import Stopped, StopSignals
 from .sources import geometry
 
 AUTO_PERCENTILES = (0.5, 99.5)
@@ -188,7 +190,8 @@ class View:
     def __init__(self, cfg: ViewConfig, log: Callable[[str], None] | None = None) -> None:
         self.cfg = cfg
         self.log = log or (lambda m: print(f"framebroker view: {m}", file=sys.stderr, flush=True))
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # set by request_stop()
+        self._wake = socket.socketpair()  # wakes the HTTP thread when stopping
         self.server: ThreadingHTTPServer | None = None
         self.sub: Subscriber | None = None
         self._resubscribe = threading.Event()
@@ -221,28 +224,55 @@ class View:
     def run(self) -> dict[str, Any]:
         """Serve until ``stop`` is set; returns the summary."""
         assert self.server is not None, "bind() first"
-        threads = [threading.Thread(target=self.server.serve_forever, args=(0.1,),
-                                    name="view-http", daemon=True),  # polls for shutdown
+        threads = [threading.Thread(target=self._serve_http, name="view-http", daemon=True),
                    threading.Thread(target=self._monitor, name="view-monitor", daemon=True)]
         if self.cfg.results:
             threads.append(threading.Thread(target=self._results_loop, name="view-results",
                                             daemon=True))
         for t in threads:
             t.start()
+        signals = StopSignals()  # in the main thread: SIGTERM, SIGHUP, Ctrl-C end it
+        signals.install()
         try:
-            self._render_loop()
+            with signals.raising():
+                self._render_loop()
+        except Stopped:
+            pass
         finally:
-            self.stop.set()
+            signals.restore()
+            self.request_stop()
             with self._cond:
-                self._cond.notify_all()  # streams end
-            self.server.shutdown()
-            self.server.server_close()
+                self._cond.notify_all()  # streams end; their threads are not waited for
             for t in threads:
                 t.join()
+            self.server.server_close()
+            for end in self._wake:
+                end.close()
             if self.sub is not None:
                 self._fold(self.sub)
                 self.sub = None
         return self.summary()
+
+    def request_stop(self) -> None:
+        """End ``run`` (from any thread): the HTTP thread wakes at once."""
+        self.stop.set()
+        try:
+            self._wake[1].send(b"x")
+        except OSError:
+            pass  # already woken: its buffer is full
+
+    def _serve_http(self) -> None:
+        """Accept connections until stopped. It waits on the listening socket and on
+        ``_wake`` together, so it ends the moment it is asked to (``serve_forever``
+        notices a shutdown only at its next poll interval)."""
+        assert self.server is not None
+        self.server.timeout = 0  # handle_request: only ever called when one is waiting
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.server.socket, selectors.EVENT_READ)
+            sel.register(self._wake[0], selectors.EVENT_READ)
+            while not self.stop.is_set():
+                if any(key.fileobj is self.server.socket for key, _ in sel.select()):
+                    self.server.handle_request()
 
     # --- frames ----------------------------------------------------------------------
     def _subscribe(self) -> Subscriber | None:
@@ -305,9 +335,12 @@ class View:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(self.cfg.results)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake[0], zmq.POLLIN)  # readable once stopping
         try:
             while not self.stop.is_set():
-                if not sock.poll(250):
+                if sock not in dict(poller.poll()):
                     continue
                 try:
                     header, array = proto.decode_topic(sock.recv_multipart(copy=False))

@@ -1,8 +1,9 @@
 """``framebroker watch``: a subscriber that says how the stream is doing.
 
-It receives until end-of-stream, ``frames`` frames or Ctrl-C, optionally checks every
-frame against the synthetic source, prints a progress line every ``progress``
-seconds, and returns one summary: what arrived, what was lost and how late it was.
+It receives until end-of-stream, ``frames`` frames or a stop signal (Ctrl-C, SIGTERM,
+SIGHUP), optionally checks every frame against the synthetic source, prints a progress
+line every ``progress`` seconds, and returns one summary: what arrived, what was lost
+and how late it was.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from .client import BlockingSubscriber, ReceiveTimeout, Subscriber
 from .hops import Hop
+from .signals import Stopped, StopSignals
 from .sources import check_synthetic
 
 
@@ -30,39 +32,43 @@ def watch_stream(sub: Subscriber | BlockingSubscriber, *, frames: int, progress:
     next_line = t0 + progress if progress else None
     last_n, last_t = 0, t0
     first_unix: float | None = None  # wall clock: a start-up measure (bench/startup.py)
+    stop = StopSignals()  # SIGTERM and SIGHUP end it as Ctrl-C does: with the summary
+    stop.install()
     try:
-        while not frames or sub.received < frames:
-            frame = sub.recv()
-            if frame is None:
-                break
-            if first_unix is None:
-                first_unix = time.time()
-            lat_ns = time.time_ns() - frame.timestamp_ns
-            latencies.append(lat_ns / 1e6)
-            hop.observe(lat_ns * 1e-9)
-            # a ring slot reused while we checked it is a drop (counted), not corruption
-            if (verify and check_synthetic(frame.array, frame.frame_id) >= 0
-                    and sub.confirm(frame)):
-                corrupt += 1
-            if len(sub.restarts) != restarts_seen:
-                restarts_seen = len(sub.restarts)
-                old, last, new, first = sub.restarts[-1]
-                log(f"watch: new broker session {new:#x} (the last id of session {old:#x} was "
-                    f"{last}); joined at id {first}, {first} ids of it missed")
-            now = time.monotonic()
-            if next_line is not None and now >= next_line:
-                rate = (sub.received - last_n) / (now - last_t)
-                log(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
-                    f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
-                    f"latency {np.median(list(latencies)[-256:]):.2f} ms")
-                last_n, last_t, next_line = sub.received, now, now + progress
+        with stop.raising():
+            while not frames or sub.received < frames:
+                frame = sub.recv()
+                if frame is None:
+                    break
+                if first_unix is None:
+                    first_unix = time.time()
+                lat_ns = time.time_ns() - frame.timestamp_ns
+                latencies.append(lat_ns / 1e6)
+                hop.observe(lat_ns * 1e-9)
+                # a ring slot reused while we checked it is a drop (counted), not corruption
+                if (verify and check_synthetic(frame.array, frame.frame_id) >= 0
+                        and sub.confirm(frame)):
+                    corrupt += 1
+                if len(sub.restarts) != restarts_seen:
+                    restarts_seen = len(sub.restarts)
+                    old, last, new, first = sub.restarts[-1]
+                    log(f"watch: new broker session {new:#x} (the last id of session {old:#x} was "
+                        f"{last}); joined at id {first}, {first} ids of it missed")
+                now = time.monotonic()
+                if next_line is not None and now >= next_line:
+                    rate = (sub.received - last_n) / (now - last_t)
+                    log(f"watch ({sub.transport}): {sub.received} frames, {rate:.1f} fps, "
+                        f"{rate * frame.header.nbytes / 1e6:.1f} MB/s, gaps {sub.gaps}, "
+                        f"latency {np.median(list(latencies)[-256:]):.2f} ms")
+                    last_n, last_t, next_line = sub.received, now, now + progress
     except ReceiveTimeout as exc:
         if sub.received == 0:
             raise
         log(f"watch: {exc}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         pass
     finally:
+        stop.restore()
         sub.close()
     elapsed = time.monotonic() - t0
     summary: dict[str, Any] = {**sub.stats(), "seconds": round(elapsed, 3),

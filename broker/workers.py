@@ -25,6 +25,9 @@ from .client import DEFAULT_BROKER, Control, Frame, ReceiveTimeout, WorkConsumer
 from .fft import FFTProcessor, WisdomStore
 from .hops import Hop
 from .security import PLAIN, Security, configure_socket
+from .signals import Stopped, StopSignals, wakeup_fd
+
+STOP_LINGER_MS = 200
 
 MAX_PLANS = 4
 RECONNECT_MS = 10  # the results PUSH's first retry when the sink is not bound yet
@@ -86,6 +89,9 @@ class Worker:
         self.log = log or (lambda m: print(f"framebroker worker: {m}", file=sys.stderr,
                                            flush=True))
         self.worker_id = cfg.worker_id or os.getpid()
+        self.stop = StopSignals()  # from the start: a stop while starting ends run() at once
+        self.stop.install()
+        self.stopped_by: str | None = None  # the stop signal that ended run()
         self.wisdom = WisdomStore(cfg.wisdom)
         self.consumer = WorkConsumer(cfg.work, broker=cfg.broker, group="fft",
                                      window=cfg.window, acks="sink" if cfg.sink else "self",
@@ -148,19 +154,28 @@ class Worker:
         return proc
 
     def run(self) -> dict[str, Any]:
-        c = self.consumer
-        while True:
+        """Until END, the timeout or a stop signal (SIGTERM, SIGHUP, SIGINT): that one
+        ends it at once, with its summary. What it held goes back to the broker, which
+        dispatches again what no sink acknowledged."""
+        c, stop = self.consumer, self.stop
+        c.watch(wakeup_fd(), stop.check)
+        while not stop.signum:
             try:
                 frame = c.recv(timeout=self.cfg.timeout)
             except ReceiveTimeout as exc:
                 self.log(str(exc))
+                break
+            except Stopped:
                 break
             if frame is None:
                 if not self.cfg.keep_running:
                     break
                 continue
             self._handle(frame, time.perf_counter())
-        return self.stats.summary(c)
+        self.stopped_by = stop.name
+        if stop.signum:
+            self.log(f"stopped by {stop.name}")
+        return {**self.stats.summary(c), "stopped_by": stop.name}
 
     def _handle(self, frame: Frame, received: float) -> None:
         h = frame.header
@@ -176,7 +191,8 @@ class Worker:
             header = proto.result_header(h.stream, h.frame_id, h.timestamp_ns, result,
                                          OUTPUT_CODES[self.cfg.output], self.worker_id,
                                          proc.last_compute_ns, h.session)
-            self._send_result([header, result])
+            if not self._send_result([header, result]):
+                return  # stopped while the sink held it back: never DONE, dispatched again
         self.consumer.done(h.frame_id)
         st = self.stats
         st.hop.observe(time.perf_counter() - received)
@@ -187,21 +203,31 @@ class Worker:
         st.frames += 1
         st.compute_ns.append(proc.last_compute_ns)
 
-    def _send_result(self, parts: list[Any]) -> None:
-        """Hand a result to the sink, heartbeating while the sink applies back-pressure."""
+    def _send_result(self, parts: list[Any]) -> bool:
+        """Hand a result to the sink, heartbeating while the sink applies back-pressure;
+        False if a stop signal came first."""
         assert self.push is not None
         while True:
             try:
                 # copied: spectrum/magnitude results are the processor's reused buffers
                 self.push.send_multipart(parts, flags=zmq.NOBLOCK)
-                return
+                return True
             except zmq.Again:
-                self.push.poll(int(self.consumer.heartbeat * 1000), zmq.POLLOUT)
+                if self.stop.signum:
+                    return False
+                poller = zmq.Poller()
+                poller.register(self.push, zmq.POLLOUT)
+                poller.register(wakeup_fd(), zmq.POLLIN)
+                poller.poll(int(self.consumer.heartbeat * 1000))
                 self.consumer.heartbeat_now()
 
     def close(self) -> None:
+        """After a stop signal, results still queued for the sink wait at most
+        STOP_LINGER_MS: unacknowledged, their frames are dispatched again. The stop
+        signals keep their hold until here, so closing is not cut short."""
         if self.exporter is not None:
             self.exporter.close()
         self.consumer.close()
         if self.push is not None:
-            self.push.close()
+            self.push.close(linger=STOP_LINGER_MS if self.stopped_by else None)
+        self.stop.restore()

@@ -74,7 +74,7 @@ def summary(proc: subprocess.Popen, ok: tuple[int, ...] = (0,)) -> dict:
 
 def watch(eps: "Endpoints", *args: str) -> subprocess.Popen:
     """``framebroker watch`` verifying every frame, with a JSON summary at the end."""
-    return cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+    return cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
                "--timeout", "30", *args)
 
 
@@ -88,7 +88,7 @@ class BrokerProc:
 
     def __init__(self, eps: Endpoints, *args: str) -> None:
         self.eps = eps
-        self.proc = cli("serve", *eps.serve_args(), "--quiet", *args)
+        self.proc = cli("serve", *eps.serve_args(), "--progress", "0", *args)
 
     def wait_ready(self, timeout: float = 20) -> dict:
         ctl = Control(self.eps.control, timeout=0.5)

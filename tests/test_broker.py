@@ -19,8 +19,8 @@ from conftest import make_endpoints, run_cli, summary, watch
 def test_two_subscribers_get_2000_intact_frames_at_full_speed(eps, broker_factory):
     """Every frame verified against the synthetic source: a buffer reused while zmq
     still held it would show up here as a corrupt frame or a wrong id."""
-    subs = [watch(eps, "--rcvhwm", "2500") for _ in range(2)]
-    b = broker_factory("--frames", "2000", "--wait-subscribers", "2", "--sndhwm", "2500")
+    subs = [watch(eps, "--hwm", "2500") for _ in range(2)]
+    b = broker_factory("--frames", "2000", "--wait-subscribers", "2", "--hwm", "2500")
     for s in subs:
         res = summary(s)
         assert res["received"] == 2000 and res["total"] == 2000
@@ -31,20 +31,20 @@ def test_two_subscribers_get_2000_intact_frames_at_full_speed(eps, broker_factor
 
 
 def test_subscriber_started_before_the_broker(eps, broker_factory):
-    sub = watch(eps, "--rcvhwm", "1000")  # broker not running yet: it waits for control
+    sub = watch(eps, "--hwm", "1000")  # broker not running yet: it waits for control
     time.sleep(0.3)  # make sure the subscriber really is first (not a synchronisation)
     assert sub.poll() is None
-    broker_factory("--frames", "500", "--wait-subscribers", "1", "--sndhwm", "1000")
+    broker_factory("--frames", "500", "--wait-subscribers", "1", "--hwm", "1000")
     res = summary(sub)
     assert (res["received"], res["gaps"], res["missed"], res["corrupt"]) == (500, 0, 0, 0)
 
 
 def test_broker_started_before_the_subscriber(eps, broker_factory):
-    b = broker_factory("--frames", "300", "--wait-subscribers", "1", "--sndhwm", "1000",
+    b = broker_factory("--frames", "300", "--wait-subscribers", "1", "--hwm", "1000",
                        "--dtype", "uint16", "--shape", "256x320")
     b.wait_ready()
     assert Control(eps.control).status()["state"] == "waiting"
-    res = summary(watch(eps, "--rcvhwm", "1000"))
+    res = summary(watch(eps, "--hwm", "1000"))
     assert (res["received"], res["gaps"], res["missed"], res["corrupt"]) == (300, 0, 0, 0)
 
 
@@ -208,7 +208,7 @@ def test_an_unpaced_source_makes_only_the_frames_a_lone_subscriber_takes(eps, br
     thousands of frames a second and the HWM dropped almost all of them (gaps). Now it
     makes the next frame only while fewer than 2 are on their way, so nothing is
     dropped and the waits are counted in status."""
-    b = broker_factory("--frames", "150", "--wait-subscribers", "1", "--sndhwm", "4",
+    b = broker_factory("--frames", "150", "--wait-subscribers", "1", "--hwm", "4",
                        "--shape", "120x160x3", "--json")
     with Subscriber(broker=eps.control, timeout=30, rcvhwm=2, report_every=0) as sub:
         ids = _slow_read(sub, 0.004)
@@ -221,8 +221,8 @@ def test_with_two_subscribers_the_slow_one_does_not_pace_the_source(eps, broker_
     """Pacing is for a lone subscriber only: with two, the source is not held for the
     slow one (no waits counted), so the drop policy's promise stands: each subscriber
     has its own queue, and a slow one cannot slow the other."""
-    fast = watch(eps, "--rcvhwm", "1000")
-    b = broker_factory("--frames", "1000", "--wait-subscribers", "2", "--sndhwm", "1000",
+    fast = watch(eps, "--hwm", "1000")
+    b = broker_factory("--frames", "1000", "--wait-subscribers", "2", "--hwm", "1000",
                        "--shape", "120x160x3", "--json", "--end-linger", "30")
     with Subscriber(broker=eps.control, timeout=30, rcvhwm=1000, report_every=0) as slow:
         ids = _slow_read(slow, 0.002)

@@ -3,6 +3,8 @@ people and --json for programs, Unix conventions. Each test reproduces a stumble
 user met (issue 12) with the real CLI in real processes."""
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import os
 import re
@@ -15,11 +17,12 @@ import h5py
 import numpy as np
 import pytest
 
+from broker.argtypes import _Deprecated
 from broker.cli import build_parser
 from broker.client import BrokerUnavailable, Control, Subscriber
 from broker.sources import check_synthetic
 
-from conftest import PY, cli, free_port, make_endpoints, run_cli, wait_status
+from conftest import PY, cli, free_port, make_endpoints, run_cli, wait_status, watch
 
 NO_BROKER = "tcp://127.0.0.1:{port}"
 
@@ -125,6 +128,102 @@ def test_old_spellings_work_with_a_warning_naming_the_new_one(capsys):
         assert warning in capsys.readouterr().err, argv
 
 
+def _old_spellings() -> set[str]:
+    """Every old flag spelling the CLI still accepts, read from its parser (the
+    ``_Deprecated`` actions), so the checks below follow the code."""
+    found: set[str] = set()
+
+    def walk(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, _Deprecated):
+                found.update(action.option_strings)
+            elif isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(build_parser())
+    return found
+
+
+#: what the project itself runs and shows: its tests, benchmarks, examples and documents
+PROJECT_TEXT = ("tests", "bench", "broker/bench", "examples", "docs", "README.md")
+#: the positional ``record OUT.h5`` (deprecated: ``--out OUT.h5``), in code and in prose
+OLD_RECORD = re.compile(r'cli\("record", (?!"--)|framebroker\s+record\s+(?!-)')
+
+
+def _project_files() -> list[Path]:
+    root = Path(__file__).resolve().parent.parent
+    files = []
+    for name in PROJECT_TEXT:
+        path = root / name
+        files += [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.suffix in (".py", ".md", ".sh", ".toml"))
+    return files
+
+
+def _deliberate_lines(path: Path) -> set[int]:
+    """Lines that name old spellings on purpose: the test that they still work, and the
+    README bullet that lists them."""
+    text = path.read_text()
+    if path.name == "test_cli.py":
+        tree = ast.parse(text)
+        return {n for f in tree.body if isinstance(f, ast.FunctionDef)
+                and f.name == "test_old_spellings_work_with_a_warning_naming_the_new_one"
+                for n in range(f.lineno, f.end_lineno + 1)}
+    if path.name == "README.md":
+        lines = text.splitlines()
+        start = next(i for i, ln in enumerate(lines, 1) if "Old spellings keep working" in ln)
+        end = next(i for i, ln in enumerate(lines[start:], start + 1) if ln.startswith("* "))
+        return set(range(start, end))
+    return set()
+
+
+def test_the_project_itself_uses_no_old_spelling():
+    """Before: tests/conftest.py started every broker and every watch with old spellings,
+    and tests, docs and benchmarks used more of them (and the positional record path):
+    the project printed its own deprecation warnings."""
+    old = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(_old_spellings())))
+                     + r")(?![\w-])")
+    found = []
+    for path in _project_files():
+        skip, text = _deliberate_lines(path), path.read_text()
+        own = set(re.findall(r'add_argument\("(--[\w-]+)"', text))  # a script's own flags
+        for n, line in enumerate(text.splitlines(), 1):
+            if n in skip:
+                continue
+            found += [f"{path}:{n}: {m.group()}" for m in old.finditer(line)
+                      if m.group() not in own]
+            found += [f"{path}:{n}: positional record path" for _ in OLD_RECORD.finditer(line)]
+    assert not found, "\n".join(found)
+
+
+def test_a_conftest_broker_and_watch_print_no_deprecation_warning(eps, broker_factory):
+    """The helpers every test uses speak the current vocabulary (seen on stderr)."""
+    b = broker_factory("--frames", "5", "--shape", "16x20", "--wait-subscribers", "1")
+    w = watch(eps)
+    out, err = w.communicate(timeout=60)
+    code, _, broker_err = b.finish()
+    assert w.returncode == 0 and code == 0, (out, err, broker_err)
+    assert json.loads(out.strip().splitlines()[-1])["received"] == 5
+    assert "deprecated" not in err + broker_err, err + broker_err
+
+
+def test_the_readme_documents_the_shared_flags_once_as_the_parser_has_them():
+    """README's "Shared flags" table: one row per flag, in no other table of the README,
+    and each subcommand a row names (``serve``, ...) accepts that flag."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Shared flags", 1)[1].split("\n* ", 1)[0]
+    rows = re.findall(r"^\| `(--[\w-]+)[^|]*\| (.*) \|$", section, re.M)
+    assert len(rows) >= 10
+    subs = next(a for a in build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction)).choices
+    for flag, meaning in rows:
+        assert len(re.findall(rf"^\| `{flag}\b", readme, re.M)) == 1, flag
+        for name in re.findall(r"`(\w+)`", meaning):
+            if name in subs and not meaning.count(f"`{name} --"):
+                assert flag in subs[name]._option_string_actions, (flag, name)
+
+
 def test_every_subcommand_speaks_the_shared_vocabulary():
     """--help of each subcommand shows the shared flags, and none of the old ones."""
     shared = {
@@ -142,14 +241,14 @@ def test_every_subcommand_speaks_the_shared_vocabulary():
         "pause": ["--json", "--timeout"], "resume": ["--json", "--timeout"],
         "stop": ["--json", "--timeout"],
     }
-    old = ["--sndhwm", "--rcvhwm", "--interval", "--quiet", "--png", "--output "]
+    old = _old_spellings()
     for command, flags in shared.items():
         r = run_cli(command, "--help")
         assert r.returncode == 0, r
         for flag in flags:
             assert re.search(rf"{flag}\b", r.stdout), (command, flag)
         for flag in old:
-            assert flag not in r.stdout, (command, flag)
+            assert not re.search(rf"{flag}\b(?!-)", r.stdout), (command, flag)
         if "--timeout" in flags:
             assert ("--timeout SECONDS how long to wait for the broker: for its first answer "
                     "and, once connected, for data (default 30.0)") in " ".join(
@@ -203,7 +302,8 @@ def test_run_record_prints_the_expected_size_and_refuses_what_the_disk_cannot_ho
 
 
 def test_inspect_blames_the_output_not_the_input(tmp_path):
-    """Before: inspect clip.h5 --png /nonexistent/x.png said the recording was bad."""
+    """Before: inspect clip.h5 with its PNG under a missing directory said the recording
+    was bad."""
     rec = tmp_path / "clip.h5"
     with h5py.File(rec, "w") as f:
         f["frames"] = np.zeros((1, 2, 2), np.uint8)
@@ -326,61 +426,6 @@ def test_a_video_file_plays_at_its_own_frame_rate(eps, broker_factory, tmp_path)
     assert (stamps[-1] - stamps[0]) / 1e9 >= 39 / 30 * 0.99
     status_text = run_cli("status", "--broker", eps.control, "--timeout", "1").stdout
     assert status_text == "" or "at 30 fps" in status_text
-
-
-# --- SIGTERM --------------------------------------------------------------------------------
-
-def _started(proc: subprocess.Popen, marker: str, timeout: float = 120) -> None:
-    """Read stderr until a line matches ``marker`` (the process is past its start-up)."""
-    deadline = time.monotonic() + timeout
-    for line in proc.stderr:
-        if re.search(marker, line):
-            return
-        assert time.monotonic() < deadline, f"never saw {marker!r}"
-    raise AssertionError(f"exited before {marker!r}: {proc.wait()}")
-
-
-def test_sigterm_ends_every_long_running_subcommand_promptly(eps, broker_factory, tmp_path):
-    """Before: the viewer took 3-6 s to exit on SIGTERM. The bound here is loose (the
-    host is shared) and the times measured are printed; the target is 1 s."""
-    broker = cli("serve", *eps.serve_args(), "--fps", "30", "--shape", "48x64",
-                 "--progress", "0.5")
-    _started(broker, "frames")
-    parts = {"watch": cli("watch", "--broker", eps.control, "--progress", "0.5"),
-             "view": cli("view", "--broker", eps.control, "--http",
-                         f"127.0.0.1:{free_port()}", "--nice", "0"),
-             "record": cli("record", "--out", str(tmp_path / "r.h5"), "--broker",
-                           eps.control, "--mode", "live"),
-             "worker": cli("worker", "--broker", eps.control, "--planner", "estimate",
-                           "--no-sink")}
-    _started(parts["watch"], "fps")
-    _started(parts["view"], "subscribed")
-    wait_status(eps.control, lambda s: s["subscribers"] >= 3
-                and s["work"]["groups"].get("fft", {}).get("members"))
-    times = {}
-    for name, proc in [*parts.items(), ("serve", broker)]:
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        times[name] = time.monotonic() - t0
-    print("seconds from SIGTERM to exit:", {k: round(v, 2) for k, v in times.items()})
-    assert all(t < 3.0 for t in times.values()), times
-
-
-def test_sigterm_ends_run_and_every_part_it_started(eps):
-    """Before: SIGTERM killed run alone and left its broker, workers and sink running."""
-    proc = cli("run", "--seconds", "120", "--frames", "0", "--fps", "100", "--workers", "1",
-               "--shape", "48x64", *eps.serve_args())
-    _started(proc, "run: published [1-9]")  # streaming: every part has joined
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    print(f"run: {time.monotonic() - t0:.2f} s from SIGTERM to exit")
-    assert proc.returncode == 0 and "published" in out
-    ctl = Control(eps.control, timeout=0.5)
-    with pytest.raises(BrokerUnavailable):  # its broker is gone too
-        ctl.status()
-    ctl.close()
 
 
 def test_keys_generate_name_hints_at_the_key_it_made(tmp_path):

@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FRAMES = 300
 # a queue longer than the stream at every hop, so no frame can be dropped and the test
 # can demand every id (lossy delivery is the protocol's, tested elsewhere)
-STREAM = ("--frames", str(FRAMES), "--wait-subscribers", "1", "--sndhwm", "1000",
+STREAM = ("--frames", str(FRAMES), "--wait-subscribers", "1", "--hwm", "1000",
           "--shape", "48x64x3")
 STDLIB = set(sys.stdlib_module_names)
 

@@ -74,10 +74,10 @@ def test_broker_restart_subscriber_worker_and_sink_carry_on(eps, broker_factory,
     with the new session's END."""
     out = tmp_path / "results.h5"
     first = broker_factory("--fps", "200", "--shape", "64x80", "--wait-workers", "1")
-    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
-                "--timeout", "60", "--rcvhwm", "5000")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
+                "--timeout", "60", "--hwm", "5000")
     worker = cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
-                 "--output", "spectrum", "--timeout", "60")
+                 "--fft-output", "spectrum", "--timeout", "60")
     sink = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
     old = wait_status(eps.control, acked("fft", 100))
     first.proc.send_signal(signal.SIGKILL)
@@ -131,10 +131,10 @@ def test_a_dead_lossless_recorder_holds_the_source_only_until_its_group_dissolve
     a recorder started later records every frame from where it joined."""
     b = broker_factory("--fps", "600", "--frames", "3000", "--shape", "64x80",
                        "--wait-recorders", "1", "--wait-subscribers", "1",
-                       "--worker-timeout", "0.5", "--orphan-timeout", "1", "--sndhwm", "5000")
-    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
-                "--timeout", "60", "--rcvhwm", "5000")
-    first = cli("record", str(tmp_path / "a.h5"), "--broker", eps.control, "--json")
+                       "--worker-timeout", "0.5", "--orphan-timeout", "1", "--hwm", "5000")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
+                "--timeout", "60", "--hwm", "5000")
+    first = cli("record", "--out", str(tmp_path / "a.h5"), "--broker", eps.control, "--json")
     wait_status(eps.control, acked("record", 50))
     first.send_signal(signal.SIGKILL)
     first.communicate()
@@ -142,7 +142,7 @@ def test_a_dead_lossless_recorder_holds_the_source_only_until_its_group_dissolve
     assert gone["work"]["dissolved"]["record"] > 0 and "record" not in gone["work"]["groups"]
     wait_status(eps.control, lambda s: s["frames_sent"] > gone["frames_sent"] + 100)
 
-    second = cli("record", str(tmp_path / "b.h5"), "--broker", eps.control, "--json")
+    second = cli("record", "--out", str(tmp_path / "b.h5"), "--broker", eps.control, "--json")
     rec = summary(second)
     w = summary(watch)
     assert b.finish()[0] == 0
@@ -161,7 +161,7 @@ def test_block_policy_gets_every_frame_and_slows_the_source_instead(eps, broker_
     b = broker_factory("--frames", "400", "--shape", "64x80", "--wait-subscribers", "2",
                        "--max-pending", "16")
     b.wait_ready()
-    cli_sub = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+    cli_sub = cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
                   "--timeout", "30", "--policy", "block", "--name", "cli-block")
     with subscribe("block", broker=eps.control, name="Slow Block", timeout=30,
                    report_every=0.2) as sub:
@@ -196,11 +196,11 @@ def test_sink_killed_and_replaced_the_new_one_gets_everything_the_old_did_not_ac
     results are unacknowledged (a subscriber beside it loses nothing), and a new sink is
     sent every frame from the oldest one its predecessor had not acknowledged, in order."""
     b = broker_factory("--fps", "500", "--frames", "1500", "--shape", "64x80",
-                       "--wait-workers", "2", "--sndhwm", "5000", "--wait-subscribers", "1")
-    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
-                "--timeout", "60", "--rcvhwm", "5000")
+                       "--wait-workers", "2", "--hwm", "5000", "--wait-subscribers", "1")
+    watch = cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
+                "--timeout", "60", "--hwm", "5000")
     workers = [cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
-                   "--output", "spectrum", "--timeout", "60") for _ in range(2)]
+                   "--fft-output", "spectrum", "--timeout", "60") for _ in range(2)]
     first = cli("sink", "--broker", eps.control, "--json", "--timeout", "60")
     wait_status(eps.control, acked("fft", 200))
     first.send_signal(signal.SIGKILL)

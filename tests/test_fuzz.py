@@ -122,7 +122,7 @@ def test_worker_survives_fuzz(messages):
     pull.bind(results)
     pull.RCVTIMEO = 20000
     w = cli("worker", "--work", work, "--results", results, "--planner", "estimate",
-            "--output", "spectrum", "--json", "--timeout", "20")
+            "--fft-output", "spectrum", "--json", "--timeout", "20")
     ident = _wait_ready(router)
     for parts in messages:
         router.send_multipart([ident, *parts])
@@ -180,7 +180,7 @@ def test_recorder_survives_fuzz_and_keeps_what_it_recorded(messages, tmp_path_fa
     out = tmp_path_factory.mktemp("fuzz") / "fuzz.h5"
     router, work = _fake_broker()
     dead_control = f"tcp://127.0.0.1:{free_port()}"
-    r = cli("record", str(out), "--work", work, "--broker", dead_control, "--json",
+    r = cli("record", "--out", str(out), "--work", work, "--broker", dead_control, "--json",
             "--timeout", "3", "--flush-frames", "1")
     ident = _wait_ready(router)
     router.send_multipart([ident, *frame_parts(0)])  # the file takes this geometry
@@ -268,7 +268,7 @@ def test_oversized_messages_are_refused_before_they_are_allocated(eps, broker_fa
         sock.close(linger=0)
     grown = _peak_rss_mb(b.proc.pid) - before
     watch = cli("watch", "--broker", eps.control, "--frames", "20", "--verify", "--json",
-                "--interval", "0", "--timeout", "30")
+                "--progress", "0", "--timeout", "30")
     out, err = watch.communicate(timeout=60)
     res = json.loads(out.strip().splitlines()[-1])
     assert (res["received"], res["corrupt"]) == (20, 0), err

@@ -328,7 +328,7 @@ def test_fake_report_names_do_not_push_live_subscribers_out(eps, broker_factory)
     subscriber, which reports every second, in status."""
     b = broker_factory("--fps", "50", "--shape", "16x20")
     b.wait_ready()
-    w = cli("watch", "--broker", eps.control, "--interval", "0", "--timeout", "30",
+    w = cli("watch", "--broker", eps.control, "--progress", "0", "--timeout", "30",
             "--name", "real-subscriber")
     try:
         wait_status(eps.control, lambda s: "real-subscriber" in s["consumers"]
@@ -352,7 +352,7 @@ def test_two_equal_workers_share_the_frames(eps, broker_factory, tmp_path):
     b = broker_factory("--frames", str(n), "--fps", "100", "--wait-workers", "2",
                        "--shape", "64x80")
     workers = [cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
-                   "--output", "spectrum") for _ in range(2)]
+                   "--fft-output", "spectrum") for _ in range(2)]
     sink = cli("sink", "--broker", eps.control, "--json", "--out", str(out))
     res = summary(sink)
     assert (res["frames"], res["gaps"]) == (n, 0)

@@ -38,7 +38,7 @@ def check_results_file(path, n: int) -> None:
 def test_three_workers_2000_frames_every_id_once_in_order(eps, broker_factory, tmp_path):
     out = tmp_path / "results.h5"
     b = broker_factory("--frames", "2000", "--wait-workers", "3", "--shape", "64x80")
-    workers = [worker(eps, "--output", "spectrum") for _ in range(3)]
+    workers = [worker(eps, "--fft-output", "spectrum") for _ in range(3)]
     s = sink(eps, "--out", str(out))
     res = done(s)
     assert (res["frames"], res["total"], res["gaps"], res["late"]) == (2000, 2000, 0, 0)
@@ -54,7 +54,7 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(eps, broker_factory, tmp_path
     out = tmp_path / "results.h5"
     b = broker_factory("--frames", "3000", "--wait-workers", "3", "--shape", "64x80",
                        "--worker-timeout", "1")
-    workers = [worker(eps, "--output", "spectrum") for _ in range(3)]
+    workers = [worker(eps, "--fft-output", "spectrum") for _ in range(3)]
     s = sink(eps, "--out", str(out))
     wait_status(eps.control, lambda st: st["frames_sent"] >= 500)
     kill_holding_frames(eps.control, workers[0].pid)
@@ -74,7 +74,7 @@ def test_sigkill_of_a_worker_mid_run_loses_nothing(eps, broker_factory, tmp_path
 
 def test_start_order_workers_first_then_broker_then_sink_last(eps, broker_factory, tmp_path):
     out = tmp_path / "results.h5"
-    workers = [worker(eps, "--output", "spectrum") for _ in range(2)]
+    workers = [worker(eps, "--fft-output", "spectrum") for _ in range(2)]
     time.sleep(0.5)  # the workers are really first: they wait for the broker
     b = broker_factory("--frames", "400", "--wait-workers", "2", "--shape", "64x80")
     b.wait_ready()
@@ -93,7 +93,7 @@ def test_start_order_workers_first_then_broker_then_sink_last(eps, broker_factor
 def test_sink_first_then_workers_then_broker(eps, broker_factory, tmp_path):
     out = tmp_path / "results.h5"
     s = sink(eps, "--out", str(out), "--results", eps.results)
-    workers = [worker(eps, "--output", "spectrum") for _ in range(2)]
+    workers = [worker(eps, "--fft-output", "spectrum") for _ in range(2)]
     b = broker_factory("--frames", "300", "--wait-workers", "2", "--shape", "64x80")
     res = done(s)
     assert (res["frames"], res["gaps"]) == (300, 0)

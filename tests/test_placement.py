@@ -57,7 +57,7 @@ def _members(control: str, n: int) -> list[str]:
 def test_workers_here_process_every_frame(eps, broker_factory, tmp_path):
     out = tmp_path / "results.h5"
     b = broker_factory("--frames", "600", "--wait-workers", "2", "--shape", "48x64")
-    w = cli("workers", "--broker", eps.control, "--count", "2", "--output", "spectrum",
+    w = cli("workers", "--broker", eps.control, "--count", "2", "--fft-output", "spectrum",
             "--planner", "estimate", "--json")
     s = cli("sink", "--broker", eps.control, "--json", "--out", str(out))
     res = done(s)
@@ -75,8 +75,8 @@ def test_ray_workers_survive_a_sigkill_every_frame_once(eps, broker_factory, tmp
     b = broker_factory("--frames", "3000", "--wait-workers", "2", "--shape", "48x64",
                        "--fps", "300", "--worker-timeout", "1")
     w = cli("workers", "--ray", ray_address, "--count", "2", "--broker", eps.control,
-            "--output", "spectrum", "--planner", "measure", "--wisdom", str(wisdom), "--json",
-            "--timeout", "120")
+            "--fft-output", "spectrum", "--planner", "measure", "--wisdom", str(wisdom),
+            "--json", "--timeout", "120")
     s = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "180")
     first = _members(eps.control, 2)
     victim, originals = first[0], {int(m.rpartition("-")[2]) for m in first}
@@ -105,8 +105,8 @@ def test_ray_shard_writers_record_through_the_master(eps, broker_factory, tmp_pa
                                                       ray_address):
     """--ray without ADDRESS: a local instance of its own, beside the module's."""
     out = tmp_path / "ray.h5"
-    rec = cli("record", str(out), "--shards", "2", "--ray", "--broker", eps.control, "--json",
-              "--timeout", "120")
+    rec = cli("record", "--out", str(out), "--shards", "2", "--ray", "--broker", eps.control,
+              "--json", "--timeout", "120")
     b = broker_factory("--fps", "500", "--wait-recorders", "2", "--shape", "24x32")
     wait_status(eps.control, acked("record-1of2-ray", 300), timeout=180)
     assert run_cli("stop", "--broker", eps.control).returncode == 0  # ends the actors too
@@ -190,7 +190,7 @@ def test_ray_restarts_a_killed_shard_writer_into_a_new_file(eps, broker_factory,
     from broker.vds import MISSING_ID, shard_path
 
     out, n = tmp_path / "again.h5", 3000
-    rec = cli("record", str(out), "--shards", "2", "--ray", ray_address, "--broker",
+    rec = cli("record", "--out", str(out), "--shards", "2", "--ray", ray_address, "--broker",
               eps.control, "--json", "--timeout", "120", "--flush-frames", "32")
     b = broker_factory("--frames", str(n), "--fps", "600", "--wait-recorders", "2",
                        "--shape", "24x32", "--worker-timeout", "1", "--orphan-timeout", "60")

@@ -17,7 +17,7 @@ from conftest import acked, cli, run_cli, summary, wait_status
 
 
 def record(eps, path, *args: str):
-    return cli("record", str(path), "--broker", eps.control, "--json", *args)
+    return cli("record", "--out", str(path), "--broker", eps.control, "--json", *args)
 
 
 
@@ -73,7 +73,7 @@ def test_slow_disk_lossless_records_every_frame_and_live_records_gaps(eps, broke
     r2 = record(eps, live, "--mode", "live", "--throttle", "0.01", "--queue-frames", "4",
                 "--window", "4")
     b = broker_factory("--frames", "600", "--wait-recorders", "1", "--wait-subscribers", "1",
-                       "--shape", "120x160x3", "--sndhwm", "1000")
+                       "--shape", "120x160x3", "--hwm", "1000")
     s1, s2 = summary(r1), summary(r2)
     assert b.finish()[0] == 0
     assert (s1["frames_written"], s1["frames_missed"]) == (600, 0)
@@ -110,11 +110,11 @@ def test_kill_9_of_the_recorder_leaves_a_readable_file(eps, broker_factory, tmp_
 
 def test_unwritable_path_and_existing_file(eps, broker_factory, tmp_path):
     broker_factory("--fps", "10", "--shape", "120x160x3").wait_ready()
-    r = run_cli("record", str(tmp_path / "missing" / "x.h5"), "--broker", eps.control)
+    r = run_cli("record", "--out", str(tmp_path / "missing" / "x.h5"), "--broker", eps.control)
     assert r.returncode == 1 and "missing" in r.stderr and "Traceback" not in r.stderr
     existing = tmp_path / "keep.h5"
     existing.write_bytes(b"precious")
-    r = run_cli("record", str(existing), "--broker", eps.control)
+    r = run_cli("record", "--out", str(existing), "--broker", eps.control)
     assert r.returncode == 1 and "exists" in r.stderr
     assert existing.read_bytes() == b"precious"
 
@@ -126,7 +126,7 @@ def test_inspect_reports_the_recording(eps, broker_factory, tmp_path):
                        "--fps", "200")
     summary(rec)
     b.finish()
-    r = run_cli("inspect", str(out), "--json", "--png", str(tmp_path / "sheet.png"))
+    r = run_cli("inspect", str(out), "--json", "--out", str(tmp_path / "sheet.png"))
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["frames"] == 120 and info["missing_frames"] == 0 and info["complete"]

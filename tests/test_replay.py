@@ -23,9 +23,9 @@ def recording(tmp_path_factory):
     300 fps, so its timestamps are spaced like a camera's."""
     path = tmp_path_factory.mktemp("rec") / "rec.h5"
     eps = make_endpoints()
-    rec = cli("record", str(path), "--broker", eps.control, "--json", "--frames", str(N),
+    rec = cli("record", "--out", str(path), "--broker", eps.control, "--json", "--frames", str(N),
               "--compression", "bslz4", "--chunk-frames", "4")
-    serve = cli("serve", *eps.serve_args(), "--quiet", "--frames", str(N), "--fps", "300",
+    serve = cli("serve", *eps.serve_args(), "--progress", "0", "--frames", str(N), "--fps", "300",
                 "--wait-recorders", "1", "--shape", "x".join(map(str, SHAPE)))
     assert summary(rec)["frames_written"] == N
     serve.communicate(timeout=60)
@@ -36,7 +36,7 @@ def recording(tmp_path_factory):
 def _replay(path, *serve_args: str) -> list[tuple[int, int, np.ndarray]]:
     """Serve the recording and take every frame, losslessly (a block subscriber)."""
     eps = make_endpoints()
-    broker = cli("serve", *eps.serve_args(), "--quiet", "--json", "--wait-subscribers", "1",
+    broker = cli("serve", *eps.serve_args(), "--progress", "0", "--json", "--wait-subscribers", "1",
                  "--source", f"h5:{path}", *serve_args)
     try:
         with subscribe("block", broker=eps.control, timeout=30) as sub:

@@ -227,7 +227,7 @@ def test_cli_processes_of_the_suite_log_their_replies_for_validation(eps, broker
 
 
 def test_serve_json_prints_a_final_status_that_fits_the_schema(eps):
-    p = cli("serve", *eps.serve_args(), "--frames", "20", "--quiet", "--json", *SMALL)
+    p = cli("serve", *eps.serve_args(), "--frames", "20", "--progress", "0", "--json", *SMALL)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     final = json.loads(out.strip().splitlines()[-1])

@@ -95,9 +95,9 @@ def test_allowed_client_gets_frames_unknown_key_and_plain_client_are_refused(
     intruder_public = zmq.auth.load_certificate(intruder)[0].decode()
     client = from_key_dir(keys, "client")
     b = broker_factory("--fps", "200", "--wait-subscribers", "1", *_server_flags(keys))
-    refused = [cli("watch", "--pub", eps.pub, "--timeout", "3", "--interval", "0", *flags)
+    refused = [cli("watch", "--pub", eps.pub, "--timeout", "3", "--progress", "0", *flags)
                for flags in (_client_flags(intruder, keys), [])]
-    allowed = cli("watch", "--broker", eps.control, "--verify", "--json", "--interval", "0",
+    allowed = cli("watch", "--broker", eps.control, "--verify", "--json", "--progress", "0",
                   "--frames", "100", "--timeout", "30",
                   *_client_flags(keys / "private" / "client.key_secret", keys))
     out, err = allowed.communicate(timeout=120)
@@ -144,7 +144,7 @@ def test_non_loopback_bind_needs_curve_or_insecure(tmp_path, eps):
     keys = _keys(tmp_path)
     port = free_tcp_endpoints(1, "0.0.0.0")[0].rpartition(":")[2]
     wild = ["serve", "--pub", f"tcp://0.0.0.0:{port}", "--work", eps.work,
-            "--control", eps.control, "--quiet"]
+            "--control", eps.control, "--progress", "0"]
     r = run_cli(*wild, "--frames", "5")
     assert r.returncode == 2
     assert f"refusing to bind tcp://0.0.0.0:{port}" in r.stderr and "CURVE" in r.stderr
@@ -152,7 +152,7 @@ def test_non_loopback_bind_needs_curve_or_insecure(tmp_path, eps):
     assert r.returncode == 0, r.stderr
     assert "warning: --insecure" in r.stderr
     b = cli(*wild, "--frames", "50", "--wait-subscribers", "1", *_server_flags(keys))
-    watch = run_cli("watch", "--pub", f"tcp://127.0.0.1:{port}", "--json", "--interval", "0",
+    watch = run_cli("watch", "--pub", f"tcp://127.0.0.1:{port}", "--json", "--progress", "0",
                     "--verify", "--timeout", "30",
                     *_client_flags(keys / "private" / "client.key_secret", keys))
     assert watch.returncode == 0, watch.stderr
@@ -200,7 +200,7 @@ def test_heartbeat_drops_a_stopped_subscriber(eps, broker_factory):
     so only the missing PONG shows it is dead: the broker's XPUB then sees the
     connection end as an unsubscription."""
     broker_factory("--fps", "50", "--heartbeat", "0.2")
-    watch = cli("watch", "--broker", eps.control, "--interval", "0", "--timeout", "60",
+    watch = cli("watch", "--broker", eps.control, "--progress", "0", "--timeout", "60",
                 "--heartbeat", "0.2")
     try:
         wait_status(eps.control, lambda s: s["subscribers"] == 1)

@@ -30,9 +30,9 @@ def ring_of(b) -> Path:
 def test_shm_and_tcp_subscribers_get_the_same_2000_intact_frames(eps, broker_factory):
     """The ring holds the whole stream, so a slow verifier loses nothing to overwrites:
     any content error is a transport bug, not a drop."""
-    subs = {"shm": watch(eps, "--rcvhwm", "2500"),
-            "tcp": watch(eps, "--rcvhwm", "2500", "--no-shm")}
-    b = broker_factory("--frames", "2000", "--wait-subscribers", "2", "--sndhwm", "2500",
+    subs = {"shm": watch(eps, "--hwm", "2500"),
+            "tcp": watch(eps, "--hwm", "2500", "--no-shm")}
+    b = broker_factory("--frames", "2000", "--wait-subscribers", "2", "--hwm", "2500",
                        "--shm", "2100slots", *SMALL)
     ring = ring_of(b)
     assert ring.exists() and ring.name.startswith("framebroker-cam-")
@@ -47,7 +47,7 @@ def test_shm_and_tcp_subscribers_get_the_same_2000_intact_frames(eps, broker_fac
 
 
 def test_frame_ids_match_across_transports(eps, broker_factory):
-    b = broker_factory("--frames", "300", "--wait-subscribers", "2", "--sndhwm", "400",
+    b = broker_factory("--frames", "300", "--wait-subscribers", "2", "--hwm", "400",
                        "--shm", "400slots", *SMALL)
     b.wait_ready()
     with Subscriber(broker=eps.control, timeout=20, rcvhwm=400) as s_shm, \

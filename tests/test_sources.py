@@ -103,16 +103,16 @@ def test_serving_a_video_file_end_to_end(tmp_path, eps, broker_factory):
     path = tmp_path / "clip.avi"
     _write_video(path, 20)
     reference = _decode_all(path)
-    sub = cli("watch", "--broker", eps.control, "--json", "--interval", "0", "--timeout", "30")
+    sub = cli("watch", "--broker", eps.control, "--json", "--progress", "0", "--timeout", "30")
     b = broker_factory("--source", f"video:{path}", "--wait-subscribers", "1",
-                       "--sndhwm", "100")
+                       "--hwm", "100")
     out, err = sub.communicate(timeout=60)
     res = json.loads(out.strip().splitlines()[-1])
     assert (res["received"], res["total"], res["gaps"]) == (20, 20, 0), err
     assert b.finish()[0] == 0  # the video ended: the broker sent END and exited 0
     # and the pixels: one frame through the API, compared with an independent decode
     b2 = broker_factory("--source", f"video:{path}", "--loop", "--wait-subscribers", "1",
-                        "--frames", "25", "--sndhwm", "100")
+                        "--frames", "25", "--hwm", "100")
     with Subscriber(broker=eps.control, timeout=30) as s:
         frames = [(f.frame_id, f.array.copy()) for f in s]
     assert [fid for fid, _ in frames] == list(range(25))

@@ -267,7 +267,7 @@ def test_view_refuses_a_network_address_and_a_busy_port(eps) -> None:
 
 def test_view_shows_the_fft_workers_spectrum_from_a_sink(eps, broker_factory,
                                                          view_factory) -> None:
-    """With workers running (``--output magnitude``) and a sink publishing its ordered
+    """With workers running (``--fft-output magnitude``) and a sink publishing its ordered
     results, the page's spectrum is the workers' result for the frame it names, pixel
     for pixel up to float rounding, not one the viewer computed."""
     from broker.view import spectrum_image
@@ -275,7 +275,7 @@ def test_view_shows_the_fft_workers_spectrum_from_a_sink(eps, broker_factory,
     shape = (120, 160)
     b = broker_factory("--fps", "30", "--shape", "x".join(map(str, shape)), "--wait-workers", "1")
     publish = f"tcp://127.0.0.1:{free_port()}"
-    worker = cli("worker", "--broker", eps.control, "--planner", "estimate", "--output",
+    worker = cli("worker", "--broker", eps.control, "--planner", "estimate", "--fft-output",
                  "magnitude", "--timeout", "60")
     sink = cli("sink", "--broker", eps.control, "--publish", publish, "--timeout", "60")
     # at --scale 0.5 a spectrum the viewer computed itself would be 60x80

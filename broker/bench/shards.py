@@ -1,7 +1,7 @@
 """Recorder scaling: aggregate lossless recording MB/s with 1, 2 and 4 shard writers.
 
 Each run is real processes on loopback: ``framebroker serve`` (synthetic frames, as fast
-as the recording allows) and ``framebroker record OUT --shards N`` (N writer processes,
+as the recording allows) and ``framebroker record --out OUT --shards N`` (N writer processes,
 one file each, behind a VDS master). The recording is lossless, so the source waits for
 the slowest writer and the broker's own rate *is* the aggregate recording rate: that is
 the figure (frames x frame bytes / the broker's first-to-last frame time). Beside it:
