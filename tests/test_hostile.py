@@ -249,7 +249,7 @@ def test_one_round_of_every_attack_leaves_the_pipeline_serving_and_the_broker_sm
     out = tmp_path / "results.h5"
     b = broker_factory("--fps", "100", "--shape", "64x80", "--wait-workers", "1")
     w = cli("worker", "--broker", eps.control, "--json", "--planner", "estimate",
-            "--output", "spectrum", "--timeout", "60")
+            "--fft-output", "spectrum", "--timeout", "60")
     sink = cli("sink", "--broker", eps.control, "--json", "--out", str(out), "--timeout", "60")
     wait_status(eps.control, lambda s: s["work"]["groups"].get("fft", {}).get("acked", 0) > 20)
     before = _rss_mb(b.proc.pid)
