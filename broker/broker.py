@@ -165,6 +165,14 @@ def advertised(endpoint: str, host: str) -> str:
     return f"{scheme}://{addr}:{port}"
 
 
+def _always() -> bool:
+    return True
+
+
+def _none() -> None:
+    return None
+
+
 class Broker:
     """Runs one stream from ``source`` until stopped, the frame limit, or the source ends."""
 
@@ -404,6 +412,9 @@ class Broker:
                         self._serve(1)
                         continue
                 if self._pub_busy():
+                    continue
+                if not getattr(self.source, "ready", _always)():  # an idle detector:
+                    self._serve(20)  # answer control requests meanwhile, not block
                     continue
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
@@ -765,7 +776,8 @@ class Broker:
                 "error": self.error,
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
                 "consumers": self.consumers(),
-                "endpoints": self.endpoints(), "work": self.dispatcher.status()}
+                "endpoints": self.endpoints(), "work": self.dispatcher.status(),
+                "source_detail": getattr(self.source, "detail", _none)()}
 
     def transports(self) -> dict[str, dict[str, int]]:
         """How many subscribers and work members use each transport."""

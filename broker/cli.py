@@ -172,8 +172,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                    "(fan-out), work (load-balanced) and control sockets.")
     p.add_argument("--source", type=_source, default="synthetic",
                    help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET] (a "
-                        "recording, replayed at its timestamps unless --fps) (default "
-                        "synthetic)")
+                        "recording, replayed at its timestamps unless --fps) | "
+                        "stream2:tcp://HOST:PORT (a DECTRIS detector's Stream V2: one series) "
+                        "(default synthetic)")
     p.add_argument("--shape", type=_shape, default=(480, 640, 3),
                    help="synthetic frame shape, e.g. 480x640x3 (default 480x640x3)")
     p.add_argument("--dtype", type=_dtype, default="uint8",
@@ -257,7 +258,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
     try:
         source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
-                             width=args.width, height=args.height, camera_fps=args.camera_fps)
+                             width=args.width, height=args.height, camera_fps=args.camera_fps,
+                             log=lambda msg: print(f"framebroker serve: {msg}", file=sys.stderr,
+                                                   flush=True))
     except (SourceError, proto.ProtocolError) as exc:
         raise CliError(str(exc)) from None
     nbytes = int(np.prod(source.shape)) * source.dtype.itemsize

@@ -15,7 +15,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -47,6 +47,10 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Release the device or file."""
+
+    # Optional: ``ready() -> bool`` (False while a network source has nothing queued, so
+    # the broker serves control requests instead of blocking in read_into) and
+    # ``detail() -> dict`` (what ``status.source_detail`` shows; None without it).
 
 
 # --- synthetic ------------------------------------------------------------------
@@ -365,7 +369,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """What ``--source`` names: synthetic, video:PATH, camera:INDEX or h5:FILE[:DATASET]."""
+    """What ``--source`` names: synthetic, video:PATH, camera:INDEX, h5:FILE[:DATASET] or
+    stream2:tcp://HOST:PORT (a DECTRIS detector's Stream V2, see broker/stream2.py)."""
 
     kind: str
     target: str = ""
@@ -384,8 +389,10 @@ class SourceSpec:
             path, _, dataset = target.partition(":")
             if path:
                 return cls("h5", path, dataset or "frames")
-        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX' "
-                         f"or 'h5:FILE[:DATASET]'")
+        if kind == "stream2" and re.fullmatch(r"tcp://[^\s:]+:\d+", target):
+            return cls("stream2", target)
+        raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX', "
+                         f"'h5:FILE[:DATASET]' or 'stream2:tcp://HOST:PORT'")
 
     def __str__(self) -> str:
         """The ``--source`` text that names this source again."""
@@ -397,7 +404,8 @@ class SourceSpec:
 
 def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
                 dtype: str = "uint8", loop: bool = False, width: int = 0, height: int = 0,
-                camera_fps: float = 0, timed: bool = True) -> Source:
+                camera_fps: float = 0, timed: bool = True,
+                log: Callable[[str], None] | None = None) -> Source:
     """Open the source ``spec`` names; raises SourceError or ProtocolError with a clear message."""
     if spec.kind == "synthetic":
         return SyntheticSource(shape, dtype)
@@ -405,6 +413,10 @@ def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
         return VideoSource(spec.target, loop=loop)
     if spec.kind == "h5":
         return H5Source(spec.target, spec.dataset, loop=loop, timed=timed)
+    if spec.kind == "stream2":
+        from .stream2 import Stream2Source  # cbor2 and the codecs only when asked for
+
+        return Stream2Source(spec.target, log=log)
     return CameraSource(int(spec.target), width, height, camera_fps)
 
 
