@@ -46,13 +46,13 @@ TYPED_ARRAY_TAGS = {64: "u1", 68: "u1", 69: "<u2", 70: "<u4", 71: "<u8", 72: "i1
                     81: ">f4", 82: ">f8"}
 MULTI_DIM_TAG = 40  # row-major multi-dimensional array: [dims, typed array]
 COMPRESSION_TAG = 56500  # DECTRIS compressed byte string: [algorithm, elem size, bytes]
-# cbor2 decodes these itself: date/time strings and numbers (start.arm_date,
-# image.series_date) and the self-described CBOR prefix every message starts with
-ALLOWED_BUILTIN_TAGS = (0, 1, 55799)
-# tags cbor2 would otherwise decode itself (bignums, shared and cyclic references, sets,
-# regexps, ...): none is part of Stream V2, and references can build cycles
-REFUSED_BUILTIN_TAGS = (2, 3, 4, 5, 25, 28, 29, 30, 32, 35, 36, 37, 52, 54, 258, 260, 261,
-                        270, 271, 1004)
+# tags cbor2 6 decodes itself, except 0 and 1 (date/time as text or number: start.arm_date,
+# image.series_date) and 55799 (the self-described CBOR prefix every message starts
+# with): bignums, decimals, shared and cyclic references, string references, sets,
+# regexps, ...: none is part of Stream V2, and references can build cycles
+REFUSED_BUILTIN_TAGS = (2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260,
+                        261, 1004)
+MAX_DECODED_BYTES = 2 * MAX_MESSAGE_BYTES  # all of one message's decompressed strings
 
 INSTALL_HINT = "pip install 'framebroker[stream2]'"
 
@@ -173,10 +173,20 @@ def _lz4(payload: bytes) -> bytes:
     return out
 
 
-def _decompress(value: Any) -> bytes | np.ndarray:
+def _claimed_size(value: Any) -> int:
+    """The uncompressed size a tag-56500 item's header claims (both framings start with
+    it as a uint64 BE); checks the item's shape."""
     if not (isinstance(value, (list, tuple)) and len(value) == 3 and isinstance(value[0], str)
             and isinstance(value[1], int) and isinstance(value[2], bytes)):
         raise Reject("bad_tag", "tag 56500 must hold [algorithm, element size, bytes]")
+    if len(value[2]) < 12:
+        raise Reject("bad_compression", f"{value[0]} data shorter than its 12-byte header")
+    size = struct.unpack_from(">Q", value[2])[0]
+    _frame_bound(size)
+    return size
+
+
+def _decompress(value: Any) -> bytes | np.ndarray:
     algorithm, elem_size, payload = value
     if algorithm == "bslz4":
         return _bslz4(payload, elem_size)
@@ -213,16 +223,29 @@ def _multi_dim(value: Any) -> np.ndarray:
     return flat.reshape(tuple(dims))
 
 
-def _tag_hook(tag: Any, _immutable: bool = False) -> Any:
-    """Stream V2's tags, decoded as they are read (inner first: 56500, then the typed
-    array around it, then tag 40); any other tag is refused."""
-    if tag.tag == COMPRESSION_TAG:
-        return _decompress(tag.value)
-    if tag.tag in TYPED_ARRAY_TAGS:
-        return _typed_array(tag.tag, tag.value)
-    if tag.tag == MULTI_DIM_TAG:
-        return _multi_dim(tag.value)
-    raise Reject("unknown_tag", f"CBOR tag {tag.tag} is not used by Stream V2")
+class _TagHook:
+    """Stream V2's tags for one message, decoded as they are read (inner first: 56500,
+    then the typed array around it, then tag 40); any other tag is refused. Each
+    compressed string may claim at most 2^29 bytes, and all of a message's together at
+    most ``MAX_DECODED_BYTES``: LZ4 expands up to 255-fold, so a small message could
+    otherwise ask for far more memory than any image needs."""
+
+    def __init__(self) -> None:
+        self.budget = MAX_DECODED_BYTES
+
+    def __call__(self, tag: Any, _immutable: bool = False) -> Any:
+        if tag.tag == COMPRESSION_TAG:
+            claimed = _claimed_size(tag.value)
+            if claimed > self.budget:
+                raise Reject("too_large", f"compressed strings of one message claim over "
+                                          f"{MAX_DECODED_BYTES} bytes")
+            self.budget -= claimed
+            return _decompress(tag.value)
+        if tag.tag in TYPED_ARRAY_TAGS:
+            return _typed_array(tag.tag, tag.value)
+        if tag.tag == MULTI_DIM_TAG:
+            return _multi_dim(tag.value)
+        raise Reject("unknown_tag", f"CBOR tag {tag.tag} is not used by Stream V2")
 
 
 def _refuse(tag: int) -> Callable[..., Any]:
@@ -239,7 +262,7 @@ def decode(data: bytes) -> Mapping[str, Any]:
     import cbor2
 
     try:
-        message = cbor2.loads(data, tag_hook=_tag_hook, semantic_decoders=_SEMANTIC,
+        message = cbor2.loads(data, tag_hook=_TagHook(), semantic_decoders=_SEMANTIC,
                               max_depth=MAX_DEPTH)
     except Reject:
         raise

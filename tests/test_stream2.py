@@ -346,3 +346,16 @@ def test_the_readme_commands_take_a_series(eps, detector, tmp_path):
         for i in range(n):
             for c, name in enumerate(channels):
                 np.testing.assert_array_equal(f["frames"][i][:, :, c], frames[i][name])
+
+
+def test_one_message_may_not_decompress_past_its_budget(monkeypatch):
+    """Each compressed string is within bounds, all of them together are not: refused
+    before the one that passes the budget is decompressed."""
+    from broker import stream2
+
+    monkeypatch.setattr(stream2, "MAX_DECODED_BYTES", 3 * 64 * 64 * 2 - 1)
+    planes = planes_of(0, ["a", "b", "c"], 64, 64, np.uint16)
+    assert decode(image(0, {"a": planes["a"], "b": planes["b"]}, "lz4"))["image_id"] == 0
+    with pytest.raises(Reject) as exc:
+        decode(image(0, planes, "lz4"))
+    assert exc.value.reason == "too_large"
