@@ -165,7 +165,7 @@ def advertised(endpoint: str, host: str) -> str:
     return f"{scheme}://{addr}:{port}"
 
 
-def _always() -> bool:
+def _always(_timeout_ms: float) -> bool:
     return True
 
 
@@ -413,9 +413,9 @@ class Broker:
                         continue
                 if self._pub_busy():
                     continue
-                if not getattr(self.source, "ready", _always)():  # an idle detector:
-                    self._serve(20)  # answer control requests meanwhile, not block
-                    continue
+                if not getattr(self.source, "ready", _always)(20):  # an idle detector:
+                    self._serve(0)  # control requests are answered, not left until an
+                    continue  # image comes; an image that comes is taken at once
                 delay = pacer.wait_time()
                 self._serve(delay * 1000 if delay > 0.0005 else 0)
                 if delay > 0.0005 or self._stop_requested:

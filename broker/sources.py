@@ -48,8 +48,9 @@ class Source(Protocol):
     def close(self) -> None:
         """Release the device or file."""
 
-    # Optional: ``ready() -> bool`` (False while a network source has nothing queued, so
-    # the broker serves control requests instead of blocking in read_into) and
+    # Optional: ``ready(timeout_ms) -> bool`` (False when a network source still has
+    # nothing queued after waiting up to timeout_ms, so the broker serves control
+    # requests instead of blocking in read_into) and
     # ``detail() -> dict`` (what ``status.source_detail`` shows; None without it).
 
 

@@ -469,10 +469,13 @@ class Stream2Source:
         first = self._pending
         return None if first is None else next(iter(first.values()))
 
-    def ready(self) -> bool:
-        """True when :meth:`read_into` will not wait: an image or the end is queued. The
-        broker serves its sockets while the detector is idle instead of blocking."""
+    def ready(self, timeout_ms: float = 0) -> bool:
+        """True when :meth:`read_into` will not wait: an image or the end is queued
+        (waiting up to ``timeout_ms`` for one). The broker serves its own sockets in
+        between instead of blocking while the detector is idle."""
         self._wait_image(block=False)
+        if self._pending is None and not self._ended and self._sock.poll(timeout_ms):
+            self._wait_image(block=False)
         return self._pending is not None or self._ended
 
     def read_into(self, out: np.ndarray) -> bool:
