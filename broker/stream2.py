@@ -4,7 +4,7 @@ broker stream (``--source stream2:tcp://HOST:PORT``).
 The detector binds a ZeroMQ PUSH socket (port 31001 on a DCU) and sends one single-part
 CBOR message per start, image and end; this source connects a PULL socket to it. Every
 message is untrusted network input: the socket refuses messages over
-``MAX_MESSAGE_BYTES`` (libzmq drops the connection and reconnects), the decoder bounds
+``MAX_MESSAGE_BYTES`` (libzmq drops the connection; the source connects again), the decoder bounds
 nesting, the pixels a declared array may have and the size a compressed byte string may
 claim, and accepts only the CBOR tags Stream V2 uses. A message that fails any check is
 counted under a specific reason (``status.source_detail.rejected``) and skipped; the
@@ -370,6 +370,13 @@ class Stream2Source:
         except zmq.ZMQError as exc:
             self._sock.close()
             raise SourceError(f"stream2 {endpoint}: cannot connect ({exc})") from None
+        # libzmq 4.3.5 never reconnects a connecting socket that dropped a connection for
+        # an over-size message: the source would wait forever. Watch for the drop.
+        self.reconnects = 0
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._log(f"stream2: waiting for a start message from {endpoint}")
         self.series = self._wait_start()
         self.dtype: np.dtype | None = None  # the first image's, which every other must match
@@ -386,9 +393,36 @@ class Stream2Source:
                             f"{cols}x{rows} {self.dtype} {'+'.join(self.series.channels)}")
 
     # --- receiving --------------------------------------------------------------
+    def _poll(self, timeout_ms: float) -> bool:
+        """True when a message is queued (waiting up to ``timeout_ms``). A dropped
+        connection is connected again once the messages it delivered are read: a
+        disconnect discards what is still queued."""
+        events = dict(self._poller.poll(timeout_ms))
+        if self._sock in events:
+            return True
+        if self._monitor in events:
+            self._reconnect()
+        return False
+
+    def _reconnect(self) -> None:
+        import zmq
+
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+        try:
+            self._sock.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq forgot the endpoint already
+        self._sock.connect(self.endpoint)
+        self.reconnects += 1
+        if self.reconnects == 1:
+            self._log(f"stream2: the connection to {self.endpoint} dropped (a message over "
+                      f"{MAX_MESSAGE_BYTES} bytes, or the detector went away); connecting "
+                      f"again (status counts reconnects)")
+
     def _recv(self, block: bool) -> bytes | None:
         while True:
-            if self._sock.poll(POLL_MS if block else 0):
+            if self._poll(POLL_MS if block else 0):
                 self.messages += 1
                 return self._sock.recv(copy=True)
             if not block:
@@ -474,7 +508,7 @@ class Stream2Source:
         (waiting up to ``timeout_ms`` for one). The broker serves its own sockets in
         between instead of blocking while the detector is idle."""
         self._wait_image(block=False)
-        if self._pending is None and not self._ended and self._sock.poll(timeout_ms):
+        if self._pending is None and not self._ended and self._poll(timeout_ms):
             self._wait_image(block=False)
         return self._pending is not None or self._ended
 
@@ -491,7 +525,10 @@ class Stream2Source:
         """For ``status.source_detail``: the series' start fields and the counters."""
         return {"kind": "stream2", "endpoint": self.endpoint, "messages": self.messages,
                 "rejected": dict(self.rejected), "image_id_gaps": self.image_id_gaps,
+                "reconnects": self.reconnects,
                 "ended": self._ended, "series": self.series.fields}
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)

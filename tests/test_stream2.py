@@ -359,3 +359,31 @@ def test_one_message_may_not_decompress_past_its_budget(monkeypatch):
     with pytest.raises(Reject) as exc:
         decode(image(0, planes, "lz4"))
     assert exc.value.reason == "too_large"
+
+
+def test_an_oversize_message_drops_the_connection_and_the_series_goes_on(monkeypatch,
+                                                                         detector):
+    """libzmq refuses a message over ZMQ_MAXMSGSIZE by dropping the connection and (4.3.5)
+    never connects again by itself; the source does, and what the detector sends after
+    that arrives."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    from broker import stream2
+
+    monkeypatch.setattr(stream2, "MAX_MESSAGE_BYTES", 64 * 1024)
+    monitor = detector.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    planes = [planes_of(i, ["a"], 8, 8, np.uint16) for i in range(2)]
+    detector.send([start(["a"], 8, 8), image(0, planes[0], "none"), bytes(100_000)])
+    src = stream2.Stream2Source(detector.endpoint)  # returns once image 0 is queued
+    try:
+        out = np.empty(src.shape, src.dtype)
+        assert src.read_into(out) and np.array_equal(out, planes[0]["a"])
+        assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        detector.send([image(1, planes[1], "none"), end()])
+        assert src.read_into(out) and np.array_equal(out, planes[1]["a"])
+        assert not src.read_into(out)
+        assert (src.detail()["rejected"], src.detail()["reconnects"]) == ({}, 1)
+    finally:
+        src.close()
+        detector.sock.disable_monitor()
+        monitor.close()
