@@ -167,6 +167,10 @@ def advertised(endpoint: str, host: str) -> str:
     return f"{scheme}://{addr}:{port}"
 
 
+def _none() -> None:
+    return None
+
+
 class Broker:
     """Runs one stream from ``source`` until stopped, the frame limit, or the source ends."""
 
@@ -444,7 +448,16 @@ class Broker:
         until something arrives (its socket is polled too) instead of blocking in
         ``read_into`` where control requests and signals would wait."""
         ready = getattr(self.source, "ready", None)
-        if ready is None or ready():
+        if ready is None:
+            return True
+        if getattr(self.source, "socket", None) is None:
+            # it waits on sockets of its own (stream2 replaces its socket when it
+            # reconnects): up to 20 ms there, then control is answered without waiting
+            if ready(20):
+                return True
+            self._serve(0)
+            return False
+        if ready():
             return True
         self._serve(50)
         return False
@@ -808,7 +821,8 @@ class Broker:
                 "cpu_s": cpu_seconds(), "pacer_resyncs": self._pacer.resyncs,
                 "consumers": self.consumers(expire),
                 "hops": {self.hop.name: self.hop.summary()},
-                "endpoints": self.endpoints(), "work": self.dispatcher.status()}
+                "endpoints": self.endpoints(), "work": self.dispatcher.status(),
+                "source_detail": getattr(self.source, "detail", _none)()}
 
     def transports(self) -> dict[str, dict[str, int]]:
         """How many subscribers and work members use each transport."""

@@ -217,9 +217,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", type=_source, default="synthetic",
                    help="synthetic | video:PATH | camera:INDEX | h5:FILE[:DATASET] (a "
                         "recording, replayed at its timestamps unless --fps) | "
-                        "imagezmq:tcp://HOST:PORT (bind; REQ ImageSenders connect) | "
-                        "imagezmq-sub:tcp://HOST:PORT (a PUB ImageSender) (default "
-                        "synthetic)")
+                         "imagezmq:tcp://HOST:PORT (bind; REQ ImageSenders connect) | "
+                         "imagezmq-sub:tcp://HOST:PORT (a PUB ImageSender) | "
+                         "stream2:tcp://HOST:PORT (a DECTRIS detector's Stream V2: one series) "
+                         "(default synthetic)")
     p.add_argument("--sender", default=None, type=_stream,
                    help="imagezmq: take only frames whose sender text is this (default: "
                         "every sender, into the one stream)")

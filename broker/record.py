@@ -216,7 +216,8 @@ class Recording:
             level=c.level, swmr=c.swmr, flush_frames=c.flush_frames,
             flush_seconds=c.flush_seconds, max_frames_per_file=c.max_frames_per_file,
             max_bytes_per_file=c.max_bytes_per_file, overwrite=c.overwrite,
-            compress_threads=c.compress_threads, shard=c.shard)
+            compress_threads=c.compress_threads, shard=c.shard,
+            source_attrs=(self.status.get("source_detail") or {}).get("series"))
         self.rec = ThreadedRecorder(writer, queue_frames=self._queue_frames,
                                     throttle_s=c.throttle_s, on_written=self._on_written,
                                     hop=self.disk_hop)

@@ -10,7 +10,9 @@ File layout (one file, or one per rotation part)::
 
 and root attributes ``stream, source, shape, dtype, start_time, start_time_ns,
 frames_expected (-1 = unknown), compression, compression_level, chunk_frames, software,
-writer_host, writer_pid, file_index`` set at creation, and ``frames_written,
+writer_host, writer_pid, file_index`` set at creation (and a group ``/source`` whose
+attributes are what the source reported about the frames: a Stream V2 series' start
+fields, ``status.source_detail.series``), and ``frames_written,
 frames_missed, first_frame_id, complete`` set when the file is closed (``complete`` = 1)
 or recovered (``complete`` stays 0). A shard of a sharded recording (``shard=``, see
 broker/shards.py) also has ``shard_index, shard_count, shard_block``; it holds only the
@@ -65,6 +67,7 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -345,7 +348,8 @@ class RecordingWriter:
                  level: int | None = None, swmr: bool = True, flush_frames: int = 64,
                  flush_seconds: float = 1.0, max_frames_per_file: int = 0,
                  max_bytes_per_file: int = 0, overwrite: bool = False,
-                 compress_threads: int = 2, shard: proto.Shard | None = None) -> None:
+                 compress_threads: int = 2, shard: proto.Shard | None = None,
+                 source_attrs: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(dtype)
@@ -363,6 +367,7 @@ class RecordingWriter:
         self.max_frames_per_file, self.max_bytes_per_file = max_frames_per_file, max_bytes_per_file
         self.overwrite = overwrite
         self.shard = shard
+        self.source_attrs = dict(source_attrs or {})
         self.frame_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self._chunk_shape = (chunk_frames,) + self.shape
 
@@ -607,6 +612,10 @@ class RecordingWriter:
         for name in ("frames_written", "frames_missed", "complete"):
             attrs[name] = np.int64(0)
         attrs["first_frame_id"] = np.int64(-1)
+        if self.source_attrs:  # what the source said about the frames (a detector series)
+            source = h5.create_group("source")
+            for key, value in self.source_attrs.items():
+                source.attrs[key] = value
         if self.swmr:
             h5.swmr_mode = True
 

@@ -33,9 +33,11 @@ class SourceError(RuntimeError):
 class Source(Protocol):
     """What the broker needs from a frame source.
 
-    A source fed from the network (broker/izmq.py) also has ``socket``, which the broker
-    polls with its own, and ``ready()``, True once a frame is waiting: the broker calls
-    ``read_into`` only then, so waiting for a sender never blocks control requests.
+    A source fed from the network has ``ready``, True once a frame is waiting: the
+    broker calls ``read_into`` only then, so waiting for a sender never blocks control
+    requests. With a ``socket`` (broker/izmq.py) the broker polls that socket with its
+    own and calls ``ready()``; without one (broker/stream2.py, which replaces its socket
+    when it reconnects) it calls ``ready(timeout_ms)``, which waits on its own sockets.
     """
 
     description: str
@@ -52,6 +54,9 @@ class Source(Protocol):
 
     def close(self) -> None:
         """Release the device or file."""
+
+    # Optional: ``ready`` as above, and ``detail() -> dict`` (what
+    # ``status.source_detail`` shows; None without it).
 
 
 # --- synthetic ------------------------------------------------------------------
@@ -371,7 +376,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class SourceSpec:
     """What ``--source`` names: synthetic, video:PATH, camera:INDEX, h5:FILE[:DATASET],
-    imagezmq:tcp://HOST:PORT or imagezmq-sub:tcp://HOST:PORT."""
+    imagezmq:tcp://HOST:PORT, imagezmq-sub:tcp://HOST:PORT or stream2:tcp://HOST:PORT
+    (a DECTRIS detector's Stream V2, see broker/stream2.py)."""
 
     kind: str
     target: str = ""
@@ -392,9 +398,12 @@ class SourceSpec:
                 return cls("h5", path, dataset or "frames")
         if kind in ("imagezmq", "imagezmq-sub") and re.fullmatch(r"tcp://[^:/]+:\d+", target):
             return cls(kind, target)
+        if kind == "stream2" and re.fullmatch(r"tcp://[^\s:]+:\d+", target):
+            return cls("stream2", target)
         raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX', "
                          f"'h5:FILE[:DATASET]', 'imagezmq:tcp://HOST:PORT' (bind, for REQ "
-                         f"ImageSenders) or 'imagezmq-sub:tcp://HOST:PORT' (a PUB ImageSender)")
+                         f"ImageSenders), 'imagezmq-sub:tcp://HOST:PORT' (a PUB ImageSender) "
+                         f"or 'stream2:tcp://HOST:PORT' (a DECTRIS detector's Stream V2)")
 
     def __str__(self) -> str:
         """The ``--source`` text that names this source again."""
@@ -422,6 +431,10 @@ def open_source(spec: SourceSpec, *, shape: tuple[int, ...] = (480, 640, 3),
 
         return ImagezmqSource(spec.target, subscribe=spec.kind == "imagezmq-sub", sender=sender,
                               max_bytes=max_bytes, log=log)
+    if spec.kind == "stream2":
+        from .stream2 import Stream2Source  # cbor2 and the codecs only when asked for
+
+        return Stream2Source(spec.target, log=log)
     return CameraSource(int(spec.target), width, height, camera_fps)
 
 
