@@ -210,14 +210,15 @@ class Control:
                         raise RuntimeError(f"broker refused 'endpoints': "
                                            f"{reply.get('error', 'no reason given')}")
                     return reply
-                waited = time.monotonic() - t0
+                now = time.monotonic()  # one reading for both checks: the last resend
+                waited = now - t0  # falls on the deadline, and must not ask once more
                 if waited >= deadline_s:
                     self._reset()
                     raise BrokerUnavailable(self.endpoint, "endpoints", waited, attempts,
                                             self.security.curve)
                 if on_wait is not None and waited >= 1.0:
                     on_wait(waited)
-                if time.monotonic() >= resend:
+                if now >= resend:
                     break
 
     def close(self) -> None:
