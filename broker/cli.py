@@ -299,6 +299,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .broker import Broker, BrokerConfig, install_signal_handlers
+    from .signals import Stopped, StopSignals
     from .sources import SourceError, open_source, pace_rate
 
     security = _security(args, binds=True, connects=False)
@@ -310,14 +311,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.source.kind == "imagezmq":
         _check_imagezmq_bind(args)
     _check_metrics(args)
+    stop = StopSignals()  # a network source waits here for its first frame or series
+    stop.install()
     try:
-        source = open_source(args.source, shape=args.shape, dtype=args.dtype, loop=args.loop,
-                             width=args.width, height=args.height, camera_fps=args.camera_fps,
-                             sender=args.sender or "", max_bytes=args.max_frame_mib,
-                             log=lambda m: print(f"framebroker serve: {m}", file=sys.stderr,
-                                                 flush=True))
+        with stop.raising():
+            source = open_source(args.source, shape=args.shape, dtype=args.dtype,
+                                 loop=args.loop, width=args.width, height=args.height,
+                                 camera_fps=args.camera_fps, sender=args.sender or "",
+                                 max_bytes=args.max_frame_mib,
+                                 log=lambda m: print(f"framebroker serve: {m}",
+                                                     file=sys.stderr, flush=True))
+    except Stopped as exc:
+        print(f"framebroker serve: {exc} while waiting for {args.source}; nothing was "
+              f"streamed", file=sys.stderr, flush=True)
+        return EXIT_OK
     except (SourceError, proto.ProtocolError) as exc:
         raise CliError(str(exc)) from None
+    finally:
+        stop.restore()
     nbytes = int(np.prod(source.shape)) * source.dtype.itemsize
     if nbytes > args.max_frame_mib:
         source.close()

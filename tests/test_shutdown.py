@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import h5py
+import pytest
 import numpy as np
 
 from broker.client import BrokerUnavailable, Control
@@ -157,3 +158,19 @@ def test_the_shutdown_bench_writes_its_table_and_json(tmp_path):
         assert cell["max_s"] == max(cell["seconds"]) and cell["median_s"] == float(
             np.median(cell["seconds"]))
     assert re.search(r"^watch +[0-9.]+ / [0-9.]+ +0$", r.stdout, re.M), r.stdout
+
+
+@pytest.mark.parametrize("kind", ["imagezmq", "stream2"])
+def test_sigterm_while_a_network_source_waits_for_its_first_frame(kind, tmp_path):
+    """serve --source imagezmq:/stream2: waits for a sender before it binds its own
+    sockets; SIGTERM then ends it cleanly with a line saying so (it used to die of the
+    signal, exit -15, with no word)."""
+    src = f"{kind}:tcp://127.0.0.1:{free_port()}"
+    proc = cli("serve", "--source", src, "--pub", f"tcp://127.0.0.1:{free_port()}",
+               "--work", f"tcp://127.0.0.1:{free_port()}",
+               "--control", f"tcp://127.0.0.1:{free_port()}")
+    waiting = proc.stderr.readline()
+    assert "waiting for" in waiting and src.split(":", 1)[1] in waiting, waiting
+    out, err = _sigterm(proc)
+    assert f"stopped by SIGTERM while waiting for {src}; nothing was streamed" in err, err
+    assert "Traceback" not in err
