@@ -148,7 +148,7 @@ def _old_spellings() -> set[str]:
 #: what the project itself runs and shows: its tests, benchmarks, examples and documents
 PROJECT_TEXT = ("tests", "bench", "broker/bench", "examples", "docs", "README.md")
 #: the positional ``record OUT.h5`` (deprecated: ``--out OUT.h5``), in code and in prose
-OLD_RECORD = re.compile(r'cli\("record", (?!"--)|framebroker\s+record\s+(?!-)')
+OLD_RECORD = re.compile(r'cli\("record", (?!"--|\*)|framebroker\s+record\s+(?!-)')
 
 
 def _project_files() -> list[Path]:

@@ -191,7 +191,7 @@ def test_two_channel_series_is_recorded_pixel_for_pixel_and_bad_messages_are_cou
                   + [image(i, frames[i], "bslz4" if i % 2 else "none") for i in range(half)]
                   + [m for ms in late.values() for m in ms])
     out = tmp_path / "series.h5"
-    rec = cli("record", str(out), "--broker", eps.control, "--json")
+    rec = cli("record", "--out", str(out), "--broker", eps.control, "--json")
     b = broker_factory("--source", f"stream2:{detector.endpoint}", "--wait-recorders", "1",
                        "--json")
     expected = count(late)
@@ -243,7 +243,7 @@ def test_uint32_series_with_lz4_and_bslz4_is_recorded_exactly(eps, broker_factor
                   + [image(image_ids[i], frames[i], "lz4" if i % 2 else "bslz4", series_id=1)
                      for i in range(n)] + [end(series_id=1)])
     out = tmp_path / "u32.h5"
-    rec = cli("record", str(out), "--broker", eps.control, "--json")
+    rec = cli("record", "--out", str(out), "--broker", eps.control, "--json")
     b = broker_factory("--source", f"stream2:{detector.endpoint}", "--wait-recorders", "1",
                        "--json")
     assert summary(rec)["frames_written"] == n
