@@ -34,15 +34,18 @@ def finished(proc: subprocess.Popen) -> str:
 
 
 def test_two_image_senders_raw_and_jpeg_into_one_stream(broker_factory, eps):
-    """500 frames from two REQ ImageSender processes (one send_image, one send_jpg) reach a
-    lossless subscriber: raw ones exact and in order, JPEG ones within codec tolerance,
-    and status counts each sender's frames under its text."""
+    """500 frames from two REQ ImageSender processes (one send_image, one send_jpg) reach
+    a ``framebroker watch`` process and a lossless subscriber: all 500 at the watch, with
+    no gap; at the subscriber raw ones exact and in order, JPEG ones within codec
+    tolerance; and status counts each sender's frames under its text."""
     port = free_port()
     senders = [start_peer("send", f"tcp://127.0.0.1:{port}", "pi-raw", "250", "raw"),
                start_peer("send", f"tcp://127.0.0.1:{port}", "pi-jpeg", "250", "jpeg")]
     b = broker_factory("--source", f"imagezmq:tcp://127.0.0.1:{port}", "--frames", "500",
-                       "--wait-subscribers", "1", "--json")
+                       "--wait-subscribers", "2", "--json")
     b.wait_ready(timeout=60)
+    w = cli("watch", "--broker", eps.control, "--policy", "block", "--json", "--progress",
+            "0", "--timeout", "60")
     sub = subscribe("block", broker=eps.control, timeout=30)
     raw_ids, jpeg_ids, worst = [], [], 0.0
     try:
@@ -59,6 +62,8 @@ def test_two_image_senders_raw_and_jpeg_into_one_stream(broker_factory, eps):
         sub.close()
     for s in senders:
         assert finished(s) == "done 250\n"
+    watched = summary(w)
+    assert watched["received"] == 500 and watched["gaps"] == 0 and watched["dropped"] == 0
     assert raw_ids == list(range(250))
     assert jpeg_ids == [i % peer.LEVELS for i in range(250)]
     assert worst < 3.0  # quality 90 on a smooth scene: about one grey level
