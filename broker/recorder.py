@@ -75,7 +75,6 @@ from typing import Any, Callable
 import h5py
 import hdf5plugin
 import numpy as np
-from h5py._objects import phil
 
 from . import __version__
 from . import protocol as proto
@@ -727,8 +726,8 @@ class RecordingWriter:
     def _store(self, part: _PartFile, chunk_index: int, data: Any, nbytes: int,
                filter_mask: int, partial: bool) -> None:
         offset = (chunk_index * self.chunk_frames,) + (0,) * len(self.shape)
-        _h5_call(f"writing chunk {chunk_index}", part.path, _write_chunk, part.frames, offset,
-                 data, nbytes, filter_mask)
+        _h5_call(f"writing chunk {chunk_index}", part.path,
+                 part.frames.id.write_direct_chunk, offset, data, filter_mask)
         if self._partial_stored is not None and self._partial_stored[0] == chunk_index:
             self.bytes_stored -= self._partial_stored[1]  # replaced in the file
         self._partial_stored = (chunk_index, nbytes) if partial else None
@@ -765,39 +764,6 @@ class RecordingWriter:
         part.gaps_ds.resize(rows.shape)
         part.gaps_ds[...] = rows
         part.gaps_dirty = False
-
-
-@functools.cache
-def _h5d_write_chunk() -> Callable[..., int]:
-    """HDF5's ``H5Dwrite_chunk`` (the library h5py links), called through ctypes."""
-    fn = ctypes.CDLL(h5py.h5z.__file__).H5Dwrite_chunk  # resolves h5py's HDF5 symbols
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_uint32,
-                   ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _write_chunk(dset: h5py.Dataset, offset: tuple[int, ...], data: Any, nbytes: int,
-                 filter_mask: int) -> None:
-    """``write_direct_chunk`` without holding the GIL for the write.
-
-    h5py holds the GIL through every HDF5 call, so while a chunk went to the page cache
-    (0.3 ms for a VGA frame, several ms at 1080p) the receive loop of ``record``, in the
-    same process, could not take the next frame or return a credit. ctypes releases the
-    GIL for the call; h5py's own lock (``phil``, taken around each of its HDF5 calls) is
-    held meanwhile, so no other thread enters HDF5, which is not thread-safe. HDF5's
-    error stack is not reachable this way: a failed write is repeated through h5py,
-    which raises it with HDF5's message (and, should the second attempt succeed, the
-    chunk is written)."""
-    buf = np.frombuffer(data, dtype=np.uint8)  # an ndarray, a ctypes array or bytes
-    if buf.nbytes < nbytes:
-        raise ValueError(f"chunk buffer holds {buf.nbytes} bytes, not {nbytes}")
-    where = (ctypes.c_uint64 * len(offset))(*offset)
-    with phil:
-        failed = _h5d_write_chunk()(dset.id.id, 0, filter_mask, where, nbytes,
-                                    buf.ctypes.data) < 0
-    if failed:
-        dset.id.write_direct_chunk(offset, data, filter_mask)
 
 
 def _extend(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
