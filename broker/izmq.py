@@ -325,14 +325,12 @@ def _peer(frame: Any) -> str:
 def check_exposure(endpoint: str, insecure: bool, warn: Callable[[str], None]) -> None:
     """imagezmq has no encryption or authentication, so CURVE cannot cover its socket:
     binding it beyond loopback needs ``--insecure`` whatever else is configured."""
-    from .security import SecurityError, is_loopback
+    from .security import check_unauthenticated
 
-    if is_loopback(endpoint):
-        return
-    if not insecure:
-        raise SecurityError(f"refusing to bind {endpoint} for imagezmq senders: imagezmq has "
-                            f"no encryption or authentication, so anyone who can reach it "
-                            f"could inject frames. Bind 127.0.0.1, or pass --insecure to "
-                            f"accept that risk")
-    warn(f"warning: --insecure: imagezmq senders are accepted on {endpoint} without "
-         f"encryption or authentication")
+    check_unauthenticated(
+        endpoint, insecure, warn,
+        f"refusing to bind {endpoint} for imagezmq senders: imagezmq has no encryption or "
+        f"authentication, so anyone who can reach it could inject frames. Bind 127.0.0.1, "
+        f"or pass --insecure to accept that risk",
+        f"warning: --insecure: imagezmq senders are accepted on {endpoint} without "
+        f"encryption or authentication")

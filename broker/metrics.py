@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import __version__
 from .hops import BOUNDS_S, HOPS, Hop
-from .security import SecurityError, is_loopback
+from .security import check_unauthenticated
 
 try:
     import prometheus_client
@@ -46,16 +46,14 @@ def require() -> None:
 
 def check_exposure(host: str, port: int, insecure: bool, warn: Callable[[str], None]) -> None:
     """A non-loopback metrics address needs --insecure, as the viewer page does."""
-    if is_loopback(f"tcp://{host}:{port}"):
-        return
-    if not insecure:
-        raise SecurityError(f"refusing to serve --metrics on {host}:{port}: anyone who can "
-                            f"reach it could read the counters, and HTTP is neither "
-                            f"encrypted nor authenticated (CURVE does not cover it). Use "
-                            f"127.0.0.1 and let Prometheus scrape through a tunnel or a local "
-                            f"agent, or pass --insecure to accept that risk")
-    warn(f"warning: --insecure: --metrics on {host}:{port} is reachable from the network "
-         f"without authentication")
+    check_unauthenticated(
+        f"tcp://{host}:{port}", insecure, warn,
+        f"refusing to serve --metrics on {host}:{port}: anyone who can reach it could read "
+        f"the counters, and HTTP is neither encrypted nor authenticated (CURVE does not "
+        f"cover it). Use 127.0.0.1 and let Prometheus scrape through a tunnel or a local "
+        f"agent, or pass --insecure to accept that risk",
+        f"warning: --insecure: --metrics on {host}:{port} is reachable from the network "
+        f"without authentication")
 
 
 # --- families ------------------------------------------------------------------------

@@ -371,17 +371,27 @@ def check_exposure(endpoints: Sequence[str], insecure: bool, curve: bool,
          f"or authentication")
 
 
+def check_unauthenticated(endpoint: str, insecure: bool, warn: Callable[[str], None],
+                          refusal: str, warning: str) -> None:
+    """The rule for what CURVE cannot cover (the viewer's page, --metrics, imagezmq's
+    socket): loopback, or ``insecure``, which ``warn`` then says; otherwise
+    SecurityError(``refusal``)."""
+    if is_loopback(endpoint):
+        return
+    if not insecure:
+        raise SecurityError(refusal)
+    warn(warning)
+
+
 def check_page_exposure(host: str, port: int, insecure: bool,
                         warn: Callable[[str], None]) -> None:
     """The viewer's HTTP page has no authentication: loopback only unless ``insecure``."""
-    if is_loopback(f"tcp://{host}:{port}"):
-        return
-    if not insecure:
-        raise SecurityError(f"refusing to serve the page on {host}:{port}: anyone who can "
-                            f"reach it could watch every frame. Use 127.0.0.1 (and tunnel), "
-                            f"or pass --insecure to accept that risk")
-    warn(f"warning: --insecure: {host}:{port} is reachable from the network without "
-         f"authentication")
+    check_unauthenticated(
+        f"tcp://{host}:{port}", insecure, warn,
+        f"refusing to serve the page on {host}:{port}: anyone who can reach it could watch "
+        f"every frame. Use 127.0.0.1 (and tunnel), or pass --insecure to accept that risk",
+        f"warning: --insecure: {host}:{port} is reachable from the network without "
+        f"authentication")
 
 
 def check_results_exposure(endpoint: str | None, curve: bool) -> None:
