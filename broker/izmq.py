@@ -34,10 +34,10 @@ MAX_SENDERS = 256  # distinct sender texts counted in status; more are summed as
 RECV_BATCH = 64  # messages handled per ready() call: a flood cannot starve the broker
 SUB_RCVHWM = 4  # a PUB sender queues up to its HWM (imagezmq: 1000) at this end otherwise
 FIRST_FRAME_LOG_S = 5.0
-#: the dtypes the broker's wire carries, by imagezmq's ``str(array.dtype)``: anything
-#: else (object, strings, big-endian ``>u2``) is refused before numpy sees it
-DTYPES = frozenset(("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32",
-                    "int64", "float32", "float64", "complex64", "complex128"))
+#: the dtypes the broker's wire carries (protocol.DTYPES), by imagezmq's
+#: ``str(array.dtype)``: anything else (object, strings, big-endian ``>u2``) is refused
+#: before numpy sees it
+DTYPES = frozenset(dt.name for dt in proto.DTYPES.values())
 ENDPOINT_FORM = "tcp://HOST:PORT"
 
 

@@ -373,6 +373,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: sources whose TARGET is the tcp://HOST:PORT of senders on the network
+NETWORK_SOURCES = ("imagezmq", "imagezmq-sub", "stream2")
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """What ``--source`` names: synthetic, video:PATH, camera:INDEX, h5:FILE[:DATASET],
@@ -396,10 +400,8 @@ class SourceSpec:
             path, _, dataset = target.partition(":")
             if path:
                 return cls("h5", path, dataset or "frames")
-        if kind in ("imagezmq", "imagezmq-sub") and re.fullmatch(r"tcp://[^:/]+:\d+", target):
+        if kind in NETWORK_SOURCES and re.fullmatch(r"tcp://[^\s:/]+:\d+", target):
             return cls(kind, target)
-        if kind == "stream2" and re.fullmatch(r"tcp://[^\s:]+:\d+", target):
-            return cls("stream2", target)
         raise ValueError(f"source {text!r} must be 'synthetic', 'video:PATH', 'camera:INDEX', "
                          f"'h5:FILE[:DATASET]', 'imagezmq:tcp://HOST:PORT' (bind, for REQ "
                          f"ImageSenders), 'imagezmq-sub:tcp://HOST:PORT' (a PUB ImageSender) "
