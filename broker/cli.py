@@ -606,8 +606,6 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-
-
 def _add_simple(sub: argparse._SubParsersAction, name: str, help_: str,
                 func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_)
@@ -1238,8 +1236,6 @@ def _run_pipeline(args: argparse.Namespace, keys: Path | None) -> int:
         finish(rep)
     print(json.dumps(rep) if args.json else format_report(rep), flush=True)
     return exit_code(rep)
-
-
 
 
 def _add_keys(sub: argparse._SubParsersAction) -> None:

@@ -604,7 +604,6 @@ class Subscriber(_Receiver):
         self.sock.close(linger=0)
 
 
-
 class WorkConsumer(_Receiver):
     """DEALER member of a work group: frames arrive only while we have credit.
 
@@ -768,7 +767,6 @@ class BlockingSubscriber(WorkConsumer):
         self._settle()
         self._stop_reports()
         super().close()
-
 
 
 def subscribe(policy: str = "drop", **kw: Any) -> Subscriber | BlockingSubscriber:

@@ -65,6 +65,7 @@ def parse_monitor_message(msg: list[bytes]) -> dict[str, Any]:
     event_id, value = struct.unpack("=hi", msg[0])
     return {"event": zmq.Event(event_id), "value": zmq.Event(value), "endpoint": msg[1]}
 
+
 class Subscriptions:
     """The subscriptions and subscribers of XPUB ``sock`` for stream ``topic``.
 

@@ -17,7 +17,6 @@ from conftest import acked, cli, free_port, run_cli, summary, wait_status
 SHAPE = (64, 80)
 
 
-
 def test_latest_subscriber_drops_show_in_the_broker_status(eps, broker_factory):
     """The broker cannot see a subscriber's drops (they happen in its own queue), so the
     subscriber reports them; status must show exactly the subscriber's own counts."""

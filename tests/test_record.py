@@ -20,7 +20,6 @@ def record(eps, path, *args: str):
     return cli("record", "--out", str(path), "--broker", eps.control, "--json", *args)
 
 
-
 def check_file(path, n: int, shape=(120, 160, 3)) -> None:
     with h5py.File(path) as f:
         np.testing.assert_array_equal(f["frame_id"][:], np.arange(n))

@@ -21,8 +21,6 @@ from conftest import cli, make_endpoints, summary, wait_status, watch
 SMALL = ("--shape", "64x80x3")
 
 
-
-
 def ring_of(b) -> Path:
     return Path(b.wait_ready()["shm"]["path"])
 
