@@ -167,6 +167,28 @@ def test_record_metrics_refused_with_shards(eps, tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
+def test_a_taken_metrics_port_is_one_line_and_the_broker_keeps_serving(eps, broker_factory):
+    """--metrics on a port something else holds: the part says so in one line and exits 1;
+    the broker it was to join keeps serving, and a serve that fails this way has released
+    its own sockets (a broker starts on the same endpoints right after)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        want = f"--metrics 127.0.0.1:{port}: cannot bind:"
+        r = run_cli("serve", *eps.serve_args(), "--metrics", f"127.0.0.1:{port}")
+        assert r.returncode == 1 and want in r.stderr and "Traceback" not in r.stderr, r
+        b = broker_factory("--fps", "50", "--shape", "16x16")
+        b.wait_ready()
+        r = run_cli("worker", "--broker", eps.control, "--timeout", "5", "--metrics",
+                    f"127.0.0.1:{port}")
+        assert r.returncode == 1 and want in r.stderr and "Traceback" not in r.stderr, r
+    sent = Control(eps.control, timeout=5).status()["frames_sent"]
+    wait_status(eps.control, lambda st: st["frames_sent"] > sent)  # still streaming
+
+
 def test_without_prometheus_client_the_flag_says_how_to_install(eps, tmp_path):
     hidden = tmp_path / "hide" / "prometheus_client"
     hidden.mkdir(parents=True)
